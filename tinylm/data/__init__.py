@@ -1,0 +1,1 @@
+"""Data: sources -> prepared token shards -> batches (see docs/DESIGN.md)."""

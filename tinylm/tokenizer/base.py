@@ -1,0 +1,91 @@
+"""The one interface every tokenizer implements, and our tokenizer file envelope."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FILE_FORMAT = "tinylm-tokenizer"
+FILE_VERSION = 1
+EOT = "<|endoftext|>"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer could not be built, loaded or applied; the message says why and what to do."""
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids.
+
+    Subclasses provide `to_dict`/`from_dict` for our JSON file format (see `save`/`load`), and
+    the byte length of every token so that losses convert to bits per byte.
+    """
+
+    kind: str = ""  # "char", "bpe": the `type` field of the file
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (ids are 0..vocab_size-1)."""
+
+    @property
+    @abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """Special token string -> id."""
+
+    @property
+    def eot_id(self) -> int | None:
+        """The end-of-text id that separates documents, if the tokenizer has one."""
+        return self.special_tokens.get(EOT)
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Encode text; special token strings in it become their ids."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Decode ids; invalid UTF-8 is replaced (never raises for ids in range)."""
+
+    @abstractmethod
+    def token_bytes(self) -> np.ndarray:
+        """int32 array [vocab_size]: UTF-8 bytes each token stands for (0 for special tokens)."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild this tokenizer (without the file envelope)."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
+        """Yield ids lazily, chunk by chunk, so memory does not grow with the input."""
+        for text in texts:
+            yield from self.encode(text)
+
+    # -- files ----------------------------------------------------------------------------
+
+    def file_dict(self) -> dict[str, Any]:
+        return {"format": FILE_FORMAT, "version": FILE_VERSION, "type": self.kind, **self.to_dict()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the tokenizer as JSON atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.file_dict(), ensure_ascii=False, indent=1))
+        tmp.replace(path)
+        return path
+
+    def fingerprint(self) -> str:
+        """A short hash identifying exactly this tokenizer (vocab, merges, specials)."""
+        canonical = json.dumps(self.file_dict(), ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()})"

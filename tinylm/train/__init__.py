@@ -1,0 +1,1 @@
+"""Training: the loop and the pieces it delegates to."""
