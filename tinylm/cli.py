@@ -1,0 +1,76 @@
+"""The `tinylm` command: argument parsing and one thin function per command.
+
+Sub-packages add their own commands through `add_commands(subparsers)` in the modules listed in
+`COMMAND_PROVIDERS`; heavy imports (torch, datasets) happen inside the command functions so that
+`tinylm --help` and configuration errors are instant. Errors the user can fix (config, tokenizer,
+data, checkpoint) are printed as one clear message and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_PROVIDERS = [
+    "tinylm.train.commands",  # train, eval, generate
+    "tinylm.tokenizer.cli",  # tokenizer train|encode|stats|import|export
+    "tinylm.data.cli",  # prepare, datasets
+    "tinylm.estimate",  # estimate
+    "tinylm.runs",  # runs, plot
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinylm",
+        description="Train, evaluate, sample and export small GPT-style language models.",
+    )
+    from tinylm import __version__
+
+    parser.add_argument("--version", action="version", version=f"tinylm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_PROVIDERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:  # provider not written yet: its commands are absent
+                continue
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user (printed without a traceback)."""
+    from tinylm.config import ConfigError
+    from tinylm.tokenizer.base import TokenizerError
+
+    errors: list[type[BaseException]] = [ConfigError, TokenizerError, FileNotFoundError]
+    for module_name, name in (
+        ("tinylm.data.errors", "DataError"),
+        ("tinylm.train.checkpoint", "CheckpointError"),
+    ):
+        try:
+            errors.append(getattr(importlib.import_module(module_name), name))
+        except (ModuleNotFoundError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except user_errors() as e:
+        print(f"tinylm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ntinylm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
