@@ -1,0 +1,208 @@
+"""The model: causality, sliding window, KV cache, parameter counts, initialisation, learning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinylm.config import ModelConfig
+from tinylm.model import GPT, padded_vocab_size
+
+SMALL = dict(vocab_size=50, vocab_multiple=16, context_length=24, n_layer=2, n_head=4, d_model=32)
+
+# Every option appears in at least one variant; the names show up in test ids.
+VARIANTS = {
+    "gpt2": {},
+    "llama": dict(
+        norm="rmsnorm", pos_emb="rope", mlp="swiglu", qk_norm=True, n_kv_head=2, bias=False,
+        tie_embeddings=False, init="trunc_normal",
+    ),
+    "mqa-rope-layernorm": dict(pos_emb="rope", n_kv_head=1, bias=False),
+    "window-rope": dict(pos_emb="rope", sliding_window=5, norm="rmsnorm", n_kv_head=2),
+    "window-learned": dict(sliding_window=3, mlp="swiglu"),
+}  # fmt: skip
+
+
+def make(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(**{**SMALL, **overrides})).eval()
+
+
+def tokens(batch: int, length: int, seed: int = 1, vocab: int = 50) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_future_tokens_never_change_earlier_logits(name):
+    model = make(**VARIANTS[name])
+    idx = tokens(2, 24)
+    base, _ = model(idx)
+    for t in (0, 7, 23):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % 50
+        logits, _ = model(changed)
+        torch.testing.assert_close(logits[:, :t], base[:, :t], rtol=0, atol=0)
+        assert not torch.allclose(logits[:, t], base[:, t])  # the changed position itself moves
+
+
+def test_sliding_window_restricts_attention():
+    # Window W: a query sees itself and W-1 earlier positions, so after L layers position p
+    # depends on positions p - L*(W-1) .. p. Token 0 must reach exactly up to position L*(W-1).
+    W, L = 4, 2
+    model = make(sliding_window=W, n_layer=L, pos_emb="rope")
+    idx = tokens(1, 24)
+    changed = idx.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % 50
+    a, _ = model(idx)
+    b, _ = model(changed)
+    reach = L * (W - 1)
+    assert not torch.allclose(a[:, reach], b[:, reach])
+    torch.testing.assert_close(a[:, reach + 1 :], b[:, reach + 1 :], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_kv_cache_matches_full_forward(name):
+    model = make(**VARIANTS[name])
+    idx = tokens(2, 24)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.make_kv_cache(batch=2)
+        # A prefill of 9, a chunk of 6 (a masked chunk that starts mid-cache), then single tokens.
+        pieces = [model(idx[:, :9], kv_cache=cache)[0], model(idx[:, 9:15], kv_cache=cache)[0]]
+        assert cache.pos == 15
+        pieces += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(15, 24)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_stores_kv_heads_only_and_refuses_overflow():
+    model = make(n_kv_head=2, pos_emb="rope")
+    cache = model.make_kv_cache(batch=3, max_len=10)
+    assert cache.k[0].shape == (3, 2, 10, 8)
+    with pytest.raises(ValueError, match="KV cache holds 10"):
+        model(tokens(3, 11), kv_cache=cache)
+    with pytest.raises(ValueError, match="context length"):
+        model(tokens(1, 25))
+
+
+def test_last_only_and_padded_vocab():
+    model = make()
+    idx = tokens(2, 10)
+    full, _ = model(idx)
+    last, _ = model(idx, last_only=True)
+    assert full.shape == (2, 10, 50) and last.shape == (2, 1, 50)
+    torch.testing.assert_close(last, full[:, -1:])
+    assert model.tok_emb.weight.shape[0] == padded_vocab_size(model.cfg) == 64
+    assert model.tok_emb.weight[50:].abs().sum() == 0
+
+
+def test_loss_is_mean_cross_entropy_ignoring_minus_one():
+    model = make()
+    idx, targets = tokens(2, 12, seed=1), tokens(2, 12, seed=2)
+    targets[0, :5] = -1
+    logits, loss = model(idx, targets)
+    keep = targets != -1
+    expected = F.cross_entropy(logits[keep].float(), targets[keep])
+    torch.testing.assert_close(loss, expected)
+    assert loss.dtype == torch.float32
+
+
+def gpt2_small_config() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=50257, vocab_multiple=1, context_length=1024, n_layer=12, n_head=12,
+        d_model=768, norm="layernorm", pos_emb="learned", mlp="gelu", bias=True,
+        tie_embeddings=True,
+    )  # fmt: skip
+
+
+def test_gpt2_124m_parameter_count_and_flops():
+    with torch.device("meta"):
+        model = GPT(gpt2_small_config())
+    assert model.num_params() == 124_439_808
+    # Minus the token embedding (50257 x 768) and the position table (1024 x 768).
+    assert model.num_params(non_embedding=True) == 124_439_808 - 38_597_376 - 786_432
+    head = 50257 * 768  # tied, but the output projection is real compute
+    attn = 12 * 12 * 768 * 1024
+    assert model.flops_per_token() == 6 * (85_056_000 + head) + attn
+
+
+def test_untied_head_counts_as_non_embedding():
+    tied, untied = make(), make(tie_embeddings=False)
+    head = 64 * 32
+    assert untied.num_params() == tied.num_params() + head
+    assert untied.num_params(non_embedding=True) == tied.num_params(non_embedding=True) + head
+    assert untied.flops_per_token() == tied.flops_per_token()
+
+
+def test_only_matmul_weights_and_embeddings_are_2d():
+    model = make(**VARIANTS["llama"])
+    for name, p in model.named_parameters():
+        is_2d = name.endswith("weight") and ("norm" not in name)
+        assert (p.dim() >= 2) == is_2d, name
+
+
+@pytest.mark.parametrize("init", ["normal", "trunc_normal"])
+def test_init_std_and_scaled_residual_projections(init):
+    std, layers = 0.02, 4
+    model = make(init=init, init_std=std, d_model=256, n_layer=layers, n_head=4)
+    resid = std / math.sqrt(2 * layers)
+    for block in model.blocks:
+        for w, s in (
+            (block.attn.qkv.weight, std),
+            (block.mlp.fc.weight, std),
+            (block.attn.proj.weight, resid),
+            (block.mlp.proj.weight, resid),
+        ):
+            # A normal truncated at 2 std has std 0.88 * s.
+            expected = s * (0.88 if init == "trunc_normal" else 1.0)
+            assert abs(w.std().item() - expected) < 0.05 * expected
+            if init == "trunc_normal":
+                assert w.abs().max() <= 2 * s
+        assert torch.all(block.attn.qkv.bias == 0) and torch.all(block.norm1.weight == 1)
+
+
+def test_overfits_one_batch():
+    model = make(context_length=16).train()
+    idx = tokens(4, 17, seed=3)
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(150):
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_dropout_only_in_training():
+    model = make(dropout=0.2, attn_dropout=0.2)
+    idx = tokens(2, 16)
+    torch.testing.assert_close(model(idx)[0], model(idx)[0], rtol=0, atol=0)
+    model.train()
+    assert not torch.allclose(model(idx)[0], model(idx)[0])
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32():
+    model = make(**VARIANTS["llama"])
+    idx, targets = tokens(2, 16, seed=1), tokens(2, 16, seed=2)
+    _, loss32 = model(idx, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss16 = model(idx, targets)
+        cache = model.make_kv_cache(2, dtype=torch.bfloat16)
+        model(idx, kv_cache=cache)
+    assert logits.dtype == torch.bfloat16 and loss16.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) < 0.05
+
+
+def test_meta_device_build_then_materialise_matches_init():
+    cfg = ModelConfig(**SMALL, pos_emb="rope")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    ref = GPT(cfg)
+    torch.testing.assert_close(model.rope_cos, ref.rope_cos)
+    assert model.tok_emb.weight[50:].abs().sum() == 0
+    assert "rope_cos" not in model.state_dict()
