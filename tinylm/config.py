@@ -358,8 +358,6 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
         path_parts, value = parse_override(text)
         _set_dotted(tree, path_parts, value)
     cfg = config_from_dict(tree)
-    if not cfg.run_name and preset:
-        cfg.run_name = Path(preset).stem
     validate(cfg)
     return cfg
 

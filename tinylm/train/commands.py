@@ -1,0 +1,197 @@
+"""`tinylm train`, `tinylm eval` and `tinylm generate`: argument parsing around the library calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a preset or YAML config",
+        description="Train a model. CONFIG is a preset name (see `tinylm train --list`) or a YAML file; "
+        "overrides are section.key=value (e.g. train.max_steps=2000 data.train=input.txt).",
+    )
+    p.add_argument("config", nargs="?", help="preset name or YAML file (omit with --resume RUN_DIR)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_DIR",
+        help="continue a run from its latest intact checkpoint (the run named by the config, or RUN_DIR)",
+    )
+    p.add_argument("--force", action="store_true", help="resume even if the config changed in ways that alter the run")
+    p.add_argument("--list", action="store_true", help="list the presets and exit")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run on its validation data (or another source)")
+    p.add_argument("run", help="run directory or checkpoint directory")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"], help="which checkpoint of a run")
+    p.add_argument("--data", default="", help="evaluate on this source instead of the run's validation split")
+    p.add_argument("--full", action="store_true", help="score every validation token (not a bounded sample)")
+    p.add_argument("--stride", type=int, default=0, help="with --full: sliding window stride (0 = non-overlapping)")
+    p.add_argument("--max-batches", type=int, default=0, help="bounded evaluation size (0 = the run's eval.max_batches)")
+    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a trained run")
+    p.add_argument("run", help="run directory or checkpoint directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.add_argument("--no-cache", action="store_true", help="recompute attention over the whole context each token")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tinylm.config import ConfigError, list_presets, load_config, load_config_file, parse_override
+
+    if args.list:
+        print("\n".join(list_presets()))
+        return 0
+    config, overrides = args.config, list(args.overrides)
+    # `tinylm train --resume runs/x key=value`: argparse sees the first override as CONFIG.
+    if config and "=" in config:
+        config, overrides = None, [config, *overrides]
+    for text in overrides:
+        parse_override(text)  # fail fast on malformed overrides
+    resume_dir = args.resume if isinstance(args.resume, str) else None
+    if resume_dir:
+        config_file = Path(resume_dir) / "config.yaml"
+        if not config_file.is_file():
+            raise ConfigError(f"--resume {resume_dir}: no config.yaml there; is it a run directory?")
+        base = load_config_file(config_file)
+        cfg = load_config(None, _as_overrides(base.to_dict()) + overrides) if overrides else base
+        run_dir = Path(resume_dir)
+        cfg.run_name = run_dir.name
+    else:
+        if not config:
+            raise ConfigError("give a preset or config file (e.g. `tinylm train tiny`), or --resume RUN_DIR")
+        cfg = load_config(config, overrides)
+        from tinylm.train.trainer import default_run_dir
+
+        run_dir = default_run_dir(cfg, config) if not args.resume else Path(cfg.out_dir) / (cfg.run_name or Path(config).stem)
+        cfg.run_name = run_dir.name
+
+    from tinylm.train.trainer import train
+
+    result = train(cfg, run_dir, resume=bool(args.resume), force=args.force)
+    if result.stop_reason != "reached train.max_steps":
+        print(f"stopped: {result.stop_reason}", file=sys.stderr)
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _as_overrides(tree: dict, prefix: str = "") -> list[str]:
+    """A config dict as dotted overrides (so a saved run's config can take more overrides)."""
+    import yaml
+
+    out = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.extend(_as_overrides(value, f"{name}."))
+        else:
+            out.append(f"{name}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from tinylm.data import resolve_data
+    from tinylm.eval.evaluate import evaluate_full, evaluate_sets
+    from tinylm.train import runtime
+    from tinylm.train.checkpoint import load_model
+
+    device, _ = runtime.select_device(args.device)
+    model, cfg, tokenizer, path = load_model(args.run, args.checkpoint, device)
+    precision = runtime.select_precision("auto", device)
+    if args.data:
+        cfg.data.train, cfg.data.mix, cfg.data.val, cfg.data.val_fraction = args.data, [], "", 0.0
+        data = resolve_data(cfg.data, tokenizer, cfg.model.context_length)
+        val_sets = {name: tokens for name, tokens, _ in data.train}
+    else:
+        val_sets = resolve_data(cfg.data, tokenizer, cfg.model.context_length).val
+    if not val_sets:
+        from tinylm.data.errors import DataError
+
+        raise DataError("this run has no validation split (data.val_fraction=0); pass --data SOURCE")
+    print(f"checkpoint: {path} (step {int(path.name.split('_')[-1])})")
+    batch_size = args.batch_size or cfg.eval.batch_size or cfg.train.batch_size
+    token_bytes = tokenizer.token_bytes()
+    with torch.no_grad():
+        if args.full:
+            for name, tokens in val_sets.items():
+                r = evaluate_full(
+                    model,
+                    tokens,
+                    seq_len=cfg.model.context_length,
+                    stride=args.stride or None,
+                    batch_size=batch_size,
+                    device=device,
+                    autocast=lambda: runtime.autocast(device, precision),
+                    token_bytes=token_bytes,
+                )
+                _print_result(name, r)
+        else:
+            results = evaluate_sets(
+                model,
+                val_sets,
+                batch_size=batch_size,
+                seq_len=cfg.model.context_length,
+                max_batches=args.max_batches or cfg.eval.max_batches,
+                device=device,
+                autocast=lambda: runtime.autocast(device, precision),
+                token_bytes=token_bytes,
+            )
+            for name, r in results.items():
+                _print_result(name, r)
+    return 0
+
+
+def _print_result(name: str, r) -> None:
+    bpb = f"  bits/byte {r.bits_per_byte:.4f}" if r.bits_per_byte is not None else ""
+    print(f"{name:>12}: loss {r.loss:.4f}  perplexity {r.perplexity:.3f}{bpb}  ({r.tokens:,} tokens)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tinylm.generate import generate
+    from tinylm.train import runtime
+    from tinylm.train.checkpoint import load_model
+
+    device, _ = runtime.select_device(args.device)
+    model, _cfg, tokenizer, _path = load_model(args.run, args.checkpoint, device)
+    prompt = tokenizer.encode(args.prompt) if args.prompt else []
+    if not prompt:
+        prompt = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+        shown_prompt = ""
+    else:
+        shown_prompt = args.prompt
+    for i in range(args.num_samples):
+        ids = generate(
+            model,
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p if args.top_p < 1.0 else None,
+            eot_id=tokenizer.eot_id,
+            seed=None if args.seed is None else args.seed + i,
+            use_cache=not args.no_cache,
+        )
+        if args.num_samples > 1:
+            print(f"--- sample {i} ---")
+        print(shown_prompt + tokenizer.decode([t for t in ids if t != tokenizer.eot_id]))
+    return 0

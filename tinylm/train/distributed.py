@@ -1,0 +1,141 @@
+"""Multi-process training under torchrun, on torch.distributed's own DDP and FSDP.
+
+Run with `torchrun --nproc_per_node=N -m tinylm.cli train ...` (or `tinylm train` through
+torchrun's `--no-python`). One process per device; NCCL on CUDA, Gloo on CPU. Nothing here
+re-implements collectives: wrapping is DDP or FSDP2's `fully_shard`, and state dicts for
+checkpoints are gathered with torch.distributed.checkpoint's state-dict helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a no-op."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def wrap_model(model: nn.Module, mode: str, info: DistInfo, device: torch.device) -> nn.Module:
+    """DDP (replicated weights) or FSDP2 (sharded weights, grads and optimizer state)."""
+    if not info.enabled:
+        return model
+    if mode in ("auto", "ddp"):
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in getattr(model, "blocks", []):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP / torch.compile wrapper."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[None]:
+    """Skip the gradient all-reduce on accumulation micro-steps except the last."""
+    if hasattr(model, "no_sync") and not sync:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def model_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict of the model, collective under FSDP; all ranks call it."""
+    if not info.enabled:
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(unwrap(model), options=options)
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict:
+    if not info.enabled:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=options)
+
+
+def load_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict, info: DistInfo
+) -> None:
+    """Load full state dicts into a (possibly wrapped/sharded) model and its optimizer."""
+    if not info.enabled:
+        unwrap(model).load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_state_dict(unwrap(model), optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
+        if dist.get_backend() != "nccl":
+            value /= info.world_size
+    return value
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any (e.g. a stop requested by one process)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

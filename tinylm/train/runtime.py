@@ -1,0 +1,139 @@
+"""The execution environment of a run: device, precision, seeding, RNG state, and peak FLOPs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinylm.config import ConfigError
+
+
+def select_device(spec: str = "auto", local_rank: int = 0) -> tuple[torch.device, str]:
+    """The device to train on and a one-line reason; `auto` prefers cuda, then mps, then cpu."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank), f"cuda ({torch.cuda.get_device_name(local_rank)})"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps"), "mps (Apple GPU)"
+        return torch.device("cpu"), f"cpu: no CUDA or MPS device found ({torch.get_num_threads()} threads)"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"train.device: '{spec}' is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but this torch has no CUDA device; use train.device=auto or cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        return device, f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device=mps but MPS is not available; use train.device=auto or cpu")
+    return device, device.type
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the forward pass runs: autocast dtype (None = fp32) and whether a grad scaler is needed."""
+
+    name: str  # fp32 | bf16 | fp16
+    reason: str
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.name == "fp16"
+
+
+def select_precision(spec: str, device: torch.device) -> Precision:
+    """Resolve `train.precision`; `auto` picks bf16 on GPUs that support it, else fp16, else fp32."""
+    if spec == "auto":
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return Precision("bf16", "auto: bf16 autocast (supported by this GPU, no grad scaler needed)")
+            return Precision("fp16", "auto: fp16 autocast with a grad scaler (this GPU has no bf16)")
+        # On CPU, bf16 autocast is slower than fp32 for small matmuls on most chips (see notes/model.md).
+        return Precision("fp32", f"auto: fp32 on {device.type} (autocast does not pay off here)")
+    if spec == "fp16" and device.type == "cpu":
+        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on cpu")
+    if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision=bf16 is not supported by this GPU; use fp16 (with a grad scaler)")
+    return Precision(spec, f"train.precision={spec}")
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context for forward passes (a no-op in fp32)."""
+    if precision.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision.autocast_dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from, so a resumed run continues bit-identically."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Dense (no sparsity) peak TFLOP/s for bf16/fp16 tensor-core matmuls, from vendor data sheets.
+# Matched by substring of torch.cuda.get_device_name(); the first match wins, so order matters.
+_PEAK_TFLOPS_BF16 = [
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("A10G", 125.0),
+    ("A10", 125.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.2),
+    ("RTX 4080", 97.5),
+    ("RTX 3090", 71.0),
+    ("RTX 3080", 59.5),
+    ("V100", 125.0),
+    ("T4", 65.0),
+]
+
+
+def peak_flops(device: torch.device, precision: Precision) -> tuple[float | None, str]:
+    """Peak FLOP/s used as the MFU denominator, and where it came from (None: unknown device)."""
+    override = os.environ.get("TINYLM_PEAK_TFLOPS")
+    if override:
+        return float(override) * 1e12, "TINYLM_PEAK_TFLOPS"
+    if device.type != "cuda":
+        return None, f"no peak-FLOPs figure for {device.type}; set TINYLM_PEAK_TFLOPS to get MFU"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in _PEAK_TFLOPS_BF16:
+        if key in name:
+            if precision.name == "fp32":
+                tflops /= 2  # TF32 tensor cores run at half the bf16 rate on these parts
+            return tflops * 1e12, f"{name}: {tflops:g} TFLOP/s ({precision.name}, dense)"
+    return None, f"unknown GPU '{name}': set TINYLM_PEAK_TFLOPS to get MFU"
