@@ -176,23 +176,25 @@ def test_sets_report_each_and_a_token_weighted_overall():
     model = PrefixModel(30)
     kw = dict(batch_size=4, seq_len=16, device="cpu", token_bytes=token_bytes)
     out = evaluate_sets(model, val, max_batches=None, **kw)
-    assert set(out.sets) == {"a", "b"}
-    assert out.sets["a"] == evaluate_full(model, val["a"], **kw)
-    nats = out.sets["a"].nats + out.sets["b"].nats
-    tokens = out.sets["a"].tokens + out.sets["b"].tokens
-    assert out.overall.tokens == tokens == 299 + 999
-    assert out.overall.loss == pytest.approx(nats / tokens)
-    num_bytes = out.sets["a"].num_bytes + out.sets["b"].num_bytes
-    assert out.overall.bits_per_byte == pytest.approx(nats / (math.log(2) * num_bytes))
+    assert list(out) == ["a", "b", "overall"]
+    assert out["a"] == evaluate_full(model, val["a"], **kw)
+    nats = out["a"].nats + out["b"].nats
+    tokens = out["a"].tokens + out["b"].tokens
+    assert out["overall"].tokens == tokens == 299 + 999
+    assert out["overall"].loss == pytest.approx(nats / tokens)
+    num_bytes = out["a"].num_bytes + out["b"].num_bytes
+    assert out["overall"].bits_per_byte == pytest.approx(nats / (math.log(2) * num_bytes))
     bounded = evaluate_sets(model, val, max_batches=1, **kw)
-    assert bounded.overall.tokens == 2 * 4 * 16
+    assert bounded["overall"].tokens == 2 * 4 * 16
 
 
 def test_stop_inside_sets_skips_the_rest():
     val = {"a": np.arange(500) % 7, "b": np.arange(500) % 7}
     kw = dict(batch_size=2, seq_len=8, max_batches=None, device="cpu")
     out = evaluate_sets(PrefixModel(7), val, should_stop=lambda: True, **kw)
-    assert list(out.sets) == ["a"] and out.overall.partial
+    assert list(out) == ["a", "overall"] and out["overall"].partial
+    with pytest.raises(DataError, match="overall"):
+        evaluate_sets(PrefixModel(7), {"overall": val["a"]}, **kw)
 
 
 def test_merge_of_nothing_is_nan_not_an_error():

@@ -72,12 +72,7 @@ class EvalResult:
         )
 
 
-@dataclass(frozen=True)
-class EvalSetsResult:
-    """Per-set results and the token-weighted overall result."""
-
-    sets: dict[str, EvalResult]
-    overall: EvalResult
+OVERALL = "overall"  # the key of the token-weighted result in `evaluate_sets`
 
 
 def _check_length(tokens: TokenSource, seq_len: int) -> int:
@@ -257,12 +252,15 @@ def evaluate_sets(
     autocast: AutocastFactory = contextlib.nullcontext,
     token_bytes: np.ndarray | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> EvalSetsResult:
+) -> dict[str, EvalResult]:
     """Evaluate each named set (bounded by `max_batches`, or a full pass when it is None).
 
-    The overall result weights every scored token equally. After a stop request the remaining
-    sets are skipped and the overall result is flagged partial.
+    Returns `{name: result, ..., "overall": result}`; the overall result weights every scored
+    token equally. After a stop request the remaining sets are skipped and the overall result
+    is flagged partial.
     """
+    if OVERALL in val:
+        raise DataError(f"a validation set may not be named '{OVERALL}'; rename it")
     results: dict[str, EvalResult] = {}
     for name, tokens in val.items():
         results[name] = evaluate(
@@ -284,4 +282,4 @@ def evaluate_sets(
         overall = EvalResult.from_sums(
             overall.nats, overall.tokens, overall.num_bytes, overall.batches, partial=True
         )
-    return EvalSetsResult(results, overall)
+    return {**results, OVERALL: overall}
