@@ -9,6 +9,7 @@ data, checkpoint) are printed as one clear message and exit with status 2, witho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -51,10 +52,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ("tinylm.data.errors", "DataError"),
         ("tinylm.train.checkpoint", "CheckpointError"),
     ):
-        try:
+        with contextlib.suppress(ModuleNotFoundError, AttributeError):
             errors.append(getattr(importlib.import_module(module_name), name))
-        except (ModuleNotFoundError, AttributeError):
-            pass
     return tuple(errors)
 
 

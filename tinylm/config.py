@@ -254,6 +254,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -328,7 +333,9 @@ def resolve_preset(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found. Presets: {', '.join(list_presets())}")
+            raise ConfigError(
+                f"config file '{path}' not found. Presets: {', '.join(list_presets())}"
+            )
         return path
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if not preset.is_file():
@@ -399,7 +406,9 @@ def validate(cfg: Config) -> None:
             f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head}",
         )
     if m.pos_emb == "rope":
-        _require(m.head_dim % 2 == 0, f"model.pos_emb=rope needs an even head dim, got {m.head_dim}")
+        _require(
+            m.head_dim % 2 == 0, f"model.pos_emb=rope needs an even head dim, got {m.head_dim}"
+        )
     _require(m.vocab_size >= 0, "model.vocab_size must be >= 0 (0 = from the tokenizer)")
     _require(m.vocab_multiple >= 1, "model.vocab_multiple must be >= 1")
     _require(m.d_ff is None or m.d_ff > 0, "model.d_ff must be positive (or null for the default)")

@@ -13,7 +13,14 @@ from pathlib import Path
 from tinylm.tokenizer.base import EOT, FILE_FORMAT, FILE_VERSION, Tokenizer, TokenizerError
 from tinylm.tokenizer.char import CharTokenizer
 
-__all__ = ["EOT", "CharTokenizer", "Tokenizer", "TokenizerError", "load_tokenizer", "tokenizer_from_file"]
+__all__ = [
+    "EOT",
+    "CharTokenizer",
+    "Tokenizer",
+    "TokenizerError",
+    "load_tokenizer",
+    "tokenizer_from_file",
+]
 
 
 def tokenizer_from_file(path: str | Path) -> Tokenizer:
@@ -27,7 +34,7 @@ def tokenizer_from_file(path: str | Path) -> Tokenizer:
         raise TokenizerError(f"{path}: not a tokenizer JSON file ({e})") from None
     if not isinstance(d, dict) or d.get("format") != FILE_FORMAT:
         raise TokenizerError(
-            f"{path}: not a tinylm tokenizer file (no \"format\": \"{FILE_FORMAT}\"). "
+            f'{path}: not a tinylm tokenizer file (no "format": "{FILE_FORMAT}"). '
             "To import a Hugging Face tokenizer.json or GPT-2 vocab/merges, use `tinylm tokenizer import`."
         )
     if d.get("version") != FILE_VERSION:
@@ -58,4 +65,6 @@ def load_tokenizer(spec: str, fit_texts: Iterable[str] | None = None) -> Tokeniz
     path = Path(spec)
     if path.suffix == ".json" or path.exists():
         return tokenizer_from_file(path)
-    raise TokenizerError(f"tokenizer '{spec}': expected 'char', 'gpt2' or a path to a tokenizer .json file")
+    raise TokenizerError(
+        f"tokenizer '{spec}': expected 'char', 'gpt2' or a path to a tokenizer .json file"
+    )

@@ -88,4 +88,6 @@ class Tokenizer(ABC):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()})"
+        return (
+            f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()})"
+        )

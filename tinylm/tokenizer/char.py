@@ -24,7 +24,9 @@ class CharTokenizer(Tokenizer):
 
     def __init__(self, chars: Sequence[str], unknown: UnknownPolicy = "unk") -> None:
         if unknown not in ("unk", "skip", "error"):
-            raise TokenizerError(f"unknown-character policy must be unk, skip or error, got {unknown!r}")
+            raise TokenizerError(
+                f"unknown-character policy must be unk, skip or error, got {unknown!r}"
+            )
         if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
             raise TokenizerError("a char tokenizer needs distinct single characters")
         self.chars = list(chars)
@@ -40,7 +42,9 @@ class CharTokenizer(Tokenizer):
         for text in texts:
             seen.update(text)
         if not seen:
-            raise TokenizerError("cannot fit a char tokenizer on an empty corpus: the text has no characters")
+            raise TokenizerError(
+                "cannot fit a char tokenizer on an empty corpus: the text has no characters"
+            )
         return cls(sorted(seen), unknown)
 
     @property
@@ -95,7 +99,11 @@ class CharTokenizer(Tokenizer):
         return np.asarray(lengths, dtype=np.int32)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"chars": "".join(self.chars), "unknown": self.unknown, "special_tokens": self.special_tokens}
+        return {
+            "chars": "".join(self.chars),
+            "unknown": self.unknown,
+            "special_tokens": self.special_tokens,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:

@@ -65,7 +65,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _dedupe_shared(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors refuses tensors that share memory (tied embeddings): keep one, name the rest."""
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -84,7 +86,13 @@ def numpy_rng_to_torch(state: dict[str, Any]) -> dict[str, Any]:
     """Make RNG states loadable with `torch.load(weights_only=True)` (no pickled numpy arrays)."""
     out = dict(state)
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    out["numpy"] = (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached)
+    out["numpy"] = (
+        kind,
+        torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        pos,
+        has_gauss,
+        cached,
+    )
     return out
 
 

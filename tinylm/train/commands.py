@@ -14,7 +14,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Train a model. CONFIG is a preset name (see `tinylm train --list`) or a YAML file; "
         "overrides are section.key=value (e.g. train.max_steps=2000 data.train=input.txt).",
     )
-    p.add_argument("config", nargs="?", help="preset name or YAML file (omit with --resume RUN_DIR)")
+    p.add_argument(
+        "config", nargs="?", help="preset name or YAML file (omit with --resume RUN_DIR)"
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument(
         "--resume",
@@ -24,17 +26,39 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         help="continue a run from its latest intact checkpoint (the run named by the config, or RUN_DIR)",
     )
-    p.add_argument("--force", action="store_true", help="resume even if the config changed in ways that alter the run")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="resume even if the config changed in ways that alter the run",
+    )
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a trained run on its validation data (or another source)")
+    p = sub.add_parser(
+        "eval", help="evaluate a trained run on its validation data (or another source)"
+    )
     p.add_argument("run", help="run directory or checkpoint directory")
-    p.add_argument("--checkpoint", default="best", choices=["best", "latest"], help="which checkpoint of a run")
-    p.add_argument("--data", default="", help="evaluate on this source instead of the run's validation split")
-    p.add_argument("--full", action="store_true", help="score every validation token (not a bounded sample)")
-    p.add_argument("--stride", type=int, default=0, help="with --full: sliding window stride (0 = non-overlapping)")
-    p.add_argument("--max-batches", type=int, default=0, help="bounded evaluation size (0 = the run's eval.max_batches)")
+    p.add_argument(
+        "--checkpoint", default="best", choices=["best", "latest"], help="which checkpoint of a run"
+    )
+    p.add_argument(
+        "--data", default="", help="evaluate on this source instead of the run's validation split"
+    )
+    p.add_argument(
+        "--full", action="store_true", help="score every validation token (not a bounded sample)"
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=0,
+        help="with --full: sliding window stride (0 = non-overlapping)",
+    )
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=0,
+        help="bounded evaluation size (0 = the run's eval.max_batches)",
+    )
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
@@ -49,13 +73,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
-    p.add_argument("--no-cache", action="store_true", help="recompute attention over the whole context each token")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute attention over the whole context each token",
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tinylm.config import ConfigError, list_presets, load_config, load_config_file, parse_override
+    from tinylm.config import (
+        ConfigError,
+        list_presets,
+        load_config,
+        load_config_file,
+        parse_override,
+    )
 
     if args.list:
         print("\n".join(list_presets()))
@@ -70,18 +104,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume_dir:
         config_file = Path(resume_dir) / "config.yaml"
         if not config_file.is_file():
-            raise ConfigError(f"--resume {resume_dir}: no config.yaml there; is it a run directory?")
+            raise ConfigError(
+                f"--resume {resume_dir}: no config.yaml there; is it a run directory?"
+            )
         base = load_config_file(config_file)
         cfg = load_config(None, _as_overrides(base.to_dict()) + overrides) if overrides else base
         run_dir = Path(resume_dir)
         cfg.run_name = run_dir.name
     else:
         if not config:
-            raise ConfigError("give a preset or config file (e.g. `tinylm train tiny`), or --resume RUN_DIR")
+            raise ConfigError(
+                "give a preset or config file (e.g. `tinylm train tiny`), or --resume RUN_DIR"
+            )
         cfg = load_config(config, overrides)
         from tinylm.train.trainer import default_run_dir
 
-        run_dir = default_run_dir(cfg, config) if not args.resume else Path(cfg.out_dir) / (cfg.run_name or Path(config).stem)
+        run_dir = (
+            default_run_dir(cfg, config)
+            if not args.resume
+            else Path(cfg.out_dir) / (cfg.run_name or Path(config).stem)
+        )
         cfg.run_name = run_dir.name
 
     from tinylm.train.trainer import train
@@ -103,7 +145,9 @@ def _as_overrides(tree: dict, prefix: str = "") -> list[str]:
         if isinstance(value, dict):
             out.extend(_as_overrides(value, f"{name}."))
         else:
-            out.append(f"{name}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+            out.append(
+                f"{name}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            )
     return out
 
 
@@ -127,7 +171,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not val_sets:
         from tinylm.data.errors import DataError
 
-        raise DataError("this run has no validation split (data.val_fraction=0); pass --data SOURCE")
+        raise DataError(
+            "this run has no validation split (data.val_fraction=0); pass --data SOURCE"
+        )
     print(f"checkpoint: {path} (step {int(path.name.split('_')[-1])})")
     batch_size = args.batch_size or cfg.eval.batch_size or cfg.train.batch_size
     token_bytes = tokenizer.token_bytes()
@@ -163,7 +209,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _print_result(name: str, r) -> None:
     bpb = f"  bits/byte {r.bits_per_byte:.4f}" if r.bits_per_byte is not None else ""
-    print(f"{name:>12}: loss {r.loss:.4f}  perplexity {r.perplexity:.3f}{bpb}  ({r.tokens:,} tokens)")
+    print(
+        f"{name:>12}: loss {r.loss:.4f}  perplexity {r.perplexity:.3f}{bpb}  ({r.tokens:,} tokens)"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -100,7 +100,9 @@ def model_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor
     return get_model_state_dict(unwrap(model), options=options)
 
 
-def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict:
+def optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
+) -> dict:
     if not info.enabled:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -110,7 +112,11 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, inf
 
 
 def load_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict, info: DistInfo
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict,
+    optim_state: dict,
+    info: DistInfo,
 ) -> None:
     """Load full state dicts into a (possibly wrapped/sharded) model and its optimizer."""
     if not info.enabled:
@@ -120,13 +126,21 @@ def load_state(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     options = StateDictOptions(full_state_dict=True)
-    set_state_dict(unwrap(model), optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
+    set_state_dict(
+        unwrap(model),
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=options,
+    )
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
+        dist.all_reduce(
+            value, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM
+        )
         if dist.get_backend() != "nccl":
             value /= info.world_size
     return value

@@ -18,17 +18,25 @@ def select_device(spec: str = "auto", local_rank: int = 0) -> tuple[torch.device
     """The device to train on and a one-line reason; `auto` prefers cuda, then mps, then cpu."""
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank), f"cuda ({torch.cuda.get_device_name(local_rank)})"
+            return torch.device(
+                "cuda", local_rank
+            ), f"cuda ({torch.cuda.get_device_name(local_rank)})"
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps"), "mps (Apple GPU)"
-        return torch.device("cpu"), f"cpu: no CUDA or MPS device found ({torch.get_num_threads()} threads)"
+        return torch.device(
+            "cpu"
+        ), f"cpu: no CUDA or MPS device found ({torch.get_num_threads()} threads)"
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ConfigError(f"train.device: '{spec}' is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+        raise ConfigError(
+            f"train.device: '{spec}' is not a device (use auto, cpu, cuda, cuda:N or mps)"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but this torch has no CUDA device; use train.device=auto or cpu")
+            raise ConfigError(
+                "train.device=cuda but this torch has no CUDA device; use train.device=auto or cpu"
+            )
         if device.index is None:
             device = torch.device("cuda", local_rank)
         return device, f"cuda ({torch.cuda.get_device_name(device)})"
@@ -58,14 +66,20 @@ def select_precision(spec: str, device: torch.device) -> Precision:
     if spec == "auto":
         if device.type == "cuda":
             if torch.cuda.is_bf16_supported():
-                return Precision("bf16", "auto: bf16 autocast (supported by this GPU, no grad scaler needed)")
-            return Precision("fp16", "auto: fp16 autocast with a grad scaler (this GPU has no bf16)")
+                return Precision(
+                    "bf16", "auto: bf16 autocast (supported by this GPU, no grad scaler needed)"
+                )
+            return Precision(
+                "fp16", "auto: fp16 autocast with a grad scaler (this GPU has no bf16)"
+            )
         # On CPU, bf16 autocast is slower than fp32 for small matmuls on most chips (see notes/model.md).
         return Precision("fp32", f"auto: fp32 on {device.type} (autocast does not pay off here)")
     if spec == "fp16" and device.type == "cpu":
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on cpu")
     if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision=bf16 is not supported by this GPU; use fp16 (with a grad scaler)")
+        raise ConfigError(
+            "train.precision=bf16 is not supported by this GPU; use fp16 (with a grad scaler)"
+        )
     return Precision(spec, f"train.precision={spec}")
 
 

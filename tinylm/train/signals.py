@@ -33,7 +33,10 @@ class GracefulStop:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.requested and self.reason.startswith("signal"):
-            print(f"\n{name} again: exiting now (the last complete checkpoint is intact)", file=sys.stderr)
+            print(
+                f"\n{name} again: exiting now (the last complete checkpoint is intact)",
+                file=sys.stderr,
+            )
             sys.stderr.flush()
             os._exit(130)
         self.request(f"signal {name}")
@@ -50,7 +53,10 @@ class GracefulStop:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]

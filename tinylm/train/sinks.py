@@ -70,15 +70,19 @@ class RunLogger:
         metrics_path = run_dir / METRICS_FILE
         if start_step > 0:
             truncate_metrics(metrics_path, start_step)
-        self._jsonl = open(metrics_path, "a", buffering=1)
+        self._jsonl = open(metrics_path, "a", buffering=1)  # noqa: SIM115 (closed in close())
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step if start_step > 0 else None)
+            self._tb = SummaryWriter(
+                str(run_dir / "tb"), purge_step=start_step if start_step > 0 else None
+            )
         if cfg.wandb:
             self._wandb = _init_wandb(run_dir, cfg, run_name, config_dict)
         if cfg.progress and sys.stderr.isatty():
-            self._bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+            self._bar = tqdm(
+                total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False
+            )
 
     def print(self, message: str) -> None:
         """A console line that does not garble the progress bar."""
@@ -96,18 +100,26 @@ class RunLogger:
         record = {"kind": kind, "step": step, "time": round(time.time(), 3)}
         record.update({k: _clean(v) for k, v in metrics.items()})
         self._jsonl.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars = {
+            k: v
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key if "/" in key else f"{kind}/{key}", value, step)
         if self._wandb is not None:
-            self._wandb.log({(k if "/" in k else f"{kind}/{k}"): v for k, v in scalars.items()}, step=step)
+            self._wandb.log(
+                {(k if "/" in k else f"{kind}/{k}"): v for k, v in scalars.items()}, step=step
+            )
 
     def text(self, step: int, tag: str, text: str) -> None:
         """Record a generated sample (or any text) for `step`."""
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"kind": "sample", "step": step, "tag": tag, "text": text}) + "\n")
+        self._jsonl.write(
+            json.dumps({"kind": "sample", "step": step, "tag": tag, "text": text}) + "\n"
+        )
         if self._tb is not None:
             self._tb.add_text(tag, f"```\n{text}\n```", step)
         if self._wandb is not None:
@@ -146,7 +158,9 @@ def _init_wandb(run_dir: Path, cfg: LogConfig, run_name: str, config_dict: dict[
     except ImportError:
         from tinylm.config import ConfigError
 
-        raise ConfigError("log.wandb=true needs the wandb package: pip install 'tinylm[wandb]'") from None
+        raise ConfigError(
+            "log.wandb=true needs the wandb package: pip install 'tinylm[wandb]'"
+        ) from None
     id_file = run_dir / "wandb_id"  # a resumed run continues the same wandb run
     run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
     id_file.write_text(run_id)

@@ -97,7 +97,9 @@ def unsafe_changes(saved: Config, current: Config) -> list[str]:
 class Trainer:
     """Builds everything a run needs from a `Config`, then runs `fit()`."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False) -> None:
+    def __init__(
+        self, cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False
+    ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.dist = distributed.setup()
@@ -183,7 +185,9 @@ class Trainer:
         self.raw_model = self.model
         self.optimizer = optim.build_optimizer(self.model, self.cfg.optim, self.device)
         self.fused_optimizer = bool(self.optimizer.defaults.get("fused"))
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
+        self.scaler = (
+            torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
+        )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         n_all, n_body = self.raw_model.num_params(), self.raw_model.num_params(non_embedding=True)
         self.flops_per_token = self.raw_model.flops_per_token()
@@ -211,7 +215,9 @@ class Trainer:
     def _wrap_model(self) -> None:
         if self.cfg.train.compile:
             self.model = torch.compile(self.model)
-        self.model = distributed.wrap_model(self.model, self.cfg.train.distributed, self.dist, self.device)
+        self.model = distributed.wrap_model(
+            self.model, self.cfg.train.distributed, self.dist, self.device
+        )
 
     # ---------------------------------------------------------------- the step
 
@@ -235,7 +241,9 @@ class Trainer:
         if cfg.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.params if p.grad is not None]
+            )
         nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
 
         if self.scaler is not None:  # fp16: the scaler skips steps with inf/nan grads itself
@@ -269,7 +277,12 @@ class Trainer:
         self.log = log
         for message in self.messages:
             log.print(message)
-        tokens_per_step = cfg.train.batch_size * cfg.model.context_length * cfg.train.grad_accum * self.dist.world_size
+        tokens_per_step = (
+            cfg.train.batch_size
+            * cfg.model.context_length
+            * cfg.train.grad_accum
+            * self.dist.world_size
+        )
         peak, peak_reason = runtime.peak_flops(self.device, self.precision)
         log.print(
             f"run: {self.run_dir} | {tokens_per_step:,} tokens/step | "
@@ -306,12 +319,21 @@ class Trainer:
                     elapsed = time.perf_counter() - interval_start
                     mean_loss = interval_loss.item() / interval_steps  # the one sync per interval
                     record = self._log_interval(
-                        mean_loss, interval_max.item(), grad_norm, elapsed, interval_steps, tokens_per_step, peak, loss_ema
+                        mean_loss,
+                        interval_max.item(),
+                        grad_norm,
+                        elapsed,
+                        interval_steps,
+                        tokens_per_step,
+                        peak,
+                        loss_ema,
                     )
                     history.append(record)
                     last_train_loss = mean_loss
                     if math.isfinite(mean_loss):
-                        loss_ema = mean_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * mean_loss
+                        loss_ema = (
+                            mean_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * mean_loss
+                        )
                     interval_loss.zero_()
                     interval_max.zero_()
                     interval_steps, interval_start = 0, time.perf_counter()
@@ -321,7 +343,10 @@ class Trainer:
                             "(updates were skipped; lower optim.lr or check the data)"
                         )
 
-                if cfg.train.max_time_minutes and time.perf_counter() - run_start > 60 * cfg.train.max_time_minutes:
+                if (
+                    cfg.train.max_time_minutes
+                    and time.perf_counter() - run_start > 60 * cfg.train.max_time_minutes
+                ):
                     self.stop.request(f"time limit of {cfg.train.max_time_minutes:g} minutes")
 
                 if (cfg.eval.interval and state.step % cfg.eval.interval == 0) or last_step:
@@ -352,11 +377,21 @@ class Trainer:
                 step=state.step,
             )
         else:
-            log.event(f"done: {state.step} steps, best val loss {state.best_val_loss:.4f}", step=state.step)
+            log.event(
+                f"done: {state.step} steps, best val loss {state.best_val_loss:.4f}",
+                step=state.step,
+            )
         log.close()
         distributed.teardown(self.dist)
         return TrainResult(
-            self.run_dir, state.step, reason, state.best_val_loss, state.last_val_loss, last_train_loss, last_ckpt, history
+            self.run_dir,
+            state.step,
+            reason,
+            state.best_val_loss,
+            state.last_val_loss,
+            last_train_loss,
+            last_ckpt,
+            history,
         )
 
     def _log_interval(
@@ -389,9 +424,15 @@ class Trainer:
         skipped = int(self.bad_total.item())
         if skipped:
             record["skipped_steps"] = skipped
-            log.event(f"step {state.step}: {skipped} non-finite step(s) so far, their updates skipped", step=state.step)
+            log.event(
+                f"step {state.step}: {skipped} non-finite step(s) so far, their updates skipped",
+                step=state.step,
+            )
         if loss_ema is not None and max_loss > self.cfg.train.spike_factor * loss_ema:
-            log.event(f"loss spike at step ~{state.step}: {max_loss:.3f} vs recent average {loss_ema:.3f}", step=state.step)
+            log.event(
+                f"loss spike at step ~{state.step}: {max_loss:.3f} vs recent average {loss_ema:.3f}",
+                step=state.step,
+            )
         log.log(state.step, "train", record)
         mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
         log.print(
@@ -424,7 +465,9 @@ class Trainer:
         self.model.train()
         overall = results["overall"]
         if getattr(overall, "partial", False):
-            log.print(f"step {state.step}: evaluation interrupted after {overall.batches} batches (not recorded)")
+            log.print(
+                f"step {state.step}: evaluation interrupted after {overall.batches} batches (not recorded)"
+            )
             return False
         metrics: dict[str, Any] = {}
         for name, result in results.items():
@@ -440,8 +483,14 @@ class Trainer:
             state.best_val_loss, state.evals_since_best = overall.loss, 0
         else:
             state.evals_since_best += 1
-        bpb = f" | {overall.bits_per_byte:.3f} bits/byte" if overall.bits_per_byte is not None else ""
-        per_set = "".join(f" | {n} {r.loss:.4f}" for n, r in results.items() if n != "overall") if len(results) > 2 else ""
+        bpb = (
+            f" | {overall.bits_per_byte:.3f} bits/byte" if overall.bits_per_byte is not None else ""
+        )
+        per_set = (
+            "".join(f" | {n} {r.loss:.4f}" for n, r in results.items() if n != "overall")
+            if len(results) > 2
+            else ""
+        )
         log.print(
             f"step {state.step:>6} | val loss {overall.loss:.4f} | ppl {overall.perplexity:.2f}{bpb}{per_set}"
             f" | best {state.best_val_loss:.4f}"
@@ -463,7 +512,11 @@ class Trainer:
 
     def _print_samples(self) -> None:
         cfg = self.cfg
-        if not self.is_main or cfg.eval.samples <= 0 or cfg.train.distributed == "fsdp" and self.dist.enabled:
+        if (
+            not self.is_main
+            or cfg.eval.samples <= 0
+            or (cfg.train.distributed == "fsdp" and self.dist.enabled)
+        ):
             return
         from tinylm.generate import generate
 
@@ -542,10 +595,16 @@ def default_run_dir(cfg: Config, preset: str | None) -> Path:
     return candidate
 
 
-def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False) -> TrainResult:
+def train(
+    cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False
+) -> TrainResult:
     """Train `cfg` in `run_dir` (continuing its latest checkpoint when `resume`)."""
     run_dir = Path(run_dir)
-    if not resume and (run_dir / "checkpoints").exists() and checkpoint.list_checkpoints(run_dir / "checkpoints"):
+    if (
+        not resume
+        and (run_dir / "checkpoints").exists()
+        and checkpoint.list_checkpoints(run_dir / "checkpoints")
+    ):
         raise ConfigError(
             f"{run_dir} already has checkpoints: continue it with --resume, or choose another run_name=..."
         )
