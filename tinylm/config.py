@@ -92,6 +92,7 @@ class DataConfig:
     val: str = ""  # explicit validation source; empty = split from the training source
     tokenizer: str = "char"  # char | gpt2 | path/to/tokenizer.json
     val_fraction: float = 0.1  # share of documents (or of tokens, for a single document) held out
+    val_count: int = 0  # > 0: hold out exactly this many documents instead of val_fraction
     split_seed: int = 1234
     text_field: str = "text"  # field/column of jsonl, json, parquet and HF sources
     doc_delimiter: str = "<|endoftext|>"  # separates documents inside one plain-text file
