@@ -1,0 +1,234 @@
+// The BPE merge loop in C++ (plain CPython API, no build dependency beyond a C++17 compiler).
+//
+// train_merges(words, counts, first_new_id, num_merges, callback) -> list[(left_id, right_id)]
+//   words:        list[bytes], distinct pre-tokens; byte value b is token id b
+//   counts:       list[int], how often each pre-token occurs
+//   first_new_id: id of the first merged token (256 + number of special tokens)
+//   num_merges:   how many merges to make at most (fewer if the pairs run out)
+//   callback:     None or callable(merges_done), called every 1000 merges (progress bar)
+//
+// Same algorithm and results as `_merge_python` in bpe_train.py: the most frequent pair wins,
+// ties go to the lexicographically greatest (bytes(left), bytes(right)); pair counts are updated
+// only for the words containing the merged pair; the best pair comes from a max-heap whose stale
+// entries (count changed since the push) are skipped when they reach the top.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using Pair = uint64_t;  // (left << 32) | right
+
+inline Pair make_pair_key(uint32_t a, uint32_t b) { return (uint64_t(a) << 32) | b; }
+inline uint32_t left_of(Pair p) { return uint32_t(p >> 32); }
+inline uint32_t right_of(Pair p) { return uint32_t(p & 0xffffffffu); }
+
+struct Entry {
+    int64_t count;
+    Pair pair;
+};
+
+struct PairHash {
+    size_t operator()(Pair p) const noexcept {
+        // splitmix64 finalizer: ids are small and dense, so the identity hash would cluster.
+        p ^= p >> 30;
+        p *= 0xbf58476d1ce4e5b9ULL;
+        p ^= p >> 27;
+        p *= 0x94d049bb133111ebULL;
+        p ^= p >> 31;
+        return size_t(p);
+    }
+};
+
+class Merger {
+  public:
+    std::vector<std::string> tok;  // id -> bytes
+    std::vector<std::vector<uint32_t>> words;
+    std::vector<int64_t> freq;
+    std::unordered_map<Pair, int64_t, PairHash> pair_count;
+    std::unordered_map<Pair, std::vector<uint32_t>, PairHash> pair_words;
+    std::vector<Entry> heap;
+
+    // true when a has lower priority than b (std heap functions build a max-heap)
+    bool lower(const Entry& a, const Entry& b) const {
+        if (a.count != b.count) return a.count < b.count;
+        const std::string& al = tok[left_of(a.pair)];
+        const std::string& bl = tok[left_of(b.pair)];
+        int c = al.compare(bl);  // char_traits<char>::compare orders bytes as unsigned
+        if (c != 0) return c < 0;
+        return tok[right_of(a.pair)].compare(tok[right_of(b.pair)]) < 0;
+    }
+
+    void push(Pair p, int64_t count) {
+        heap.push_back({count, p});
+        std::push_heap(heap.begin(), heap.end(), [this](const Entry& x, const Entry& y) { return lower(x, y); });
+    }
+
+    void pop() {
+        std::pop_heap(heap.begin(), heap.end(), [this](const Entry& x, const Entry& y) { return lower(x, y); });
+        heap.pop_back();
+    }
+
+    void init(uint32_t first_new_id) {
+        tok.resize(first_new_id);
+        for (int i = 0; i < 256; ++i) tok[i] = std::string(1, char(i));
+        for (uint32_t w = 0; w < words.size(); ++w) {
+            const auto& s = words[w];
+            for (size_t i = 0; i + 1 < s.size(); ++i) {
+                Pair p = make_pair_key(s[i], s[i + 1]);
+                pair_count[p] += freq[w];
+                auto& ws = pair_words[p];
+                if (ws.empty() || ws.back() != w) ws.push_back(w);
+            }
+        }
+        heap.reserve(pair_count.size() * 2);
+        for (const auto& kv : pair_count) heap.push_back({kv.second, kv.first});
+        std::make_heap(heap.begin(), heap.end(), [this](const Entry& x, const Entry& y) { return lower(x, y); });
+    }
+
+    // Pops stale entries; returns false when no pair is left.
+    bool best(Pair* out) {
+        while (!heap.empty()) {
+            const Entry& top = heap.front();
+            auto it = pair_count.find(top.pair);
+            if (it != pair_count.end() && it->second == top.count) {
+                *out = top.pair;
+                pop();
+                return true;
+            }
+            pop();
+        }
+        return false;
+    }
+
+    void merge(Pair best_pair, uint32_t new_id) {
+        const uint32_t a = left_of(best_pair), b = right_of(best_pair);
+        tok.push_back(tok[a] + tok[b]);
+        pair_count.erase(best_pair);
+        auto node = pair_words.extract(best_pair);
+        if (node.empty()) return;
+        std::vector<uint32_t> affected = std::move(node.mapped());
+        // (pair, +-1) for one word, sorted so that unchanged pairs net out to zero
+        std::vector<std::pair<Pair, int64_t>> deltas;
+        std::vector<uint32_t> merged;
+        for (uint32_t w : affected) {
+            std::vector<uint32_t>& s = words[w];
+            merged.clear();
+            bool found = false;
+            for (size_t i = 0; i < s.size();) {
+                if (i + 1 < s.size() && s[i] == a && s[i + 1] == b) {
+                    merged.push_back(new_id);
+                    i += 2;
+                    found = true;
+                } else {
+                    merged.push_back(s[i]);
+                    i += 1;
+                }
+            }
+            if (!found) continue;  // a stale listing: an earlier merge removed the pair here
+            const int64_t n = freq[w];
+            deltas.clear();
+            // -1 per old pair, +1 per new pair; a pair with any -1 was already listed for w.
+            for (size_t i = 0; i + 1 < s.size(); ++i) deltas.push_back({make_pair_key(s[i], s[i + 1]), -1});
+            for (size_t i = 0; i + 1 < merged.size(); ++i)
+                deltas.push_back({make_pair_key(merged[i], merged[i + 1]), +1});
+            std::sort(deltas.begin(), deltas.end());
+            for (size_t i = 0; i < deltas.size();) {
+                Pair p = deltas[i].first;
+                int64_t d = 0;
+                bool was_old = false;
+                for (; i < deltas.size() && deltas[i].first == p; ++i) {
+                    d += deltas[i].second;
+                    if (deltas[i].second < 0) was_old = true;
+                }
+                if (d == 0 || p == best_pair) continue;
+                auto it = pair_count.find(p);
+                int64_t c = (it == pair_count.end() ? 0 : it->second) + d * n;
+                if (c != 0) {
+                    if (it == pair_count.end())
+                        pair_count.emplace(p, c);
+                    else
+                        it->second = c;
+                    push(p, c);
+                } else if (it != pair_count.end()) {
+                    pair_count.erase(it);
+                }
+                if (!was_old) pair_words[p].push_back(w);
+            }
+            s.swap(merged);
+        }
+    }
+};
+
+PyObject* train_merges(PyObject*, PyObject* args) {
+    PyObject *words_obj, *counts_obj, *callback;
+    Py_ssize_t first_new_id, num_merges;
+    if (!PyArg_ParseTuple(args, "O!O!nnO", &PyList_Type, &words_obj, &PyList_Type, &counts_obj, &first_new_id,
+                          &num_merges, &callback))
+        return nullptr;
+    const Py_ssize_t nw = PyList_GET_SIZE(words_obj);
+    if (PyList_GET_SIZE(counts_obj) != nw) {
+        PyErr_SetString(PyExc_ValueError, "words and counts must have the same length");
+        return nullptr;
+    }
+    if (first_new_id < 256 || first_new_id > 0x7fffffff || num_merges < 0) {
+        PyErr_SetString(PyExc_ValueError, "first_new_id must be >= 256 and num_merges >= 0");
+        return nullptr;
+    }
+    Merger m;
+    m.words.resize(nw);
+    m.freq.resize(nw);
+    for (Py_ssize_t i = 0; i < nw; ++i) {
+        PyObject* w = PyList_GET_ITEM(words_obj, i);
+        char* buf;
+        Py_ssize_t len;
+        if (PyBytes_AsStringAndSize(w, &buf, &len) < 0) return nullptr;
+        m.words[i].assign(reinterpret_cast<unsigned char*>(buf), reinterpret_cast<unsigned char*>(buf) + len);
+        m.freq[i] = PyLong_AsLongLong(PyList_GET_ITEM(counts_obj, i));
+        if (m.freq[i] == -1 && PyErr_Occurred()) return nullptr;
+    }
+    m.init(uint32_t(first_new_id));
+
+    PyObject* result = PyList_New(0);
+    if (!result) return nullptr;
+    for (Py_ssize_t k = 0; k < num_merges; ++k) {
+        Pair p;
+        if (!m.best(&p)) break;
+        m.merge(p, uint32_t(first_new_id + k));
+        PyObject* item = Py_BuildValue("(II)", left_of(p), right_of(p));
+        if (!item || PyList_Append(result, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(result);
+            return nullptr;
+        }
+        Py_DECREF(item);
+        if (callback != Py_None && (k + 1) % 1000 == 0) {
+            PyObject* r = PyObject_CallFunction(callback, "n", k + 1);
+            if (!r) {
+                Py_DECREF(result);
+                return nullptr;
+            }
+            Py_DECREF(r);
+        }
+    }
+    return result;
+}
+
+PyMethodDef methods[] = {
+    {"train_merges", train_merges, METH_VARARGS,
+     "train_merges(words, counts, first_new_id, num_merges, callback) -> list of (left_id, right_id)"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_bpe_native", "Native BPE merge loop for tinylm.", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__bpe_native(void) { return PyModule_Create(&module); }
