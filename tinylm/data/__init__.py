@@ -88,8 +88,9 @@ def _char_tokenizer(
     specs: list[str], cfg: DataConfig, cache: Path, log: Callable[[str], None]
 ) -> Tokenizer:
     """Fit (streaming) or reuse the char tokenizer of these training sources."""
-    from tinylm.data.sources import iter_pieces, source_identity
-    from tinylm.tokenizer import CharTokenizer, tokenizer_from_file
+    from tinylm.data.prepare import fit_char_tokenizer
+    from tinylm.data.sources import source_identity
+    from tinylm.tokenizer import tokenizer_from_file
 
     ident = json.dumps(
         [[source_identity(s) for s in specs], cfg.text_field, cfg.doc_delimiter], sort_keys=True
@@ -98,12 +99,7 @@ def _char_tokenizer(
     if path.is_file():
         return tokenizer_from_file(path)
     log(f"data: fitting a char tokenizer on {', '.join(specs)}")
-    texts = (
-        text
-        for spec in specs
-        for text, _ in iter_pieces(spec, text_field=cfg.text_field, delimiter=cfg.doc_delimiter)
-    )
-    tokenizer = CharTokenizer.fit(texts)
+    tokenizer = fit_char_tokenizer(specs, cfg.text_field, cfg.doc_delimiter)
     tokenizer.save(path)
     return tokenizer
 
@@ -135,8 +131,8 @@ def _prepare_source(
     settings = SplitSettings(
         text_field=cfg.text_field,
         delimiter=cfg.doc_delimiter,
-        val_fraction=0.0 if val_specs else cfg.val_fraction,
-        val_count=0 if val_specs else cfg.val_count,
+        val_fraction=cfg.val_fraction,
+        val_count=cfg.val_count,
         split_seed=cfg.split_seed,
     )
     key = dataset_key(s.train_specs, val_specs, tokenizer.fingerprint(), settings)

@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ def dataset_key(
     settings: SplitSettings,
 ) -> str:
     """Hash of source identities (path, size, mtime) + tokenizer + settings: names a prepared dataset."""
+    settings = _effective(settings, val_sources)
     ident = {
         "version": VERSION,
         "sources": [source_identity(s) for s in sources],
@@ -83,6 +84,24 @@ def dataset_key(
         "settings": asdict(settings),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _effective(settings: SplitSettings, val_sources: Sequence[str]) -> SplitSettings:
+    """An explicit val source replaces the split: the fraction and count then mean nothing."""
+    return replace(settings, val_fraction=0.0, val_count=0) if val_sources else settings
+
+
+def fit_char_tokenizer(
+    specs: Sequence[str], text_field: str = "text", delimiter: str = EOT
+) -> Tokenizer:
+    """A CharTokenizer fitted on the sources, streamed (memory is the alphabet, not the text)."""
+    from tinylm.tokenizer import CharTokenizer
+
+    return CharTokenizer.fit(
+        text
+        for spec in specs
+        for text, _ in iter_pieces(spec, text_field=text_field, delimiter=delimiter)
+    )
 
 
 def _mix64(x: int) -> int:
@@ -394,7 +413,7 @@ def prepare(
     finishes an interrupted one; `workers=0` means one process per CPU core. `progress=None`
     shows a bar only on a terminal.
     """
-    settings = settings or SplitSettings()
+    settings = _effective(settings or SplitSettings(), val_sources)
     out_dir = Path(out_dir)
     if not sources and not val_sources:
         raise DataError("prepare needs at least one source")

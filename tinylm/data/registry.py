@@ -123,9 +123,10 @@ def ensure_file(
     dataset: NamedDataset,
     remote: RemoteFile,
     cache: Path,
-    fetch: Callable[[str, Path, str | None], None] = download,
+    fetch: Callable[[str, Path, str | None], None] | None = None,
 ) -> Path:
     """The local path of one dataset file, downloading it first if needed (offline: a clear error)."""
+    fetch = fetch or download  # looked up per call, so tests can replace the module's download
     path = local_path(dataset, remote, cache)
     if path.is_file():
         return path

@@ -207,6 +207,24 @@ class PreparedDataset:
     def num_tokens(self, name: str) -> int:
         return int(self.meta["splits"].get(name, {}).get("tokens", 0))
 
+    def summary(self) -> str:
+        """Lines for the console: where it is, tokenizer, and per-split token/document counts."""
+        tok = self.meta["tokenizer"]
+        lines = [
+            f"{self.directory}: {tok['type']} tokenizer (vocab {tok['vocab_size']:,}), {self.meta['dtype']}"
+        ]
+        for name, info in self.meta["splits"].items():
+            lines.append(f"  {name}: {info['tokens']:,} tokens, {info['documents']:,} documents")
+        if "note" in self.meta.get("split", {}):
+            lines.append(f"  split: {self.meta['split']['note']}")
+        stats = self.meta.get("stats", {})
+        if stats:
+            lines.append(
+                f"  read {stats['source_bytes'] / 1e6:,.1f} MB in {stats['seconds']:.1f} s "
+                f"({stats['mb_per_s']:.1f} MB/s, {stats['workers']} worker(s))"
+            )
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
         counts = ", ".join(f"{s}={self.num_tokens(s):,}" for s in self.meta["splits"])
         return f"PreparedDataset({self.directory}, {counts} tokens)"

@@ -1,0 +1,156 @@
+"""`tinylm prepare` (sources -> prepared dataset) and `tinylm datasets` (the named-dataset registry).
+
+Heavy imports happen inside the command functions so that `tinylm --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EOT = "<|endoftext|>"  # repeated here (not imported) to keep `tinylm --help` free of numpy
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `prepare` and `datasets` on the `tinylm` sub-command parser."""
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize text/jsonl/json/parquet/hf sources into a prepared dataset of token shards",
+        description="Stream SOURCE... (files, directories, globs, hf:NAME, registered names, "
+        "synthetic-stories[:N]) through a tokenizer in parallel worker processes and write a "
+        "prepared dataset (meta.json, tokenizer.json, uint16/uint32 shards) to --out. Re-running "
+        "an interrupted prepare continues where it stopped.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SOURCE")
+    p.add_argument("--out", required=True, help="output directory of the prepared dataset")
+    p.add_argument(
+        "--tokenizer", default="char", help="char | gpt2 | path/to/tokenizer.json (default: char)"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)"
+    )
+    p.add_argument(
+        "--val-count", type=int, default=0, help="hold out exactly this many documents instead"
+    )
+    p.add_argument(
+        "--val-source", action="append", default=[], help="explicit validation source (repeatable)"
+    )
+    p.add_argument(
+        "--text-field", default="text", help="field/column holding text in jsonl/json/parquet/hf"
+    )
+    p.add_argument(
+        "--delimiter", default=EOT, help=f"document separator in plain text (default {EOT})"
+    )
+    p.add_argument("--seed", type=int, default=1234, help="split seed (default 1234)")
+    p.add_argument(
+        "--workers", type=int, default=0, help="tokenizer processes (default: one per core)"
+    )
+    p.add_argument(
+        "--chunk-mb", type=float, default=4.0, help="characters per shard chunk, in millions"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    d = sub.add_parser(
+        "datasets",
+        help="list named datasets, download one, or write one's documents to a text file",
+        description="Named datasets: tinyshakespeare, tinystories (downloaded once into the cache), "
+        "synthetic-stories[:N[:SEED]] (generated offline).",
+    )
+    d.add_argument("action", nargs="?", choices=["list", "download", "write"], default="list")
+    d.add_argument("name", nargs="?", help="dataset name (download, write)")
+    d.add_argument(
+        "--out", help="write: the text file to create (documents separated by <|endoftext|>)"
+    )
+    d.set_defaults(func=cmd_datasets)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from tinylm.data.errors import DataError
+    from tinylm.data.prepare import SplitSettings, fit_char_tokenizer, prepare
+    from tinylm.data.registry import resolve_named
+    from tinylm.paths import cache_dir
+    from tinylm.tokenizer import load_tokenizer
+
+    cache = cache_dir()
+    train: list[str] = []
+    val: list[str] = []
+    for spec in args.sources:
+        t, v = resolve_named(spec, cache)
+        train += t
+        val += v
+    for spec in args.val_source:
+        t, v = resolve_named(spec, cache)
+        val += t + v
+    if not 0 <= args.val_fraction < 1:
+        raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.tokenizer == "char":
+        print(f"prepare: fitting a char tokenizer on {', '.join(train)}")
+        tokenizer = fit_char_tokenizer(train, args.text_field, args.delimiter)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+    settings = SplitSettings(
+        text_field=args.text_field,
+        delimiter=args.delimiter,
+        val_fraction=args.val_fraction,
+        val_count=args.val_count,
+        split_seed=args.seed,
+        chunk_chars=max(1, int(args.chunk_mb * 1e6)),
+    )
+    ds = prepare(
+        train,
+        args.out,
+        tokenizer,
+        val_sources=val,
+        settings=settings,
+        workers=args.workers,
+        progress=False if args.no_progress else None,
+    )
+    print(ds.summary())
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from tinylm.data.errors import DataError
+    from tinylm.data.registry import REGISTRY, env_var, local_path, lookup, resolve_named
+    from tinylm.paths import cache_dir
+
+    cache = cache_dir()
+    if args.action == "list":
+        for ds in REGISTRY.values():
+            files = [*ds.train, *ds.val]
+            state = (
+                "generated"
+                if not files
+                else (
+                    "cached"
+                    if all(local_path(ds, f, cache).is_file() for f in files)
+                    else "not downloaded"
+                )
+            )
+            print(f"{ds.name:<18} {state:<15} {ds.description}")
+            if files:
+                print(f"{'':<18} {'':<15} local copy: {env_var(ds.name)}=PATH")
+        return 0
+    if not args.name or lookup(args.name) is None:
+        raise DataError(f"name a registered dataset: {', '.join(REGISTRY)}")
+    if args.action == "download":
+        train, val = resolve_named(args.name, cache)
+        print("\n".join(train + val))
+        return 0
+    if not args.out:
+        raise DataError("datasets write needs --out FILE")
+    from pathlib import Path
+
+    from tinylm.data.sources import iter_documents
+
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for spec in resolve_named(args.name, cache)[0]:
+            for doc in iter_documents(spec):
+                f.write(doc + f"\n{EOT}\n")
+                n += 1
+    tmp.replace(out)
+    print(f"wrote {n:,} documents to {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
