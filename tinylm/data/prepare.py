@@ -143,11 +143,14 @@ class _CharArrayEncoder:
         self.table[codes] = np.arange(len(codes))
         self.specials = list(tokenizer.special_tokens)
 
-    def __call__(self, text: str) -> np.ndarray:
+    def _lookup(self, text: str) -> np.ndarray:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        return self.table[np.minimum(points, len(self.table) - 1)]
+
+    def _one(self, text: str) -> np.ndarray:
         if any(s in text for s in self.specials):
             return np.asarray(self.tokenizer.encode(text), dtype=np.int64)
-        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ids = self.table[np.minimum(points, len(self.table) - 1)]
+        ids = self._lookup(text)
         if self.tokenizer.unknown != "unk" and (ids < 0).any():
             if self.tokenizer.unknown == "skip":
                 return ids[ids >= 0]
@@ -156,11 +159,22 @@ class _CharArrayEncoder:
             )  # raises, naming the char
         return ids
 
+    def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        # One lookup over the joined chunk: per-text NumPy calls cost more than the lookup itself
+        # for short documents (6.6 vs ~100 MB/s on 570-character stories).
+        joined = "".join(texts)
+        if any(s in joined for s in self.specials):
+            return [self._one(t) for t in texts]
+        ids = self._lookup(joined)
+        if self.tokenizer.unknown != "unk" and (ids < 0).any():
+            return [self._one(t) for t in texts]
+        # UTF-32 has one unit per code point, so Python string lengths are the split points.
+        return np.split(ids, np.cumsum([len(t) for t in texts[:-1]]))
+
 
 def _array_encoder(tokenizer: Tokenizer) -> Callable[[list[str]], list[np.ndarray]]:
     if tokenizer.kind == "char" and hasattr(tokenizer, "chars"):
-        enc = _CharArrayEncoder(tokenizer)
-        return lambda texts: [enc(t) for t in texts]
+        return _CharArrayEncoder(tokenizer)
     return lambda texts: [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts)]
 
 
