@@ -55,6 +55,7 @@ class Merger {
     std::unordered_map<Pair, int64_t, PairHash> pair_count;
     std::unordered_map<Pair, std::vector<uint32_t>, PairHash> pair_words;
     std::vector<Entry> heap;
+    std::vector<std::pair<Pair, int64_t>> changes;  // (pair, count delta) of the current merge
 
     // true when a has lower priority than b (std heap functions build a max-heap)
     bool lower(const Entry& a, const Entry& b) const {
@@ -115,17 +116,25 @@ class Merger {
         auto node = pair_words.extract(best_pair);
         if (node.empty()) return;
         std::vector<uint32_t> affected = std::move(node.mapped());
-        // (pair, +-1) for one word, sorted so that unchanged pairs net out to zero
-        std::vector<std::pair<Pair, int64_t>> deltas;
+        // Only pairs touching a merge site change: the old pairs around each site go (-n) and
+        // the new pairs containing new_id come (+n); all other pairs of the word are unchanged.
         std::vector<uint32_t> merged;
+        changes.clear();
         for (uint32_t w : affected) {
             std::vector<uint32_t>& s = words[w];
+            const size_t len = s.size();
+            const int64_t n = freq[w];
             merged.clear();
+            size_t last_site_end = 0;  // one past the previous merge site (0: none yet)
             bool found = false;
-            for (size_t i = 0; i < s.size();) {
-                if (i + 1 < s.size() && s[i] == a && s[i + 1] == b) {
+            for (size_t i = 0; i < len;) {
+                if (i + 1 < len && s[i] == a && s[i + 1] == b) {
+                    // left neighbour pair, unless it was already counted as the previous site's right
+                    if (i > 0 && last_site_end != i) changes.push_back({make_pair_key(s[i - 1], a), -n});
+                    if (i + 2 < len) changes.push_back({make_pair_key(b, s[i + 2]), -n});
                     merged.push_back(new_id);
                     i += 2;
+                    last_site_end = i;
                     found = true;
                 } else {
                     merged.push_back(s[i]);
@@ -133,36 +142,34 @@ class Merger {
                 }
             }
             if (!found) continue;  // a stale listing: an earlier merge removed the pair here
-            const int64_t n = freq[w];
-            deltas.clear();
-            // -1 per old pair, +1 per new pair; a pair with any -1 was already listed for w.
-            for (size_t i = 0; i + 1 < s.size(); ++i) deltas.push_back({make_pair_key(s[i], s[i + 1]), -1});
-            for (size_t i = 0; i + 1 < merged.size(); ++i)
-                deltas.push_back({make_pair_key(merged[i], merged[i + 1]), +1});
-            std::sort(deltas.begin(), deltas.end());
-            for (size_t i = 0; i < deltas.size();) {
-                Pair p = deltas[i].first;
-                int64_t d = 0;
-                bool was_old = false;
-                for (; i < deltas.size() && deltas[i].first == p; ++i) {
-                    d += deltas[i].second;
-                    if (deltas[i].second < 0) was_old = true;
-                }
-                if (d == 0 || p == best_pair) continue;
-                auto it = pair_count.find(p);
-                int64_t c = (it == pair_count.end() ? 0 : it->second) + d * n;
-                if (c != 0) {
-                    if (it == pair_count.end())
-                        pair_count.emplace(p, c);
-                    else
-                        it->second = c;
-                    push(p, c);
-                } else if (it != pair_count.end()) {
-                    pair_count.erase(it);
-                }
-                if (!was_old) pair_words[p].push_back(w);
+            for (size_t k = 0; k + 1 < merged.size(); ++k) {
+                if (merged[k] != new_id && merged[k + 1] != new_id) continue;
+                const Pair p = make_pair_key(merged[k], merged[k + 1]);
+                changes.push_back({p, n});
+                auto& ws = pair_words[p];  // new_id is new, so this pair is new to the word
+                if (ws.empty() || ws.back() != w) ws.push_back(w);
             }
             s.swap(merged);
+        }
+        // Apply all of this merge's changes at once, so a pair touched in many words (early
+        // merges touch thousands) gets one heap entry, not one per word.
+        std::sort(changes.begin(), changes.end());
+        for (size_t i = 0; i < changes.size();) {
+            Pair p = changes[i].first;
+            int64_t d = 0;
+            for (; i < changes.size() && changes[i].first == p; ++i) d += changes[i].second;
+            if (d == 0) continue;
+            auto it = pair_count.find(p);
+            int64_t c = (it == pair_count.end() ? 0 : it->second) + d;
+            if (c != 0) {
+                if (it == pair_count.end())
+                    pair_count.emplace(p, c);
+                else
+                    it->second = c;
+                push(p, c);
+            } else if (it != pair_count.end()) {
+                pair_count.erase(it);
+            }
         }
     }
 };
