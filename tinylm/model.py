@@ -300,6 +300,8 @@ class GPT(nn.Module):
         - RoPE cos/sin recomputed, so a model built on the meta device and moved with
           `to_empty(device=...)` is complete after calling this.
         """
+        if self.tok_emb.weight.is_meta:
+            return  # shapes only (counting, sharding plans): nothing to fill; call after to_empty
         cfg = self.cfg
         std = cfg.init_std
 
