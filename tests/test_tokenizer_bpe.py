@@ -20,7 +20,13 @@ from tinylm.tokenizer.bpe import (
     gpt2_str_to_bytes,
     gpt2_tokenizer,
 )
-from tinylm.tokenizer.bpe_train import GPT2_PATTERN, file_chunks, native_available, train_bpe
+from tinylm.tokenizer.bpe_train import (
+    GPT2_PATTERN,
+    count_pretokens,
+    file_chunks,
+    native_available,
+    train_bpe,
+)
 from tinylm.tokenizer.reference import ReferenceBPE
 
 EOT = "<|endoftext|>"
@@ -98,6 +104,21 @@ def test_native_and_python_merge_loops_agree(shared_data):
     assert native.engine == "native" and python.engine == "python"
 
 
+def test_native_pretokenizer_equals_regex(shared_data):
+    if not native_available():
+        pytest.skip("native pre-tokenizer not built")
+    texts = [
+        *VARIED,
+        "x'LL y'll z's 's '' ''s don't I'M 've're\n",
+        "a\x0bb\x0cc\rd\x1ce\x1ff  \t\n \n\n  x  \n",
+        "caf\u00e9 na\u00efve \u00a0nbsp\u2003em 12\u00b3 \u0661\u0662 end  ",
+        (shared_data / "tinyshakespeare.txt").read_text()[:50_000],
+    ]
+    for text in texts:  # one at a time: a difference names its text
+        kw = dict(texts=[text], special_tokens=[EOT], num_workers=1)
+        assert count_pretokens(native=True, **kw) == count_pretokens(native=False, **kw), text[:60]
+
+
 def test_parallel_pretokenization_equals_serial(shared_data, tmp_path):
     text = (shared_data / "tinyshakespeare.txt").read_text()[:400_000]
     path = tmp_path / "c.txt"
@@ -114,9 +135,10 @@ def test_parallel_pretokenization_equals_serial(shared_data, tmp_path):
         for piece in raw[a:b].decode().split(EOT):
             chunked.update(pat.findall(piece))
     assert chunked == whole
-    serial = train_bpe([path], 400, [EOT], num_workers=1)
-    parallel = train_bpe(texts=text.split("\n\n"), vocab_size=400, num_workers=2)
-    assert serial.num_words > 0 and parallel.num_words > 0
+    docs = text.split("\n\n")
+    serial = count_pretokens(texts=docs, num_workers=1)
+    assert count_pretokens(texts=docs, num_workers=2) == serial  # worker processes
+    assert count_pretokens(texts=docs, num_workers=2, native=False) == serial
 
 
 def test_train_stops_when_pairs_run_out():

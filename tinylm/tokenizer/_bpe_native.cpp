@@ -1,4 +1,14 @@
-// The BPE merge loop in C++ (plain CPython API, no build dependency beyond a C++17 compiler).
+// The BPE merge loop and an ASCII pre-tokenizer in C++ (plain CPython API, no build dependency
+// beyond a C++17 compiler).
+//
+// count_pretokens(text, classes) -> list[str]
+//   GPT-2 pre-tokenization + counting of the ASCII parts of `text`, added to a per-process
+//   table; the parts containing non-ASCII characters come back as strings for the Python
+//   `regex` path. `classes` is 128 bytes, one per ASCII character: 0 letter, 1 number,
+//   2 whitespace, 3 other, as the `regex` module classifies them (so both paths agree).
+// take_pretoken_counts() -> dict[bytes, int]
+//   the table so far, emptied. (Keeping it in C++ across chunks avoids building and merging a
+//   Python dict per chunk, which cost more than the tokenizing itself.)
 //
 // train_merges(words, counts, first_new_id, num_merges, callback) -> list[(left_id, right_id)]
 //   words:        list[bytes], distinct pre-tokens; byte value b is token id b
@@ -18,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -228,9 +239,117 @@ PyObject* train_merges(PyObject*, PyObject* args) {
     return result;
 }
 
+// -- pre-tokenization ------------------------------------------------------------------------
+
+enum : uint8_t { kLetter = 0, kNumber = 1, kSpace = 2, kOther = 3 };
+
+std::unordered_map<std::string, int64_t> g_pretoken_counts;  // see take_pretoken_counts
+
+// Length of the GPT-2 pre-token starting at s[i] of an all-ASCII segment s[0..n), following
+// '(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ alternative by alternative.
+size_t pretoken_len(const unsigned char* s, size_t i, size_t n, const uint8_t* cls) {
+    if (s[i] == '\'' && i + 1 < n) {
+        const unsigned char c = s[i + 1];
+        if (c == 's' || c == 'd' || c == 'm' || c == 't') return 2;
+        if (i + 2 < n) {
+            const unsigned char d = s[i + 2];
+            if ((c == 'l' && d == 'l') || (c == 'v' && d == 'e') || (c == 'r' && d == 'e')) return 3;
+        }
+    }
+    size_t j = (s[i] == ' ' && i + 1 < n && cls[s[i + 1]] != kSpace) ? i + 1 : i;
+    const uint8_t k = cls[s[j]];
+    if (k != kSpace) {  // a run of letters, numbers or others, with an optional leading space
+        size_t e = j + 1;
+        while (e < n && cls[s[e]] == k) ++e;
+        return e - i;
+    }
+    size_t e = i + 1;
+    while (e < n && cls[s[e]] == kSpace) ++e;
+    if (e == n || e - i == 1) return e - i;  // \s+(?!\S) at the end, or a lone \s+
+    return e - i - 1;                        // leave the last space to start the next token
+}
+
+PyObject* count_pretokens(PyObject*, PyObject* args) {
+    PyObject* text;
+    const char* classes;
+    Py_ssize_t ncls;
+    if (!PyArg_ParseTuple(args, "Uy#", &text, &classes, &ncls)) return nullptr;
+    if (ncls != 128) {
+        PyErr_SetString(PyExc_ValueError, "classes must be 128 bytes");
+        return nullptr;
+    }
+    uint8_t cls[256];
+    for (int c = 0; c < 256; ++c) cls[c] = c < 128 ? uint8_t(classes[c]) : kOther;
+    Py_ssize_t size;
+    const char* buf = PyUnicode_AsUTF8AndSize(text, &size);
+    if (!buf) return nullptr;
+    const auto* s = reinterpret_cast<const unsigned char*>(buf);
+    const size_t n = size_t(size);
+
+    std::unordered_map<std::string_view, int64_t> counts;  // this text's, merged below
+    PyObject* rest = PyList_New(0);
+    if (!rest) return nullptr;
+    // Segments end between a visible ASCII character and a space/tab/newline: always a pre-token
+    // boundary (see bpe_train._SAFE_CUT), so each segment can be tokenized on its own.
+    size_t start = 0;
+    bool ascii = true;
+    for (size_t i = 0; i <= n; ++i) {
+        const bool cut = i == n || (i > start && s[i - 1] > ' ' && s[i - 1] < 127 &&
+                                    (s[i] == ' ' || s[i] == '\t' || s[i] == '\n'));
+        if (!cut) {
+            ascii = ascii && s[i] < 128;
+            continue;
+        }
+        if (i > start) {
+            if (ascii) {
+                for (size_t p = start; p < i;) {
+                    const size_t len = pretoken_len(s + start, p - start, i - start, cls);
+                    ++counts[std::string_view(buf + p, len)];
+                    p += len;
+                }
+            } else {
+                PyObject* seg = PyUnicode_DecodeUTF8(buf + start, Py_ssize_t(i - start), "strict");
+                if (!seg || PyList_Append(rest, seg) < 0) {
+                    Py_XDECREF(seg);
+                    Py_DECREF(rest);
+                    return nullptr;
+                }
+                Py_DECREF(seg);
+            }
+        }
+        start = i;
+        ascii = i == n || s[i] < 128;
+    }
+    for (const auto& kv : counts) g_pretoken_counts[std::string(kv.first)] += kv.second;
+    return rest;
+}
+
+PyObject* take_pretoken_counts(PyObject*, PyObject*) {
+    PyObject* dict = PyDict_New();
+    if (!dict) return nullptr;
+    for (const auto& kv : g_pretoken_counts) {
+        PyObject* key = PyBytes_FromStringAndSize(kv.first.data(), Py_ssize_t(kv.first.size()));
+        PyObject* val = PyLong_FromLongLong(kv.second);
+        if (!key || !val || PyDict_SetItem(dict, key, val) < 0) {
+            Py_XDECREF(key);
+            Py_XDECREF(val);
+            Py_DECREF(dict);
+            return nullptr;
+        }
+        Py_DECREF(key);
+        Py_DECREF(val);
+    }
+    g_pretoken_counts.clear();
+    return dict;
+}
+
 PyMethodDef methods[] = {
     {"train_merges", train_merges, METH_VARARGS,
      "train_merges(words, counts, first_new_id, num_merges, callback) -> list of (left_id, right_id)"},
+    {"count_pretokens", count_pretokens, METH_VARARGS,
+     "count_pretokens(text, classes) -> non-ASCII segments; ASCII pre-tokens are counted in C++"},
+    {"take_pretoken_counts", take_pretoken_counts, METH_NOARGS,
+     "take_pretoken_counts() -> dict of pre-token bytes -> count so far (and clear it)"},
     {nullptr, nullptr, 0, nullptr},
 };
 
