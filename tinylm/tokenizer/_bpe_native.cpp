@@ -290,7 +290,7 @@ PyObject* count_pretokens(PyObject*, PyObject* args) {
     PyObject* rest = PyList_New(0);
     if (!rest) return nullptr;
     // Segments end between a visible ASCII character and a space/tab/newline: always a pre-token
-    // boundary (see bpe_train._SAFE_CUT), so each segment can be tokenized on its own.
+    // boundary (see bpe_train._last_safe_cut), so each segment can be tokenized on its own.
     size_t start = 0;
     bool ascii = true;
     for (size_t i = 0; i <= n; ++i) {

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from tinylm.tokenizer.base import EOT, Tokenizer, TokenizerError
-from tinylm.tokenizer.bpe_train import GPT2_PATTERN
+from tinylm.tokenizer.bpe_train import GPT2_PATTERN, last_safe_cut
 
 BYTE_ENCODING = "gpt2-unicode"
 
@@ -220,10 +220,8 @@ class BPETokenizer(Tokenizer):
         limit = len(buf) - max(longest, 2)  # a special or a lookahead could still straddle later
         if limit <= 0:
             return 0
-        cut = 0
-        for m in _STREAM_CUT.finditer(buf, max(0, limit - _STREAM_BUFFER_CHARS), limit):
-            cut = m.end()
-        if cut == 0:
+        cut = last_safe_cut(buf, max(0, limit - _STREAM_BUFFER_CHARS), limit)
+        if cut <= 0:
             return 0
         if self._special_re is not None:
             # never cut inside a special token: move the cut to that token's start
@@ -386,10 +384,6 @@ class BPETokenizer(Tokenizer):
 # -- construction helpers --------------------------------------------------------------------
 
 _STREAM_BUFFER_CHARS = 1 << 16
-# Cuts that never change the GPT-2 pre-tokenization: no pattern matches a non-space followed by
-# a space, and no pattern looks behind, so both sides encode as they would in the whole text.
-# (Not after a newline: "\n\n" before "x" is two tokens in the whole text, one at a text end.)
-_STREAM_CUT = re.compile(r"(?<=[!-~])(?=[ \t\n])")
 
 
 def _rebuild(vocab, merges, specials, pattern, name) -> BPETokenizer:

@@ -183,10 +183,26 @@ def _groups(tasks: Iterable[Task], target_bytes: int) -> Iterator[list[Task]]:
         yield group
 
 
-# Between a visible ASCII byte and a space/tab/newline is always a GPT-2 pre-token boundary (no
-# pattern matches non-space then space; none looks behind), so cutting there changes nothing
-# and never splits a UTF-8 character. (Just after "\n" is not safe: "\n\n" + "x" differs.)
-_SAFE_CUT = re.compile(rb"(?<=[!-~])(?=[ \t\n])")
+def last_safe_cut(text: str | bytes, lo: int = 0, hi: int | None = None) -> int:
+    """The last position in [lo, hi) between a visible ASCII character and a space, tab or
+    newline, or -1: cutting `text` there changes neither its pre-tokens nor its BPE encoding.
+
+    No GPT-2 pattern matches non-space then space and none looks behind, so both sides
+    tokenize as in the whole text; the cut never splits a UTF-8 character. Just after a newline
+    is *not* safe: "\n\n" before "x" is two tokens in the whole text, one at a chunk end.
+    Searched backwards with rfind: a forward regex scan cost more than pre-tokenizing.
+    """
+    space, newline, tab, first, last = (
+        (" ", "\n", "\t", "!", "~") if isinstance(text, str) else (b" ", b"\n", b"\t", b"!", b"~")
+    )
+    end = len(text) if hi is None else hi
+    while True:
+        p = max(text.rfind(space, lo, end), text.rfind(newline, lo, end), text.rfind(tab, lo, end))
+        if p <= lo:
+            return -1
+        if first <= text[p - 1 : p] <= last:
+            return p
+        end = p
 
 
 def file_chunks(
@@ -214,7 +230,7 @@ def file_chunks(
             lo = chunk_bytes // 2  # never make a chunk smaller than half the target
             cut = max((window.rfind(s, lo) for s in specials), default=-1)
             if cut <= 0 and not space_in_special:
-                cut = max((m.end() for m in _SAFE_CUT.finditer(window, lo)), default=-1)
+                cut = last_safe_cut(window, lo)
             if cut <= 0:  # no boundary in this window: retry with a window twice as large
                 chunk_bytes *= 2
                 continue
@@ -262,12 +278,15 @@ def count_pretokens(
         counts = _take_counts(counts)
     else:
         counts = Counter()
+        # ~4 groups per worker: enough to balance the load, few enough that merging the
+        # returned tables (a Python loop over ~30k words each) stays small next to counting.
+        group_bytes = max(GROUP_BYTES, total // (workers * 4))
         ctx = _mp_context()
         with ctx.Pool(
             workers, initializer=_worker_init, initargs=(list(special_tokens), pattern, native)
         ) as pool:
             for group_counts, size in pool.imap_unordered(
-                _count_group, _groups(tasks, GROUP_BYTES)
+                _count_group, _groups(tasks, group_bytes)
             ):
                 if counts:
                     counts.update(group_counts)
