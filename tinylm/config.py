@@ -432,6 +432,7 @@ def validate(cfg: Config) -> None:
     _require(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be positive")
 
     _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+    _require(d.val_count >= 0, "data.val_count must be >= 0 (0 = use data.val_fraction)")
     _require(bool(d.train) or bool(d.mix), "data.train (or data.mix) must name a source")
     for i, src in enumerate(d.mix):
         _require(bool(src.path), f"data.mix[{i}].path is empty")
