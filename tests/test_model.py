@@ -48,6 +48,68 @@ def test_future_tokens_never_change_earlier_logits(name):
         assert not torch.allclose(logits[:, t], base[:, t])  # the changed position itself moves
 
 
+def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The same network written independently and naively: explicit softmax attention with a
+    hand-built mask, RoPE as complex rotation, GELU by its tanh formula, norms by definition."""
+    cfg, (B, T) = model.cfg, idx.shape
+    H, KV, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+
+    def norm(x, mod, eps=cfg.norm_eps):
+        if mod.kind == "rmsnorm":
+            return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * mod.weight
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + eps) * mod.weight + (0 if mod.bias is None else mod.bias)
+
+    def rotate(x):  # [B, T, heads, D]: pairs (i, i + D/2) as complex numbers
+        freqs = cfg.rope_theta ** (-torch.arange(0, D, 2).double() / D)
+        phase = torch.polar(
+            torch.ones(T, D // 2, dtype=torch.double), torch.outer(torch.arange(T).double(), freqs)
+        )
+        z = torch.complex(x[..., : D // 2].double(), x[..., D // 2 :].double()) * phase[:, None]
+        return torch.cat([z.real, z.imag], dim=-1).float()
+
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i) & ((i - j < cfg.sliding_window) if cfg.sliding_window else True)
+    x = model.tok_emb.weight[idx] + (model.pos_emb.weight[:T] if model.pos_emb is not None else 0)
+    for blk in model.blocks:
+        a = blk.attn
+        q, k, v = F.linear(norm(x, blk.norm1), a.qkv.weight, a.qkv.bias).split(
+            [H * D, KV * D, KV * D], -1
+        )
+        q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
+        if cfg.qk_norm:
+            q, k = norm(q, a.q_norm), norm(k, a.k_norm)
+        if cfg.pos_emb == "rope":
+            q, k = rotate(q), rotate(k)
+        k, v = k.repeat_interleave(H // KV, dim=2), v.repeat_interleave(H // KV, dim=2)
+        scores = torch.einsum("bihd,bjhd->bhij", q, k) / D**0.5
+        att = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        y = torch.einsum("bhij,bjhd->bihd", att, v).reshape(B, T, H * D)
+        x = x + F.linear(y, a.proj.weight, a.proj.bias)
+        h = F.linear(norm(x, blk.norm2), blk.mlp.fc.weight, blk.mlp.fc.bias)
+        if cfg.mlp == "swiglu":
+            gate, up = h.chunk(2, -1)
+            h = gate * torch.sigmoid(gate) * up
+        else:
+            h = 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3)))
+        x = x + F.linear(h, blk.mlp.proj.weight, blk.mlp.proj.bias)
+    return (norm(x, model.norm_f) @ model.lm_head.weight.T)[..., : cfg.vocab_size]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_matches_a_naive_reference_implementation(name):
+    # A larger init so that every component visibly shapes the output.
+    model = make(init_std=0.2, **VARIANTS[name])
+    with torch.no_grad():
+        for p in model.parameters():  # norm gains and biases away from their 1 / 0 init
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+        idx = tokens(2, 24)
+        torch.testing.assert_close(
+            model(idx)[0], reference_logits(model, idx), rtol=1e-4, atol=1e-4
+        )
+
+
 def test_sliding_window_restricts_attention():
     # Window W: a query sees itself and W-1 earlier positions, so after L layers position p
     # depends on positions p - L*(W-1) .. p. Token 0 must reach exactly up to position L*(W-1).
