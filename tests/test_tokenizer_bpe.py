@@ -141,10 +141,16 @@ def test_parallel_pretokenization_equals_serial(shared_data, tmp_path):
     assert count_pretokens(texts=docs, num_workers=2, native=False) == serial
 
 
-def test_train_stops_when_pairs_run_out():
-    result = train_bpe(texts=["ab ab ab"], vocab_size=1000, num_workers=1)
-    assert [m for m in result.merges] == [(b"a", b"b"), (b" ", b"ab")]
+@pytest.mark.parametrize("native", [True, False])
+def test_train_stops_when_pairs_run_out(native):
+    if native and not native_available():
+        pytest.skip("native merge loop not built")
+    result = train_bpe(texts=["ab ab ab"], vocab_size=1000, num_workers=1, native=native)
+    assert result.merges == [(b"a", b"b"), (b" ", b"ab")]
     assert len(result.vocab) == 258
+    # overlapping occurrences: "aaaaa" -> aa aa a -> aaaa a -> aaaaa, then nothing is left
+    result = train_bpe(texts=["aaaaa"], vocab_size=1000, num_workers=1, native=native)
+    assert result.merges == [(b"a", b"a"), (b"aa", b"aa"), (b"aaaa", b"a")]
 
 
 def test_bad_training_input(tmp_path):

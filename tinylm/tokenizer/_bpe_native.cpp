@@ -169,7 +169,8 @@ class Merger {
             Pair p = changes[i].first;
             int64_t d = 0;
             for (; i < changes.size() && changes[i].first == p; ++i) d += changes[i].second;
-            if (d == 0) continue;
+            // best_pair's own occurrences (overlaps such as "aaa") left with its erased count
+            if (d == 0 || p == best_pair) continue;
             auto it = pair_count.find(p);
             int64_t c = (it == pair_count.end() ? 0 : it->second) + d;
             if (c != 0) {

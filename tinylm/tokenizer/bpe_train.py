@@ -368,47 +368,48 @@ def _merge_python(
         tok.append(tok[a] + tok[b])
         merges.append(best)
         del pair_count[best]
+        # Only pairs at merge sites change; net them over all words, then touch the heap once
+        # per changed pair (as the C++ loop does).
+        changes: dict[tuple[int, int], int] = {}
         for wi in pair_words.pop(best):
-            seq = seqs[wi]
-            if not _contains(seq, a, b):
-                continue
-            merged = _merge_seq(seq, a, b, new_id)
-            seqs[wi] = merged
-            n = counts[wi]
-            old = Counter(pairwise(seq))
-            new = Counter(pairwise(merged))
-            for p in old.keys() | new.keys():
-                d = (new.get(p, 0) - old.get(p, 0)) * n
-                if d == 0 or p == best:
-                    continue
-                c = pair_count.get(p, 0) + d
-                if c:
-                    pair_count[p] = c
-                    heapq.heappush(heap, entry(p, c))
+            seq, n = seqs[wi], counts[wi]
+            out: list[int] = []
+            i, length, last_site_end = 0, len(seq), 0
+            while i < length:
+                if seq[i] == a and i + 1 < length and seq[i + 1] == b:
+                    if i > 0 and last_site_end != i:  # else counted as the previous site's right
+                        p = (seq[i - 1], a)
+                        changes[p] = changes.get(p, 0) - n
+                    if i + 2 < length:
+                        p = (b, seq[i + 2])
+                        changes[p] = changes.get(p, 0) - n
+                    out.append(new_id)
+                    i += 2
+                    last_site_end = i
                 else:
-                    del pair_count[p]
-                if p not in old:
-                    pair_words.setdefault(p, []).append(wi)
+                    out.append(seq[i])
+                    i += 1
+            if len(out) == length:
+                continue  # a stale listing: an earlier merge removed the pair here
+            for p in pairwise(out):
+                if new_id in p:
+                    changes[p] = changes.get(p, 0) + n
+                    ws = pair_words.setdefault(p, [])
+                    if not ws or ws[-1] != wi:
+                        ws.append(wi)
+            seqs[wi] = out
+        for p, d in changes.items():
+            if d == 0 or p == best:  # best's overlapping occurrences went with its count
+                continue
+            c = pair_count.get(p, 0) + d
+            if c:
+                pair_count[p] = c
+                heapq.heappush(heap, entry(p, c))
+            else:
+                del pair_count[p]
         if callback is not None and len(merges) % 1000 == 0:
             callback(len(merges))
     return merges
-
-
-def _contains(seq: list[int], a: int, b: int) -> bool:
-    return any(x == a and y == b for x, y in pairwise(seq))
-
-
-def _merge_seq(seq: list[int], a: int, b: int, new_id: int) -> list[int]:
-    out: list[int] = []
-    i, n = 0, len(seq)
-    while i < n:
-        if i + 1 < n and seq[i] == a and seq[i + 1] == b:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(seq[i])
-            i += 1
-    return out
 
 
 def native_available() -> bool:
