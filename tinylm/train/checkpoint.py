@@ -9,6 +9,9 @@ It is assembled under a temporary name and renamed into place only once every fi
 so a crash leaves either the previous checkpoints or a stray `.tmp-*` directory, never a
 checkpoint that looks complete but is not. `meta.json`'s sizes and checksums catch the rest
 (a truncated copy, a disk error): `find_latest` skips such a checkpoint with a warning.
+
+Test hook: with `TINYLM_TEST_SLOW_CHECKPOINT=SECONDS` in the environment, `save_checkpoint`
+sleeps that long after writing the weights, so tests can deliver a signal mid-write.
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ def save_checkpoint(
 
     tensors, aliases = _dedupe_shared(model_state)
     save_file(tensors, tmp / MODEL_FILE)
+    if slow := os.environ.get("TINYLM_TEST_SLOW_CHECKPOINT"):  # see the module docstring
+        time.sleep(float(slow))
     torch.save(train_state, tmp / STATE_FILE)
     tokenizer.save(tmp / TOKENIZER_FILE)
     files = {}
@@ -231,7 +236,9 @@ def rotate(root: str | Path, cfg: CheckpointConfig) -> list[Path]:
             continue
         shutil.rmtree(path, ignore_errors=True)
         deleted.append(path)
-    for stray in root.glob(".tmp-*"):  # leftovers of writes killed half-way
+    # Leftovers of writes killed half-way (.tmp-*) or of a re-save killed between its renames
+    # (.trash-*, the old copy of a step whose new copy is in place or was never finished).
+    for stray in [*root.glob(".tmp-*"), *root.glob(".trash-*")]:
         if not stray.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stray, ignore_errors=True)
     return deleted

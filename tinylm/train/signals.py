@@ -1,20 +1,31 @@
 """Graceful stop: the first SIGINT/SIGTERM asks the run to stop; a second one exits at once.
 
 The training loop, the evaluation loop and sample generation poll `stop.requested` between units
-of work, so a stop lands within one step/batch, then the loop writes a checkpoint and exits 0.
-A second signal exits immediately with status 130: checkpoints are written atomically
-(see checkpoint.py), so dying in the middle of one never damages the last good one.
+of work (a step, an eval batch, a sampled token), so a stop lands within one of them; then the
+loop writes a checkpoint and exits 0. A second signal exits immediately with status 130:
+checkpoints are written atomically (see checkpoint.py), so dying in the middle of one never
+damages the last good one.
+
+The handler writes its message with `os.write` rather than `print`: a handler runs in the main
+thread between bytecodes, possibly while that thread is inside `sys.stderr.write` (the progress
+bar, a log line), and re-entering the same buffered stream raises "reentrant call" there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import sys
 import threading
 from types import FrameType, TracebackType
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _say(message: str) -> None:
+    """Write to stderr without touching Python's buffered stream objects (see module docstring)."""
+    with contextlib.suppress(OSError):  # stderr closed: the stop happens all the same
+        os.write(2, message.encode("utf-8", "replace"))
 
 
 class GracefulStop:
@@ -23,27 +34,27 @@ class GracefulStop:
     def __init__(self) -> None:
         self.requested = False
         self.reason = ""
+        self.signals_received = 0
         self._previous: dict[int, object] = {}
 
     def request(self, reason: str) -> None:
-        """Ask the run to stop (also used for time limits and early stopping)."""
+        """Ask the run to stop (also used for time limits, early stopping, non-finite losses)."""
         if not self.requested:
             self.requested, self.reason = True, reason
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if self.requested and self.reason.startswith("signal"):
-            print(
-                f"\n{name} again: exiting now (the last complete checkpoint is intact)",
-                file=sys.stderr,
-            )
-            sys.stderr.flush()
+        self.signals_received += 1
+        # Counted separately from `requested`: a stop already asked for by early stopping or
+        # the time limit must not make the user's first Ctrl+C look like a second one, and a
+        # second Ctrl+C must always exit even when the first stop had another reason.
+        if self.signals_received > 1:
+            _say(f"\n{name} again: exiting now (the last complete checkpoint is intact)\n")
             os._exit(130)
         self.request(f"signal {name}")
-        print(
-            f"\n{name} received: finishing the current step, then writing a checkpoint "
-            "(send it again to exit at once)",
-            file=sys.stderr,
+        _say(
+            f"\n{name} received: finishing the current unit of work, then writing a checkpoint "
+            "(send it again to exit at once)\n"
         )
 
     def __enter__(self) -> GracefulStop:

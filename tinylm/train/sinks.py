@@ -1,9 +1,11 @@
 """Where a run's numbers go: JSON lines (always), TensorBoard, wandb, the console and a progress bar.
 
 Only the main process logs. `metrics.jsonl` gets one object per event, flushed as it is written,
-with a `kind` of "train", "eval", "sample" or "event". On resume the lines past the resumed step
-(written after the last checkpoint by the run that died) are dropped, and TensorBoard is told to
-purge the same steps, so every sink holds exactly the history of the run as it continues.
+with a `kind` of "train", "eval", "sample" or "event"; events carry an `event` type ("start",
+"done", "stopped", "failed", "nonfinite", "spike", "gap") that `tinylm runs` reads. On resume the
+lines past the resumed step (written after the last checkpoint by the run that died) are dropped,
+and TensorBoard is told to purge the same steps, so every sink holds exactly the history of the
+run as it continues; a run started afresh (step 0) starts a fresh file.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ def _clean(value: Any) -> Any:
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop train/eval/sample lines with step > after_step (they belong to a lost future)."""
+    """Drop lines with step > after_step (they belong to a lost future) and lines cut short.
+
+    Events go too when they name a later step: the resumed run logs them again if they recur,
+    so keeping them would count a spike or a warning twice.
+    """
     if not path.is_file():
         return
     kept = []
@@ -38,7 +44,7 @@ def truncate_metrics(path: Path, after_step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-        if record.get("kind") == "event" or record.get("step", 0) <= after_step:
+        if record.get("step", 0) <= after_step:
             kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
@@ -70,13 +76,14 @@ class RunLogger:
         metrics_path = run_dir / METRICS_FILE
         if start_step > 0:
             truncate_metrics(metrics_path, start_step)
-        self._jsonl = open(metrics_path, "a", buffering=1)  # noqa: SIM115 (closed in close())
+        # A run that starts at step 0 has no checkpoint behind it: any older lines are from
+        # an attempt that never saved, so they are not this run's history.
+        mode = "a" if start_step > 0 else "w"
+        self._jsonl = open(metrics_path, mode, buffering=1)  # noqa: SIM115 (closed in close())
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(
-                str(run_dir / "tb"), purge_step=start_step if start_step > 0 else None
-            )
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step)
         if cfg.wandb:
             self._wandb = _init_wandb(run_dir, cfg, run_name, config_dict)
         if cfg.progress and sys.stderr.isatty():

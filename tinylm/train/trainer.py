@@ -13,7 +13,10 @@ input (the mechanism the AMP grad scaler uses) instead of an `if loss.isnan():` 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,6 +111,9 @@ class Trainer:
         self.precision = runtime.select_precision(cfg.train.precision, self.device)
         self.autocast = runtime.autocast(self.device, self.precision)
         self.state = LoopState()
+        # Tracked by step, not by returned path: only the main process gets a path, and every
+        # process must agree on whether to enter the collective `_save`.
+        self.saved_step = -1
         self.stop = signals.GracefulStop()
         self.messages = [f"device: {device_reason}", f"precision: {self.precision.reason}"]
 
@@ -203,6 +209,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.state = LoopState(**state["loop"])
+        self.saved_step = self.state.step  # on disk already: a resume at max_steps re-saves nothing
         rng_states = state["rng"]
         if len(rng_states) == self.dist.world_size:
             runtime.restore_rng_state(checkpoint.torch_rng_to_numpy(rng_states[self.dist.rank]))
@@ -262,19 +269,38 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def fit(self) -> TrainResult:
-        cfg, state = self.cfg, self.state
-        if self.is_main:
-            self._write_run_files()
-        log = sinks.RunLogger(
-            self.run_dir,
-            cfg.log,
-            enabled=self.is_main,
-            run_name=cfg.run_name,
-            config_dict=cfg.to_dict(),
-            max_steps=cfg.train.max_steps,
-            start_step=state.step,
-        )
-        self.log = log
+        """Run the loop to `train.max_steps` or a stop; a signal never escapes as an exception."""
+        # From here on SIGINT/SIGTERM only set a flag (signals.py), so every exit path below
+        # writes its checkpoint and closes the sinks; before this, `train()` handles them.
+        with self.stop:
+            if self.is_main:
+                self._write_run_files()
+            self.log = sinks.RunLogger(
+                self.run_dir,
+                self.cfg.log,
+                enabled=self.is_main,
+                run_name=self.cfg.run_name,
+                config_dict=self.cfg.to_dict(),
+                max_steps=self.cfg.train.max_steps,
+                start_step=self.state.step,
+            )
+            try:
+                result = self._loop()
+            except BaseException as e:
+                # Recorded so that `tinylm runs` shows the run as failed rather than running.
+                self.log.event(
+                    f"failed at step {self.state.step}: {type(e).__name__}: {e}",
+                    event="failed",
+                    step=self.state.step,
+                )
+                raise
+            finally:
+                self.log.close()
+        distributed.teardown(self.dist)
+        return result
+
+    def _loop(self) -> TrainResult:
+        cfg, state, log = self.cfg, self.state, self.log
         for message in self.messages:
             log.print(message)
         tokens_per_step = (
@@ -288,22 +314,33 @@ class Trainer:
             f"run: {self.run_dir} | {tokens_per_step:,} tokens/step | "
             f"steps {state.step}->{cfg.train.max_steps} | MFU peak: {peak_reason}"
         )
-        log.event("start", step=state.step, device=str(self.device), precision=self.precision.name)
+        # pid and host let `tinylm runs` tell a live run from one that was killed.
+        log.event(
+            f"start at step {state.step}",
+            event="start",
+            step=state.step,
+            max_steps=cfg.train.max_steps,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            device=str(self.device),
+            precision=self.precision.name,
+        )
 
         self.bad_streak = torch.zeros((), device=self.device)
         self.bad_total = torch.zeros((), device=self.device)
+        self.skipped_reported = 0
         interval_loss = torch.zeros((), device=self.device)
         interval_max = torch.zeros((), device=self.device)
         loss_ema: float | None = None
         history: list[dict[str, Any]] = []
         last_train_loss: float | None = None
-        last_ckpt: Path | None = None
         last_eval_step = -1
+        nonfinite_stop = False
         interval_steps, interval_start = 0, time.perf_counter()
         run_start = time.perf_counter() - state.elapsed_seconds
         self.model.train()
 
-        with self.stop, self.loader:
+        with self.loader:
             batches = iter(self.loader.iterate(state.step))
             while state.step < cfg.train.max_steps:
                 loss, grad_norm = self.train_step(batches)
@@ -338,6 +375,7 @@ class Trainer:
                     interval_max.zero_()
                     interval_steps, interval_start = 0, time.perf_counter()
                     if int(self.bad_streak.item()) >= cfg.train.max_nonfinite_steps:
+                        nonfinite_stop = True
                         self.stop.request(
                             f"{int(self.bad_streak.item())} consecutive non-finite steps up to step {state.step} "
                             "(updates were skipped; lower optim.lr or check the data)"
@@ -354,10 +392,14 @@ class Trainer:
                     improved = self._evaluate_and_sample(last_train_loss)
                     last_eval_step = state.step
                     if improved and cfg.checkpoint.keep_best:
-                        last_ckpt = self._save()
-                if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0:
+                        self._save()
+                if (
+                    cfg.checkpoint.interval
+                    and state.step % cfg.checkpoint.interval == 0
+                    and self.saved_step != state.step  # not twice when a new best was just saved
+                ):
                     state.elapsed_seconds = time.perf_counter() - run_start
-                    last_ckpt = self._save()
+                    self._save()
                 if distributed.any_rank(self.stop.requested, self.dist, self.device):
                     self.stop.request("stop requested on another process")
                     break
@@ -366,23 +408,20 @@ class Trainer:
             stopped_early = state.step < cfg.train.max_steps
             if not stopped_early and last_eval_step != state.step:
                 self._evaluate_and_sample(last_train_loss)
-            if last_ckpt is None or last_ckpt.name != checkpoint.checkpoint_name(state.step):
-                last_ckpt = self._save()
+            # After non-finite steps nothing new is written: the checkpoints already on disk are
+            # the last good state, and a save now would rotate one of them away.
+            if not nonfinite_stop and self.saved_step != state.step:
+                self._save()
 
         reason = self.stop.reason if stopped_early else "reached train.max_steps"
         if stopped_early:
-            log.event(
-                f"stopped at step {state.step}: {reason}. Checkpoint: {last_ckpt}\n"
-                f"Resume with: tinylm train --resume {self.run_dir}",
-                step=state.step,
-            )
+            log.event(self._stop_message(reason), event="stopped", reason=reason, step=state.step)
         else:
             log.event(
                 f"done: {state.step} steps, best val loss {state.best_val_loss:.4f}",
+                event="done",
                 step=state.step,
             )
-        log.close()
-        distributed.teardown(self.dist)
         return TrainResult(
             self.run_dir,
             state.step,
@@ -390,8 +429,22 @@ class Trainer:
             state.best_val_loss,
             state.last_val_loss,
             last_train_loss,
-            last_ckpt,
+            checkpoint.find_latest(self.run_dir / "checkpoints", verify_hashes=False),
             history,
+        )
+
+    def _stop_message(self, reason: str) -> str:
+        """What stopped the run, the checkpoint it can continue from, and the command to do so."""
+        latest = checkpoint.find_latest(self.run_dir / "checkpoints", verify_hashes=False)
+        if latest is None:
+            return (
+                f"stopped at step {self.state.step}: {reason}. No checkpoint was written; "
+                "start the run again without --resume"
+            )
+        return (
+            f"stopped at step {self.state.step}: {reason}. "
+            f"Last good checkpoint: {latest} (step {checkpoint.read_meta(latest)['step']})\n"
+            f"Resume with: tinylm train --resume {self.run_dir}"
         )
 
     def _log_interval(
@@ -424,13 +477,18 @@ class Trainer:
         skipped = int(self.bad_total.item())
         if skipped:
             record["skipped_steps"] = skipped
+        if skipped > self.skipped_reported:  # one event per interval that had new ones
             log.event(
-                f"step {state.step}: {skipped} non-finite step(s) so far, their updates skipped",
+                f"step {state.step}: {skipped - self.skipped_reported} non-finite step(s) since the "
+                f"last log line ({skipped} this session), their updates skipped",
+                event="nonfinite",
                 step=state.step,
             )
+            self.skipped_reported = skipped
         if loss_ema is not None and max_loss > self.cfg.train.spike_factor * loss_ema:
             log.event(
                 f"loss spike at step ~{state.step}: {max_loss:.3f} vs recent average {loss_ema:.3f}",
+                event="spike",
                 step=state.step,
             )
         log.log(state.step, "train", record)
@@ -499,6 +557,7 @@ class Trainer:
             log.event(
                 f"warning: val loss {overall.loss:.3f} is {overall.loss / train_loss:.2f}x the train loss "
                 f"{train_loss:.3f} (overfitting, or train and val data differ)",
+                event="gap",
                 step=state.step,
             )
         patience = cfg.train.early_stop_patience
@@ -518,7 +577,7 @@ class Trainer:
             or (cfg.train.distributed == "fsdp" and self.dist.enabled)
         ):
             return
-        from tinylm.generate import generate
+        from tinylm.generate import generate_stream
 
         prompt = self.tokenizer.encode(cfg.eval.sample_prompt) if cfg.eval.sample_prompt else []
         if not prompt:
@@ -526,16 +585,24 @@ class Trainer:
         for i in range(cfg.eval.samples):
             if self.stop.requested:
                 return
-            with self.autocast:
-                ids = generate(
-                    self.raw_model,
-                    prompt,
-                    max_new_tokens=cfg.eval.sample_tokens,
-                    temperature=cfg.eval.temperature,
-                    top_k=cfg.eval.top_k or None,
-                    eot_id=self.tokenizer.eot_id,
-                    seed=cfg.train.seed + self.state.step + i,
-                )
+            ids: list[int] = []
+            stream = generate_stream(
+                self.raw_model,
+                prompt,
+                max_new_tokens=cfg.eval.sample_tokens,
+                temperature=cfg.eval.temperature,
+                top_k=cfg.eval.top_k or None,
+                eot_id=self.tokenizer.eot_id,
+                seed=cfg.train.seed + self.state.step + i,
+            )
+            # Token by token, so that a stop abandons a long sample at once (it is not logged).
+            with self.autocast, contextlib.closing(stream):
+                for token in stream:
+                    if self.stop.requested:
+                        break
+                    ids.append(token)
+            if self.stop.requested:
+                break
             text = self.tokenizer.decode([t for t in prompt + ids if t != self.tokenizer.eot_id])
             self.log.text(self.state.step, f"sample/{i}", text)
             self.log.print(f"--- sample {i} at step {self.state.step} ---\n{text}\n---")
@@ -571,6 +638,7 @@ class Trainer:
             )
             checkpoint.rotate(self.run_dir / "checkpoints", self.cfg.checkpoint)
         distributed.barrier(self.dist)
+        self.saved_step = self.state.step
         return path
 
     def _write_run_files(self) -> None:
@@ -608,4 +676,19 @@ def train(
         raise ConfigError(
             f"{run_dir} already has checkpoints: continue it with --resume, or choose another run_name=..."
         )
-    return Trainer(cfg, run_dir, resume=resume, force=force).fit()
+    try:
+        trainer = Trainer(cfg, run_dir, resume=resume, force=force)
+    except KeyboardInterrupt:
+        # Setting up (data preparation, model build) holds nothing worth saving, and
+        # preparation keeps its finished chunks, so the same command continues from there.
+        return TrainResult(
+            run_dir,
+            0,
+            "interrupted while setting up, before the first step (nothing to save); "
+            "run the same command again",
+            math.inf,
+            None,
+            None,
+            checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False),
+        )
+    return trainer.fit()

@@ -1,0 +1,275 @@
+"""`tinylm runs` and `tinylm plot`: what is in a runs directory, and curves that compare runs.
+
+Both read only what a run writes anyway (`metrics.jsonl`, `config.yaml`, `checkpoints/`), so they
+work on a live run, a finished one, or one copied from another machine.
+
+A run's status comes from the events in `metrics.jsonl` after its last "start" event:
+  finished  a "done" event (reached train.max_steps)
+  stopped   a "stopped" event (signal, early stopping, time limit, non-finite losses)
+  failed    a "failed" event (an exception), or no end event and the process is gone
+            (killed, out of memory, machine lost)
+  running   no end event and the process is alive: checked by pid on the machine that
+            started it, else guessed from a metrics line in the last `STALE_MINUTES`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"  # the name sinks.py writes (not imported: keeps `--help` instant)
+STALE_MINUTES = 15.0  # another machine's run with no metrics line for this long is called failed
+END_EVENTS = {"done": "finished", "stopped": "stopped", "failed": "failed"}
+
+
+@dataclass
+class RunSummary:
+    """One row of `tinylm runs`."""
+
+    path: Path
+    status: str
+    step: int
+    max_steps: int | None
+    tokens: int
+    best_val_loss: float | None
+    last_train_loss: float | None
+    last_checkpoint: str | None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `run_dir/metrics.jsonl`, skipping a line cut short by a kill."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE}; is it a run directory?")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _number(value: Any) -> float | None:
+    """A metric as a float (sinks.py writes NaN/inf as strings), or None when absent."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    """True if `pid` is a live process that began no later than the run's start event."""
+    import psutil
+
+    try:
+        # A reused pid belongs to a process created after the run's start event.
+        return psutil.Process(pid).create_time() <= started + 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def run_status(records: list[dict[str, Any]], metrics_mtime: float) -> str:
+    """finished / stopped / failed / running, from the events (see the module docstring)."""
+    events = [r for r in records if r.get("kind") == "event"]
+    starts = [i for i, r in enumerate(events) if r.get("event") == "start"]
+    if not starts:
+        return "failed" if time.time() - metrics_mtime > 60 * STALE_MINUTES else "running"
+    start = events[starts[-1]]
+    for record in reversed(events[starts[-1] + 1 :]):
+        if record.get("event") in END_EVENTS:
+            return END_EVENTS[record["event"]]
+    if start.get("host") == socket.gethostname() and "pid" in start:
+        alive = _process_alive(int(start["pid"]), float(start.get("time", 0.0)))
+        return "running" if alive else "failed"
+    return "running" if time.time() - metrics_mtime < 60 * STALE_MINUTES else "failed"
+
+
+def _max_steps(run_dir: Path, records: list[dict[str, Any]]) -> int | None:
+    for record in reversed(records):
+        if record.get("event") == "start" and "max_steps" in record:
+            return int(record["max_steps"])
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        return int((yaml.safe_load(config.read_text()) or {}).get("train", {}).get("max_steps", 0))
+    return None
+
+
+def summarize(run_dir: str | Path) -> RunSummary:
+    """Status, progress and headline figures of one run directory."""
+    from tinylm.train import checkpoint
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("kind") == "train"]
+    val_losses = [
+        v
+        for r in records
+        if r.get("kind") == "eval"
+        if (v := _number(r.get("val/loss"))) is not None
+    ]
+    finite_val = [v for v in val_losses if math.isfinite(v)]
+    latest = checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False)
+    return RunSummary(
+        path=run_dir,
+        status=run_status(records, (run_dir / METRICS_FILE).stat().st_mtime),
+        step=max((int(r["step"]) for r in train), default=0),
+        max_steps=_max_steps(run_dir, records),
+        tokens=int(train[-1].get("tokens", 0)) if train else 0,
+        best_val_loss=min(finite_val) if finite_val else None,
+        last_train_loss=_number(train[-1].get("loss")) if train else None,
+        last_checkpoint=latest.name if latest is not None else None,
+    )
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """`root` itself if it is a run, else its sub-directories that are runs, by name."""
+    root = Path(root)
+    if (root / METRICS_FILE).is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    return sorted(p for p in root.iterdir() if (p / METRICS_FILE).is_file())
+
+
+def _tokens_human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _loss_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_table(summaries: list[RunSummary]) -> str:
+    """The `tinylm runs` table: one line per run, columns aligned."""
+    header = ("run", "status", "steps", "tokens", "best val", "last train", "last checkpoint")
+    rows = [header]
+    for s in summaries:
+        steps = f"{s.step}/{s.max_steps}" if s.max_steps else str(s.step)
+        rows.append(
+            (
+                s.path.name,
+                s.status,
+                steps,
+                _tokens_human(s.tokens),
+                _loss_text(s.best_val_loss),
+                _loss_text(s.last_train_loss),
+                s.last_checkpoint or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Write a PNG comparing runs: loss vs steps and vs tokens (train solid, val dashed),
+    learning rate and tokens/s vs steps. Returns the path written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, and no GUI toolkit imported
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    (ax_step, ax_tok), (ax_lr, ax_tps) = axes
+    names = [Path(r).name for r in run_dirs]
+    if len(set(names)) < len(names):  # same run name in two directories: show the paths
+        names = [str(r) for r in run_dirs]
+    for name, run_dir in zip(names, run_dirs, strict=True):
+        records = read_metrics(run_dir)
+        train = [r for r in records if r.get("kind") == "train"]
+        evals = [r for r in records if r.get("kind") == "eval" and "val/loss" in r]
+        # Tokens per step is constant within a run; eval lines carry only the step.
+        per_step = train[-1]["tokens"] / train[-1]["step"] if train else 0.0
+        steps = [r["step"] for r in train]
+        losses = [_number(r.get("loss")) for r in train]
+        (line,) = ax_step.plot(steps, losses, label=f"{name} train")
+        color = line.get_color()
+        ax_tok.plot([r["tokens"] for r in train], losses, color=color, label=f"{name} train")
+        if evals:
+            vsteps = [r["step"] for r in evals]
+            vloss = [_number(r["val/loss"]) for r in evals]
+            ax_step.plot(vsteps, vloss, "--o", color=color, markersize=3, label=f"{name} val")
+            ax_tok.plot(
+                [s * per_step for s in vsteps],
+                vloss,
+                "--o",
+                color=color,
+                markersize=3,
+                label=f"{name} val",
+            )
+        ax_lr.plot(steps, [r.get("lr") for r in train], color=color, label=name)
+        ax_tps.plot(steps, [r.get("tokens_per_second") for r in train], color=color, label=name)
+    for ax, title, xlabel, ylabel in (
+        (ax_step, "loss vs steps", "step", "loss"),
+        (ax_tok, "loss vs tokens", "tokens", "loss"),
+        (ax_lr, "learning rate", "step", "lr"),
+        (ax_tps, "throughput", "step", "tokens/s"),
+    ):
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in (ax_step, ax_tok):
+        ax.set_yscale("log")  # loss falls by orders of magnitude early, then slowly
+        ax.yaxis.set_major_formatter(ScalarFormatter())  # 0.4, 2 rather than 4x10^-1, 2x10^0
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `tinylm runs` and `tinylm plot`."""
+    p = sub.add_parser(
+        "runs",
+        help="list the runs in a directory: status, steps, tokens, best val loss",
+        description="List runs (directories with a metrics.jsonl) with their status "
+        "(running/finished/stopped/failed), steps done/max, tokens, best validation loss, "
+        "last training loss and last intact checkpoint.",
+    )
+    p.add_argument("dir", nargs="?", default="runs", help="runs directory (default: runs)")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser(
+        "plot",
+        help="PNG comparing runs: loss vs steps and tokens, learning rate, tokens/s",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--out", default="runs.png", help="PNG to write (default: runs.png)")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs = find_runs(args.dir)
+    if not runs:
+        print(f"no runs in {args.dir} (a run is a directory with a {METRICS_FILE})")
+        return 0
+    print(format_table([summarize(r) for r in runs]))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    out = plot_runs(args.runs, args.out)
+    print(f"wrote {out}")
+    return 0
