@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,8 @@ def _init_wandb(run_dir: Path, cfg: LogConfig, run_name: str, config_dict: dict[
             "log.wandb=true needs the wandb package: pip install 'tinylm[wandb]'"
         ) from None
     id_file = run_dir / "wandb_id"  # a resumed run continues the same wandb run
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    # Our own id, not wandb.util.generate_id: that helper is gone from recent wandb releases.
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     return wandb.init(
         project=cfg.wandb_project,
