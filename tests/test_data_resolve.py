@@ -154,3 +154,41 @@ def test_cli_prepare_and_datasets(tmp_path, capsys):
         == 0
     )
     assert (tmp_path / "s.txt").read_text().count("<|endoftext|>") == 20
+
+
+@pytest.mark.parametrize("source_kind", ["txt", "jsonl"])
+def test_bpe_tokenizer_trained_on_the_data_and_cached(tmp_path, monkeypatch, source_kind):
+    """data.tokenizer=bpe:N trains our BPE on the training sources once, then reuses it."""
+    import json
+
+    from tinylm.tokenizer.bpe import BPETokenizer
+    from tinylm.tokenizer.bpe_train import train_bpe as real_train_bpe
+
+    docs = [story(i, 3) for i in range(200)]
+    if source_kind == "txt":
+        path = tmp_path / "stories.txt"
+        path.write_text("<|endoftext|>".join(docs))
+    else:
+        path = tmp_path / "stories.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = DataConfig(train=str(path), tokenizer="bpe:400", num_workers=1)
+    calls = []
+    monkeypatch.setattr(
+        "tinylm.tokenizer.bpe_train.train_bpe",
+        lambda *a, **k: calls.append(1) or real_train_bpe(*a, **k),
+    )
+    first = resolve_data(cfg, None, 32, **QUIET)
+    assert isinstance(first.tokenizer, BPETokenizer) and first.tokenizer.vocab_size == 400
+    assert first.tokenizer.eot_id is not None
+    _, tokens, _ = first.train[0]
+    assert first.tokenizer.decode(tokens[: len(tokens) // 20].tolist()).startswith(docs[0][:50])
+    again = resolve_data(cfg, None, 32, **QUIET)
+    assert again.tokenizer.fingerprint() == first.tokenizer.fingerprint()
+    assert len(calls) == 1  # trained once, then read from the cache
+
+
+def test_bad_bpe_spec(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("some text " * 100)
+    with pytest.raises(DataError, match="bpe:VOCAB_SIZE"):
+        resolve_data(DataConfig(train=str(path), tokenizer="bpe:lots"), None, 8, **QUIET)

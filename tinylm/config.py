@@ -90,7 +90,7 @@ class DataConfig:
     train: str = "synthetic-stories"  # a single source (see DataSourceConfig.path)
     mix: list[DataSourceConfig] = field(default_factory=list)  # several weighted sources instead
     val: str = ""  # explicit validation source; empty = split from the training source
-    tokenizer: str = "char"  # char | gpt2 | path/to/tokenizer.json
+    tokenizer: str = "char"  # char | gpt2 | bpe:N (train N-token BPE on the data) | tok.json
     val_fraction: float = 0.1  # share of documents (or of tokens, for a single document) held out
     val_count: int = 0  # > 0: hold out exactly this many documents instead of val_fraction
     split_seed: int = 1234

@@ -84,24 +84,80 @@ def _unique_names(sources: list[_Source]) -> None:
             s.name = f"{s.name}-{n + 1}"
 
 
-def _char_tokenizer(
-    specs: list[str], cfg: DataConfig, cache: Path, log: Callable[[str], None]
+def _fitted_tokenizer(
+    spec: str, specs: list[str], cfg: DataConfig, cache: Path, log: Callable[[str], None]
 ) -> Tokenizer:
-    """Fit (streaming) or reuse the char tokenizer of these training sources."""
-    from tinylm.data.prepare import fit_char_tokenizer
+    """Fit (streaming) or reuse the `char` or `bpe:N` tokenizer of these training sources.
+
+    The fitted tokenizer is cached under a hash of the sources' identity (paths, sizes, mtimes)
+    and the fitting settings, so every run on the same corpus shares one tokenizer.
+    """
     from tinylm.data.sources import source_identity
     from tinylm.tokenizer import tokenizer_from_file
 
     ident = json.dumps(
-        [[source_identity(s) for s in specs], cfg.text_field, cfg.doc_delimiter], sort_keys=True
+        [spec, [source_identity(s) for s in specs], cfg.text_field, cfg.doc_delimiter],
+        sort_keys=True,
     )
-    path = cache / "tokenizers" / f"char-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+    kind = spec.replace(":", "")
+    path = cache / "tokenizers" / f"{kind}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return tokenizer_from_file(path)
-    log(f"data: fitting a char tokenizer on {', '.join(specs)}")
-    tokenizer = fit_char_tokenizer(specs, cfg.text_field, cfg.doc_delimiter)
+    log(f"data: fitting a {spec} tokenizer on {', '.join(specs)}")
+    if spec == "char":
+        from tinylm.data.prepare import fit_char_tokenizer
+
+        tokenizer = fit_char_tokenizer(specs, cfg.text_field, cfg.doc_delimiter)
+    else:
+        tokenizer = _train_bpe_on(specs, _bpe_vocab_size(spec), cfg, log)
     tokenizer.save(path)
     return tokenizer
+
+
+def _bpe_vocab_size(spec: str) -> int:
+    try:
+        return int(spec.split(":", 1)[1])
+    except ValueError:
+        raise DataError(
+            f"data.tokenizer='{spec}': expected bpe:VOCAB_SIZE, e.g. bpe:8192"
+        ) from None
+
+
+def _train_bpe_on(
+    specs: list[str], vocab_size: int, cfg: DataConfig, log: Callable[[str], None]
+) -> Tokenizer:
+    """Our BPE trainer on the sources: plain-text files are streamed from disk by its workers;
+    other formats (jsonl, parquet, synthetic, HF) are streamed as documents."""
+    from tinylm.data.sources import expand_files, is_synthetic, iter_pieces
+    from tinylm.tokenizer import EOT
+    from tinylm.tokenizer.bpe_train import train_bpe
+
+    def plain_text_files(spec: str) -> list[Path] | None:
+        if is_synthetic(spec) or spec.startswith("hf:"):
+            return None
+        files = expand_files(spec)
+        return files if all(f.suffix in (".txt", "") for f in files) else None
+
+    file_lists = [plain_text_files(s) for s in specs]
+    use_files = cfg.doc_delimiter == EOT and all(f is not None for f in file_lists)
+    if use_files:
+        inputs = [f for files in file_lists for f in files]
+        result = train_bpe(inputs, vocab_size, [EOT], num_workers=cfg.num_workers or None)
+    else:
+        texts = (
+            text
+            for spec in specs
+            for text, _ in iter_pieces(spec, text_field=cfg.text_field, delimiter=cfg.doc_delimiter)
+        )
+        result = train_bpe(
+            texts=texts,
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            num_workers=cfg.num_workers or None,
+        )
+    t = result.timings
+    log(f"data: trained a {vocab_size}-token BPE in {t['total_s']:.1f} s ({result.engine} merges)")
+    return result.tokenizer()
 
 
 def _choose_tokenizer(
@@ -110,8 +166,9 @@ def _choose_tokenizer(
     for s in sources:  # a prepared dataset brings its own tokenizer; raw sources then share it
         if s.prepared is not None:
             return s.prepared.tokenizer()
-    if cfg.tokenizer == "char":
-        return _char_tokenizer([spec for s in sources for spec in s.train_specs], cfg, cache, log)
+    if cfg.tokenizer == "char" or cfg.tokenizer.startswith("bpe:"):
+        specs = [spec for s in sources for spec in s.train_specs]
+        return _fitted_tokenizer(cfg.tokenizer, specs, cfg, cache, log)
     from tinylm.tokenizer import load_tokenizer
 
     return load_tokenizer(cfg.tokenizer)
