@@ -189,17 +189,25 @@ def test_sigterm_during_sample_generation_abandons_the_sample(tmp_path, corpus, 
     assert steps_of(run) == ["step_00000003"]
 
 
-def test_sigint_during_a_checkpoint_write_finishes_the_write(tmp_path, corpus):  # noqa: F811
+def writing_checkpoint(tmp_path: Path, corpus: Path, step: int, seconds: float) -> TrainProcess:  # noqa: F811
+    """A run whose checkpoint writes (every 5 steps) each sleep `seconds` once the weights are
+    on disk; returns when the write of `step` is in that sleep."""
     run = tmp_path / "r"
     args = common(tmp_path, corpus, "train.max_steps=100", "checkpoint.interval=5")
-    proc = TrainProcess(
-        tmp_path, "tiny", *args, "eval.interval=0", env={"TINYLM_TEST_SLOW_CHECKPOINT": "2"}
-    )
-    # The weights are in the temporary directory; the hook now sleeps before the rest.
+    env = {"TINYLM_TEST_SLOW_CHECKPOINT": str(seconds)}
+    proc = TrainProcess(tmp_path, "tiny", *args, "eval.interval=0", env=env)
+    name = checkpoint.checkpoint_name(step)
     proc.wait_until(
-        lambda: any((run / "checkpoints").glob(".tmp-step_00000005-*/model.safetensors")),
-        "a checkpoint write",
+        lambda: any((run / "checkpoints").glob(f".tmp-{name}-*/model.safetensors")),
+        f"the write of {name}",
+        timeout=90,
     )
+    return proc
+
+
+def test_sigint_during_a_checkpoint_write_finishes_the_write(tmp_path, corpus):  # noqa: F811
+    run = tmp_path / "r"
+    proc = writing_checkpoint(tmp_path, corpus, step=5, seconds=2)
     proc.send(signal.SIGINT)
     assert proc.wait(timeout=15) == 0, proc.output
     assert "Resume with" in proc.output
@@ -212,15 +220,7 @@ def test_sigint_during_a_checkpoint_write_finishes_the_write(tmp_path, corpus): 
 
 def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, corpus):  # noqa: F811
     run = tmp_path / "r"
-    args = common(tmp_path, corpus, "train.max_steps=100", "checkpoint.interval=5")
-    proc = TrainProcess(
-        tmp_path, "tiny", *args, "eval.interval=0", env={"TINYLM_TEST_SLOW_CHECKPOINT": "4"}
-    )
-    proc.wait_until(
-        lambda: any((run / "checkpoints").glob(".tmp-step_00000010-*/model.safetensors")),
-        "the second checkpoint write",
-        timeout=90,
-    )
+    proc = writing_checkpoint(tmp_path, corpus, step=10, seconds=4)
     proc.send(signal.SIGINT)
     time.sleep(0.2)
     proc.send(signal.SIGINT)
@@ -248,6 +248,7 @@ def test_sigkill_chaos_resumes_to_the_same_losses(tmp_path, corpus):  # noqa: F8
     ]  # fmt: skip
     assert run_cli("train", "tiny", *args, f"out_dir={tmp_path}", "run_name=ref") == 0
     reference = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "ref", "train")]
+    reference_val = [(r["step"], r["val/loss"]) for r in read_metrics(tmp_path / "ref", "eval")]
 
     run = tmp_path / "chaos"
     rng = random.Random(5)
@@ -273,6 +274,7 @@ def test_sigkill_chaos_resumes_to_the_same_losses(tmp_path, corpus):  # noqa: F8
             assert not any(p.is_dir() for p in (run / "checkpoints").glob("step_*"))
     assert run_cli("train", "--resume", run) == 0
     assert [(r["step"], r["loss"]) for r in read_metrics(run, "train")] == reference
+    assert [(r["step"], r["val/loss"]) for r in read_metrics(run, "eval")] == reference_val
 
 
 # ------------------------------------------------------------------------------ guard rails
@@ -368,3 +370,16 @@ def test_gap_warning_when_val_data_differs(tmp_path, corpus):  # noqa: F811
     val_loss = read_metrics(tmp_path / "r", "eval")[-1]["val/loss"]
     assert f"val loss {val_loss:.3f}" in gaps[-1]["message"]
     assert math.isfinite(val_loss)
+
+
+def test_interrupt_while_setting_up_is_a_clean_stop(tmp_path, corpus, monkeypatch, capsys):  # noqa: F811
+    """Ctrl+C during data preparation (before signals become a flag): no traceback, exit 0."""
+    import tinylm.data
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tinylm.data, "resolve_data", interrupted)
+    assert run_cli("train", "tiny", *common(tmp_path, corpus, "train.max_steps=5")) == 0
+    err = capsys.readouterr().err
+    assert "interrupted while setting up" in err and "run the same command again" in err

@@ -11,18 +11,10 @@ import time
 
 import pytest
 import torch
+from test_robustness import _one_thread  # noqa: F401 (autouse fixture)
 from test_train import SMALL, corpus, read_metrics, run_cli  # noqa: F401 (corpus: fixture)
 
 from tinylm.runs import format_table, run_status, summarize
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: with other jobs on two cores, two spinning threads are ~8x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import time
 
 import pytest
-import torch
+from test_robustness import _one_thread  # noqa: F401 (autouse fixture)
 from test_train import SMALL, corpus, read_metrics, run_cli  # noqa: F401 (corpus: fixture)
 
 from tinylm.train.sinks import truncate_metrics
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: with other jobs on two cores, two spinning threads are ~8x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_run(tmp_path, corpus, *extra: str) -> None:  # noqa: F811
@@ -46,6 +38,23 @@ def test_tensorboard_events_hold_losses_and_samples(tmp_path, corpus):  # noqa: 
     sample = read_metrics(tmp_path / "r", "sample")[-1]["text"]
     stored = text_events[-1].tensor_proto.string_val[0].decode()
     assert sample in stored
+
+
+def test_tensorboard_history_after_a_resume_has_no_duplicates(tmp_path, corpus):  # noqa: F811
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tinylm.train import checkpoint
+
+    tiny_run(tmp_path, corpus, "log.tensorboard=true", "eval.interval=0", "checkpoint.interval=3")
+    # As if the run had died after logging step 6 but before checkpointing it.
+    run = tmp_path / "r"
+    for path in checkpoint.list_checkpoints(run / "checkpoints")[1:]:
+        shutil.rmtree(path)
+    assert run_cli("train", "--resume", run) == 0
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]  # 4 and 6 purged, re-logged
+    assert [r["step"] for r in read_metrics(run, "train")] == [2, 4, 6]
 
 
 @pytest.mark.skipif(
