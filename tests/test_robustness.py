@@ -122,7 +122,7 @@ def common(tmp_path: Path, corpus: Path, *extra: str) -> list[str]:  # noqa: F81
 # ------------------------------------------------------------------------------ signals
 
 
-def test_sigint_during_a_step_stops_checkpoints_and_resumes(tmp_path, corpus):  # noqa: F811
+def test_sigint_during_a_step_stops_checkpoints_and_resumes(tmp_path, corpus, capsys):  # noqa: F811
     run = tmp_path / "r"
     proc = TrainProcess(
         tmp_path,
@@ -143,6 +143,8 @@ def test_sigint_during_a_step_stops_checkpoints_and_resumes(tmp_path, corpus):  
 
     assert run_cli("train", "--resume", run, f"train.max_steps={step + 3}") == 0
     assert max(r["step"] for r in read_metrics(run, "train")) == step + 3
+    # A shorter run shortens the LR decay too: allowed, but said.
+    assert "the learning-rate decay runs to max_steps" in capsys.readouterr().out
 
 
 def test_sigint_during_evaluation_abandons_it(tmp_path, corpus):  # noqa: F811

@@ -123,7 +123,8 @@ def summarize(run_dir: str | Path) -> RunSummary:
     return RunSummary(
         path=run_dir,
         status=run_status(records, (run_dir / METRICS_FILE).stat().st_mtime),
-        step=max((int(r["step"]) for r in train), default=0),
+        # The furthest step any line names: a stop is logged at its step even between log lines.
+        step=max((int(r["step"]) for r in records if "step" in r), default=0),
         max_steps=_max_steps(run_dir, records),
         tokens=int(train[-1].get("tokens", 0)) if train else 0,
         best_val_loss=min(finite_val) if finite_val else None,
@@ -184,7 +185,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
 
     matplotlib.use("Agg")  # files only: no display needed, and no GUI toolkit imported
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     (ax_step, ax_tok), (ax_lr, ax_tps) = axes
@@ -229,8 +230,11 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         ax.legend(fontsize=8)
     for ax in (ax_step, ax_tok):
         ax.set_yscale("log")  # loss falls by orders of magnitude early, then slowly
-        ax.yaxis.set_major_formatter(ScalarFormatter())  # 0.4, 2 rather than 4x10^-1, 2x10^0
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        # Plain numbers at 1, 2, 3, 5 per decade (0.3, 2) rather than 3x10^-1 or no label at all.
+        plain = FuncFormatter(lambda value, _pos: f"{value:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
+        ax.yaxis.set_minor_formatter(plain)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

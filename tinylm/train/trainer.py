@@ -147,9 +147,20 @@ class Trainer:
             )
         if changes:
             self.messages.append("resuming with changed config (--force): " + "; ".join(changes))
+        self._note_schedule_change(loaded.config)
         self.cfg.model.vocab_size = loaded.config.model.vocab_size
         self.messages.append(f"resuming from {latest}")
         return loaded
+
+    def _note_schedule_change(self, saved: Config) -> None:
+        """max_steps may change on resume, but by default the LR decay runs to max_steps: say so."""
+        old, new, opt = saved.train.max_steps, self.cfg.train.max_steps, self.cfg.optim
+        if old != new and opt.decay_steps is None and opt.schedule != "constant":
+            self.messages.append(
+                f"train.max_steps {old} -> {new}: the learning-rate decay runs to max_steps, so "
+                "it is rescaled from this step on (the curve jumps); to keep the old schedule, "
+                f"resume with optim.decay_steps={old - opt.warmup_steps} --force"
+            )
 
     def _build_data(self, tokenizer) -> None:
         from tinylm.data import resolve_data
