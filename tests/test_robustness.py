@@ -21,22 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import SMALL, corpus, read_metrics, run_cli  # noqa: F401 (corpus: fixture)
+from helpers import SMALL, read_metrics, run_cli
 
 from tinylm.config import load_config
 from tinylm.train import checkpoint
 from tinylm.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: with other jobs on two cores, two spinning threads are ~8x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TrainProcess:
@@ -115,14 +106,14 @@ def steps_of(run: Path) -> list[str]:
     return [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")]
 
 
-def common(tmp_path: Path, corpus: Path, *extra: str) -> list[str]:  # noqa: F811
+def common(tmp_path: Path, corpus: Path, *extra: str) -> list[str]:
     return [f"data.train={corpus}", f"out_dir={tmp_path}", "run_name=r", *SMALL, *extra]
 
 
 # ------------------------------------------------------------------------------ signals
 
 
-def test_sigint_during_a_step_stops_checkpoints_and_resumes(tmp_path, corpus, capsys):  # noqa: F811
+def test_sigint_during_a_step_stops_checkpoints_and_resumes(tmp_path, corpus, capsys):
     run = tmp_path / "r"
     proc = TrainProcess(
         tmp_path,
@@ -147,7 +138,7 @@ def test_sigint_during_a_step_stops_checkpoints_and_resumes(tmp_path, corpus, ca
     assert "the learning-rate decay runs to max_steps" in capsys.readouterr().out
 
 
-def test_sigint_during_evaluation_abandons_it(tmp_path, corpus):  # noqa: F811
+def test_sigint_during_evaluation_abandons_it(tmp_path, corpus):
     # A long validation set (the corpus 40 times) and no cap on batches: eval takes seconds.
     val = tmp_path / "val.txt"
     val.write_text(corpus.read_text() * 40)
@@ -167,7 +158,7 @@ def test_sigint_during_evaluation_abandons_it(tmp_path, corpus):  # noqa: F811
     assert [r["step"] for r in read_metrics(run, "eval")] == [6]
 
 
-def test_sigterm_during_sample_generation_abandons_the_sample(tmp_path, corpus, monkeypatch):  # noqa: F811
+def test_sigterm_during_sample_generation_abandons_the_sample(tmp_path, corpus, monkeypatch):
     """In-process: a sampler that never ends (no end-of-text) signals this very process."""
     import tinylm.generate
 
@@ -191,7 +182,7 @@ def test_sigterm_during_sample_generation_abandons_the_sample(tmp_path, corpus, 
     assert steps_of(run) == ["step_00000003"]
 
 
-def writing_checkpoint(tmp_path: Path, corpus: Path, step: int, seconds: float) -> TrainProcess:  # noqa: F811
+def writing_checkpoint(tmp_path: Path, corpus: Path, step: int, seconds: float) -> TrainProcess:
     """A run whose checkpoint writes (every 5 steps) each sleep `seconds` once the weights are
     on disk; returns when the write of `step` is in that sleep."""
     run = tmp_path / "r"
@@ -207,7 +198,7 @@ def writing_checkpoint(tmp_path: Path, corpus: Path, step: int, seconds: float) 
     return proc
 
 
-def test_sigint_during_a_checkpoint_write_finishes_the_write(tmp_path, corpus):  # noqa: F811
+def test_sigint_during_a_checkpoint_write_finishes_the_write(tmp_path, corpus):
     run = tmp_path / "r"
     proc = writing_checkpoint(tmp_path, corpus, step=5, seconds=2)
     proc.send(signal.SIGINT)
@@ -220,7 +211,7 @@ def test_sigint_during_a_checkpoint_write_finishes_the_write(tmp_path, corpus): 
     assert steps_of(run)[-1] == "step_00000007"
 
 
-def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, corpus):  # noqa: F811
+def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, corpus):
     run = tmp_path / "r"
     proc = writing_checkpoint(tmp_path, corpus, step=10, seconds=4)
     proc.send(signal.SIGINT)
@@ -240,7 +231,7 @@ def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, cor
 # ------------------------------------------------------------------------------ SIGKILL chaos
 
 
-def test_sigkill_chaos_resumes_to_the_same_losses(tmp_path, corpus):  # noqa: F811
+def test_sigkill_chaos_resumes_to_the_same_losses(tmp_path, corpus):
     """Kill at seeded random moments (start-up, steps, checkpoint writes), resume each time: every
     checkpoint found is loadable and the history equals an uninterrupted run's, bit for bit."""
     args = [
@@ -283,7 +274,7 @@ def test_sigkill_chaos_resumes_to_the_same_losses(tmp_path, corpus):  # noqa: F8
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_nonfinite_losses_skip_updates_then_stop(tmp_path, corpus, monkeypatch, fused):  # noqa: F811
+def test_nonfinite_losses_skip_updates_then_stop(tmp_path, corpus, monkeypatch, fused):
     from tinylm.model import GPT
 
     real_forward = GPT.forward
@@ -325,7 +316,7 @@ def test_nonfinite_losses_skip_updates_then_stop(tmp_path, corpus, monkeypatch, 
     assert [r["loss"] for r in read_metrics(run, "train")][6:] == ["nan"] * 3
 
 
-def test_rotation_keeps_exactly_the_promised_checkpoints(tmp_path, corpus):  # noqa: F811
+def test_rotation_keeps_exactly_the_promised_checkpoints(tmp_path, corpus):
     args = common(
         tmp_path, corpus, "train.max_steps=30", "checkpoint.interval=5", "eval.interval=5",
         "checkpoint.keep_last=2", "checkpoint.keep_best=true", "checkpoint.milestone_interval=10",
@@ -341,7 +332,7 @@ def test_rotation_keeps_exactly_the_promised_checkpoints(tmp_path, corpus):  # n
     assert checkpoint.find_best(run / "checkpoints").name == checkpoint.checkpoint_name(best)
 
 
-def test_early_stopping_says_why(tmp_path, corpus, capsys):  # noqa: F811
+def test_early_stopping_says_why(tmp_path, corpus, capsys):
     args = common(
         tmp_path, corpus, "train.max_steps=100", "eval.interval=2", "log.interval=2",
         "train.early_stop_patience=2", "train.early_stop_min_delta=100", "eval.samples=0",
@@ -357,7 +348,7 @@ def test_early_stopping_says_why(tmp_path, corpus, capsys):  # noqa: F811
     assert steps_of(run)[-1] == "step_00000006"
 
 
-def test_gap_warning_when_val_data_differs(tmp_path, corpus):  # noqa: F811
+def test_gap_warning_when_val_data_differs(tmp_path, corpus):
     # Validation text with the same characters in a scrambled order: far harder than train.
     text = corpus.read_text()
     chars = list(text)
@@ -374,7 +365,7 @@ def test_gap_warning_when_val_data_differs(tmp_path, corpus):  # noqa: F811
     assert math.isfinite(val_loss)
 
 
-def test_interrupt_while_setting_up_is_a_clean_stop(tmp_path, corpus, monkeypatch, capsys):  # noqa: F811
+def test_interrupt_while_setting_up_is_a_clean_stop(tmp_path, corpus, monkeypatch, capsys):
     """Ctrl+C during data preparation (before signals become a flag): no traceback, exit 0."""
     import tinylm.data
 

@@ -11,14 +11,13 @@ import time
 
 import pytest
 import torch
-from test_robustness import _one_thread  # noqa: F401 (autouse fixture)
-from test_train import SMALL, corpus, read_metrics, run_cli  # noqa: F401 (corpus: fixture)
+from helpers import SMALL, read_metrics, run_cli
 
 from tinylm.runs import format_table, run_status, summarize
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, corpus):  # noqa: F811
+def two_runs(tmp_path_factory, corpus):
     """A finished run of 8 steps and one stopped early by early stopping."""
     root = tmp_path_factory.mktemp("runs")
     common = [

@@ -8,18 +8,17 @@ import shutil
 import time
 
 import pytest
-from test_robustness import _one_thread  # noqa: F401 (autouse fixture)
-from test_train import SMALL, corpus, read_metrics, run_cli  # noqa: F401 (corpus: fixture)
+from helpers import SMALL, read_metrics, run_cli
 
 from tinylm.train.sinks import truncate_metrics
 
 
-def tiny_run(tmp_path, corpus, *extra: str) -> None:  # noqa: F811
+def tiny_run(tmp_path, corpus, *extra: str) -> None:
     args = [f"data.train={corpus}", f"out_dir={tmp_path}", "run_name=r", *SMALL]
     assert run_cli("train", "tiny", *args, "train.max_steps=6", "log.interval=2", *extra) == 0
 
 
-def test_tensorboard_events_hold_losses_and_samples(tmp_path, corpus):  # noqa: F811
+def test_tensorboard_events_hold_losses_and_samples(tmp_path, corpus):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tiny_run(tmp_path, corpus, "log.tensorboard=true", "eval.interval=3")
@@ -40,7 +39,7 @@ def test_tensorboard_events_hold_losses_and_samples(tmp_path, corpus):  # noqa: 
     assert sample in stored
 
 
-def test_tensorboard_history_after_a_resume_has_no_duplicates(tmp_path, corpus):  # noqa: F811
+def test_tensorboard_history_after_a_resume_has_no_duplicates(tmp_path, corpus):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from tinylm.train import checkpoint
@@ -61,7 +60,7 @@ def test_tensorboard_history_after_a_resume_has_no_duplicates(tmp_path, corpus):
     importlib.util.find_spec("wandb") is None,
     reason="wandb not installed (pip install tinylm[wandb])",
 )
-def test_wandb_offline_run_is_written(tmp_path, corpus, monkeypatch):  # noqa: F811
+def test_wandb_offline_run_is_written(tmp_path, corpus, monkeypatch):
     # Keep wandb's own settings and caches inside the test directory; offline: no network.
     for var, sub in (
         ("WANDB_CONFIG_DIR", "cfg"),

@@ -2,49 +2,8 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-
-from tinylm.cli import main
-
-# A model small enough that a step takes milliseconds on one core.
-SMALL = [
-    "model.context_length=32",
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.d_model=32",
-    "train.batch_size=8",
-    "eval.max_batches=2",
-    "eval.sample_tokens=16",
-    "log.tensorboard=false",
-    "log.progress=false",
-    "data.num_workers=1",
-]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """~30 KB of varied text: enough windows for train and val at context 32."""
-    lines = []
-    names = ["ANNA", "BORIS", "CLARA", "DMITRI"]
-    for i in range(600):
-        lines.append(
-            f"{names[i % 4]}: the {['red', 'blue', 'green'][i % 3]} bird sang {i % 7} times."
-        )
-    path = tmp_path_factory.mktemp("corpus") / "play.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def run_cli(*args: str) -> int:
-    return main([str(a) for a in args])
-
-
-def read_metrics(run: Path, kind: str) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+from helpers import SMALL, read_metrics, run_cli
 
 
 def test_train_eval_generate_end_to_end(tmp_path, corpus, capsys):
