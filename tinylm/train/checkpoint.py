@@ -164,6 +164,15 @@ def save_checkpoint(
     return final
 
 
+def write_run_files(run_dir: Path, config: Config, tokenizer: Tokenizer) -> None:
+    """The run directory's `config.yaml` (written atomically) and `tokenizer.json`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(config.to_yaml())
+    tmp.replace(run_dir / "config.yaml")
+    tokenizer.save(run_dir / "tokenizer.json")
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / META_FILE).read_text())
 

@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "give a preset or config file (e.g. `tinylm train tiny`), or --resume RUN_DIR"
             )
         cfg = load_config(config, overrides)
-        from tinylm.train.trainer import default_run_dir
+        from tinylm.train.resume import default_run_dir
 
         run_dir = (
             default_run_dir(cfg, config)

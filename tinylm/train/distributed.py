@@ -146,6 +146,23 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def gather_objects(obj: object, info: DistInfo) -> list:
+    """`[obj of rank 0, obj of rank 1, ...]` on every rank (`[obj]` in a single process)."""
+    if not info.enabled:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The elementwise maximum of `value` over all ranks (a copy; `value` itself is unchanged)."""
+    if info.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any (e.g. a stop requested by one process)."""
     if not info.enabled:

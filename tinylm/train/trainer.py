@@ -1,9 +1,11 @@
 """The training loop.
 
 `Trainer(cfg, run_dir).fit()` trains a model and returns a `TrainResult`. The loop itself is in
-`fit` and `train_step`; everything else is delegated: batches to `data.loader`, the schedule and
-optimizer to `optim`, checkpoints to `checkpoint`, metrics to `sinks`, signals to `signals`,
-devices and precision to `runtime`, processes to `distributed`, validation to `eval.evaluate`.
+`_loop` and `train_step`; everything else is delegated: batches to `data.loader`, the schedule and
+optimizer to `optim`, checkpoints to `checkpoint`, resuming to `resume`, what is reported each
+log interval to `monitor`, validation and samples to `validation`, signals to `signals`, devices
+and precision to `runtime`, processes to `distributed`. The trainer keeps the policy: when to
+evaluate and save, best-loss tracking, early stopping, and when to stop.
 
 Two choices keep the step free of host synchronisation (the CPU can queue the next step while the
 GPU works): losses are accumulated on the device and read only every `log.interval` steps, and a
@@ -13,41 +15,20 @@ input (the mechanism the AMP grad scaler uses) instead of an `if loss.isnan():` 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from tinylm.config import Config, ConfigError
+from tinylm.eval.evaluate import OVERALL
 from tinylm.train import checkpoint, distributed, optim, runtime, signals, sinks
-
-# Keys that may differ when a run is resumed without --force: they change when or how the run
-# is observed or how long it lasts, not what a given step computes.
-RESUME_SAFE_PREFIXES = (
-    "train.max_steps",
-    "train.max_time_minutes",
-    "train.compile",
-    "train.device",
-    "train.early_stop",
-    "train.max_nonfinite_steps",
-    "train.spike_factor",
-    "train.gap_warn_factor",
-    "eval.",
-    "checkpoint.",
-    "log.",
-    "data.num_workers",
-    "data.prefetch",
-    "data.cache_dir",
-    "out_dir",
-    "run_name",
-)
+from tinylm.train.monitor import TrainMonitor
+from tinylm.train.resume import open_for_resume, refuse_existing_run, stop_message
+from tinylm.train.validation import Validator
 
 
 @dataclass
@@ -74,29 +55,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # train log records (main process)
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-def unsafe_changes(saved: Config, current: Config) -> list[str]:
-    """Config keys that differ between the checkpoint and now and would change the run."""
-    old, new = flatten(saved.to_dict()), flatten(current.to_dict())
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key) and not key.startswith(RESUME_SAFE_PREFIXES):
-            if key == "model.vocab_size" and new.get(key) == 0:
-                continue  # 0 means "from the tokenizer", which the saved value already is
-            diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    return diffs
-
-
 class Trainer:
     """Builds everything a run needs from a `Config`, then runs `fit()`."""
 
@@ -117,7 +75,10 @@ class Trainer:
         self.stop = signals.GracefulStop()
         self.messages = [f"device: {device_reason}", f"precision: {self.precision.reason}"]
 
-        resumed = self._find_resume_checkpoint(force) if resume else None
+        resumed = None
+        if resume:
+            resumed, notes = open_for_resume(self.run_dir, cfg, force)
+            self.messages += notes
         runtime.seed_everything(cfg.train.seed)
         self._build_data(resumed.tokenizer if resumed else None)
         self._build_model()
@@ -129,38 +90,6 @@ class Trainer:
             runtime.seed_everything(cfg.train.seed + self.dist.rank)
 
     # ---------------------------------------------------------------- building
-
-    def _find_resume_checkpoint(self, force: bool) -> checkpoint.LoadedCheckpoint:
-        root = self.run_dir / "checkpoints"
-        latest = checkpoint.find_latest(root)
-        if latest is None:
-            raise checkpoint.CheckpointError(
-                f"--resume: no intact checkpoint in {root}; start a new run without --resume"
-            )
-        loaded = checkpoint.load_checkpoint(latest)
-        changes = unsafe_changes(loaded.config, self.cfg)
-        if changes and not force:
-            raise ConfigError(
-                "the config differs from the checkpoint's in ways that would change the run:\n  "
-                + "\n  ".join(changes)
-                + "\nResume with the original values, or pass --force to resume anyway."
-            )
-        if changes:
-            self.messages.append("resuming with changed config (--force): " + "; ".join(changes))
-        self._note_schedule_change(loaded.config)
-        self.cfg.model.vocab_size = loaded.config.model.vocab_size
-        self.messages.append(f"resuming from {latest}")
-        return loaded
-
-    def _note_schedule_change(self, saved: Config) -> None:
-        """max_steps may change on resume, but by default the LR decay runs to max_steps: say so."""
-        old, new, opt = saved.train.max_steps, self.cfg.train.max_steps, self.cfg.optim
-        if old != new and opt.decay_steps is None and opt.schedule != "constant":
-            self.messages.append(
-                f"train.max_steps {old} -> {new}: the learning-rate decay runs to max_steps, so "
-                "it is rescaled from this step on (the curve jumps); to keep the old schedule, "
-                f"resume with optim.decay_steps={old - opt.warmup_steps} --force"
-            )
 
     def _build_data(self, tokenizer) -> None:
         from tinylm.data import resolve_data
@@ -193,7 +122,6 @@ class Trainer:
             device=self.device,
             prefetch=cfg.data.prefetch,
         )
-        self.token_bytes = self.tokenizer.token_bytes()
 
     def _build_model(self) -> None:
         from tinylm.model import GPT
@@ -239,8 +167,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- the step
 
-    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `grad_accum` micro-batches; returns (loss, grad_norm) on device."""
+    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum` micro-batches.
+
+        Returns (loss, grad_norm, nonfinite) as device tensors; a non-finite step updates nothing.
+        """
         cfg = self.cfg
         optim.set_lr(self.optimizer, optim.lr_at(self.state.step, cfg.optim, cfg.train.max_steps))
         accum = cfg.train.grad_accum
@@ -273,9 +204,7 @@ class Trainer:
         elif not nonfinite.item():  # unfused fallback: one host sync per step
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.bad_streak = (self.bad_streak + 1) * nonfinite
-        self.bad_total += nonfinite
-        return loss, grad_norm
+        return loss, grad_norm, nonfinite
 
     # ---------------------------------------------------------------- the loop
 
@@ -285,7 +214,7 @@ class Trainer:
         # writes its checkpoint and closes the sinks; before this, `train()` handles them.
         with self.stop:
             if self.is_main:
-                self._write_run_files()
+                checkpoint.write_run_files(self.run_dir, self.cfg, self.tokenizer)
             self.log = sinks.RunLogger(
                 self.run_dir,
                 self.cfg.log,
@@ -311,96 +240,55 @@ class Trainer:
         return result
 
     def _loop(self) -> TrainResult:
-        cfg, state, log = self.cfg, self.state, self.log
-        for message in self.messages:
-            log.print(message)
-        tokens_per_step = (
-            cfg.train.batch_size
-            * cfg.model.context_length
-            * cfg.train.grad_accum
-            * self.dist.world_size
+        cfg, state = self.cfg, self.state
+        monitor = TrainMonitor(
+            self.log,
+            cfg,
+            optimizer=self.optimizer,
+            device=self.device,
+            precision=self.precision,
+            dist=self.dist,
+            flops_per_token=self.flops_per_token,
         )
-        peak, peak_reason = runtime.peak_flops(self.device, self.precision)
-        log.print(
-            f"run: {self.run_dir} | {tokens_per_step:,} tokens/step | "
-            f"steps {state.step}->{cfg.train.max_steps} | MFU peak: {peak_reason}"
+        monitor.log_start(state.step, self.run_dir, self.messages)
+        self.validator = Validator(
+            cfg,
+            self.data.val,
+            self.tokenizer,
+            self.log,
+            device=self.device,
+            precision=self.precision,
+            stop=self.stop,
+            dist=self.dist,
+            # Sampling runs on the main process alone, which FSDP's sharded forward cannot do.
+            sample=self.is_main and not (self.dist.enabled and cfg.train.distributed == "fsdp"),
         )
-        # pid and host let `tinylm runs` tell a live run from one that was killed.
-        log.event(
-            f"start at step {state.step}",
-            event="start",
-            step=state.step,
-            max_steps=cfg.train.max_steps,
-            pid=os.getpid(),
-            host=socket.gethostname(),
-            device=str(self.device),
-            precision=self.precision.name,
-        )
-
-        self.bad_streak = torch.zeros((), device=self.device)
-        self.bad_total = torch.zeros((), device=self.device)
-        self.skipped_reported = 0
-        interval_loss = torch.zeros((), device=self.device)
-        interval_max = torch.zeros((), device=self.device)
-        loss_ema: float | None = None
-        history: list[dict[str, Any]] = []
-        last_train_loss: float | None = None
-        last_eval_step = -1
-        nonfinite_stop = False
-        interval_steps, interval_start = 0, time.perf_counter()
+        last_eval_step, nonfinite_stop = -1, False
         run_start = time.perf_counter() - state.elapsed_seconds
         self.model.train()
 
         with self.loader:
             batches = iter(self.loader.iterate(state.step))
             while state.step < cfg.train.max_steps:
-                loss, grad_norm = self.train_step(batches)
+                loss, grad_norm, nonfinite = self.train_step(batches)
                 state.step += 1
-                state.tokens_seen += tokens_per_step
-                interval_loss += loss.detach()
-                interval_max = torch.maximum(interval_max, loss.detach())
-                interval_steps += 1
-                log.advance(state.step)
-
+                state.tokens_seen += monitor.tokens_per_step
+                monitor.record(loss, nonfinite)
+                self.log.advance(state.step)
                 last_step = state.step == cfg.train.max_steps
+
                 if state.step % cfg.log.interval == 0 or last_step:
-                    elapsed = time.perf_counter() - interval_start
-                    mean_loss = interval_loss.item() / interval_steps  # the one sync per interval
-                    record = self._log_interval(
-                        mean_loss,
-                        interval_max.item(),
-                        grad_norm,
-                        elapsed,
-                        interval_steps,
-                        tokens_per_step,
-                        peak,
-                        loss_ema,
-                    )
-                    history.append(record)
-                    last_train_loss = mean_loss
-                    if math.isfinite(mean_loss):
-                        loss_ema = (
-                            mean_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * mean_loss
-                        )
-                    interval_loss.zero_()
-                    interval_max.zero_()
-                    interval_steps, interval_start = 0, time.perf_counter()
-                    if int(self.bad_streak.item()) >= cfg.train.max_nonfinite_steps:
+                    monitor.flush(state.step, state.tokens_seen, grad_norm)
+                    if reason := monitor.nonfinite_stop_reason(state.step):
                         nonfinite_stop = True
-                        self.stop.request(
-                            f"{int(self.bad_streak.item())} consecutive non-finite steps up to step {state.step} "
-                            "(updates were skipped; lower optim.lr or check the data)"
-                        )
-
+                        self.stop.request(reason)
                 if (
-                    cfg.train.max_time_minutes
-                    and time.perf_counter() - run_start > 60 * cfg.train.max_time_minutes
-                ):
-                    self.stop.request(f"time limit of {cfg.train.max_time_minutes:g} minutes")
-
+                    limit := cfg.train.max_time_minutes
+                ) and time.perf_counter() - run_start > 60 * limit:
+                    self.stop.request(f"time limit of {limit:g} minutes")
                 if (cfg.eval.interval and state.step % cfg.eval.interval == 0) or last_step:
                     state.elapsed_seconds = time.perf_counter() - run_start
-                    improved = self._evaluate_and_sample(last_train_loss)
+                    improved = self._validate(monitor.last_loss)
                     last_eval_step = state.step
                     if improved and cfg.checkpoint.keep_best:
                         self._save()
@@ -418,155 +306,56 @@ class Trainer:
             state.elapsed_seconds = time.perf_counter() - run_start
             stopped_early = state.step < cfg.train.max_steps
             if not stopped_early and last_eval_step != state.step:
-                self._evaluate_and_sample(last_train_loss)
+                self._validate(monitor.last_loss)
             # After non-finite steps nothing new is written: the checkpoints already on disk are
             # the last good state, and a save now would rotate one of them away.
             if not nonfinite_stop and self.saved_step != state.step:
                 self._save()
+        return self._finish(stopped_early, monitor)
 
+    def _finish(self, stopped_early: bool, monitor: TrainMonitor) -> TrainResult:
+        """Log the `done` or `stopped` event and build the result."""
+        state = self.state
         reason = self.stop.reason if stopped_early else "reached train.max_steps"
         if stopped_early:
-            log.event(self._stop_message(reason), event="stopped", reason=reason, step=state.step)
+            message = stop_message(self.run_dir, state.step, reason)
+            self.log.event(message, event="stopped", reason=reason, step=state.step)
         else:
-            log.event(
-                f"done: {state.step} steps, best val loss {state.best_val_loss:.4f}",
-                event="done",
-                step=state.step,
-            )
+            message = f"done: {state.step} steps, best val loss {state.best_val_loss:.4f}"
+            self.log.event(message, event="done", step=state.step)
         return TrainResult(
             self.run_dir,
             state.step,
             reason,
             state.best_val_loss,
             state.last_val_loss,
-            last_train_loss,
+            monitor.last_loss,
             checkpoint.find_latest(self.run_dir / "checkpoints", verify_hashes=False),
-            history,
+            monitor.history,
         )
 
-    def _stop_message(self, reason: str) -> str:
-        """What stopped the run, the checkpoint it can continue from, and the command to do so."""
-        latest = checkpoint.find_latest(self.run_dir / "checkpoints", verify_hashes=False)
-        if latest is None:
-            return (
-                f"stopped at step {self.state.step}: {reason}. No checkpoint was written; "
-                "start the run again without --resume"
-            )
-        return (
-            f"stopped at step {self.state.step}: {reason}. "
-            f"Last good checkpoint: {latest} (step {checkpoint.read_meta(latest)['step']})\n"
-            f"Resume with: tinylm train --resume {self.run_dir}"
-        )
+    # ---------------------------------------------------------------- validation, checkpoints
 
-    def _log_interval(
-        self,
-        mean_loss: float,
-        max_loss: float,
-        grad_norm: torch.Tensor,
-        elapsed: float,
-        steps: int,
-        tokens_per_step: int,
-        peak: float | None,
-        loss_ema: float | None,
-    ) -> dict[str, Any]:
-        state, log = self.state, self.log
-        tokens_per_second = steps * tokens_per_step / max(elapsed, 1e-9)
-        record: dict[str, Any] = {
-            "loss": mean_loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm.item()),
-            "ms_per_step": 1000 * elapsed / steps,
-            "tokens_per_second": tokens_per_second,
-            "tokens": state.tokens_seen,
-        }
-        if peak:
-            record["mfu"] = self.flops_per_token * tokens_per_second / self.dist.world_size / peak
-        if self.device.type == "cuda":
-            record["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        else:
-            record["memory_gb"] = psutil.Process().memory_info().rss / 2**30
-        skipped = int(self.bad_total.item())
-        if skipped:
-            record["skipped_steps"] = skipped
-        if skipped > self.skipped_reported:  # one event per interval that had new ones
-            log.event(
-                f"step {state.step}: {skipped - self.skipped_reported} non-finite step(s) since the "
-                f"last log line ({skipped} this session), their updates skipped",
-                event="nonfinite",
-                step=state.step,
-            )
-            self.skipped_reported = skipped
-        if loss_ema is not None and max_loss > self.cfg.train.spike_factor * loss_ema:
-            log.event(
-                f"loss spike at step ~{state.step}: {max_loss:.3f} vs recent average {loss_ema:.3f}",
-                event="spike",
-                step=state.step,
-            )
-        log.log(state.step, "train", record)
-        mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
-        log.print(
-            f"step {state.step:>6} | loss {mean_loss:.4f} | lr {record['lr']:.2e} | norm {record['grad_norm']:.2f} | "
-            f"{record['ms_per_step']:.0f} ms/step | {tokens_per_second:,.0f} tok/s{mfu}"
-        )
-        log.advance(state.step, f"loss {mean_loss:.3f}")
-        return record
+    def _validate(self, train_loss: float | None) -> bool:
+        """Validate and sample; track the best loss, the train/val gap and early stopping.
 
-    # ---------------------------------------------------------------- eval, samples, checkpoints
-
-    def _evaluate_and_sample(self, train_loss: float | None) -> bool:
-        """Validate, track the best loss and early stopping, print samples; True if a new best."""
-        from tinylm.eval.evaluate import evaluate_sets
-
-        cfg, state, log = self.cfg, self.state, self.log
-        if not self.data.val:
+        Returns True when the validation loss is a new best (the caller may save it).
+        """
+        cfg, state = self.cfg, self.state
+        results = self.validator.evaluate(self.model, state.step)
+        if results is None:
             return False
-        results = evaluate_sets(
-            self.model,
-            self.data.val,
-            batch_size=cfg.eval.batch_size or cfg.train.batch_size,
-            seq_len=cfg.model.context_length,
-            max_batches=cfg.eval.max_batches,
-            device=self.device,
-            autocast=lambda: runtime.autocast(self.device, self.precision),
-            token_bytes=self.token_bytes,
-            should_stop=lambda: self.stop.requested,
-        )
-        self.model.train()
-        overall = results["overall"]
-        if getattr(overall, "partial", False):
-            log.print(
-                f"step {state.step}: evaluation interrupted after {overall.batches} batches (not recorded)"
-            )
-            return False
-        metrics: dict[str, Any] = {}
-        for name, result in results.items():
-            prefix = "val" if name == "overall" else f"val_{name}"
-            metrics[f"{prefix}/loss"] = result.loss
-            metrics[f"{prefix}/perplexity"] = result.perplexity
-            if result.bits_per_byte is not None:
-                metrics[f"{prefix}/bits_per_byte"] = result.bits_per_byte
-        log.log(state.step, "eval", metrics)
-        state.last_val_loss = overall.loss
-        improved = overall.loss < state.best_val_loss - cfg.train.early_stop_min_delta
+        val_loss = results[OVERALL].loss
+        state.last_val_loss = val_loss
+        improved = val_loss < state.best_val_loss - cfg.train.early_stop_min_delta
         if improved:
-            state.best_val_loss, state.evals_since_best = overall.loss, 0
+            state.best_val_loss, state.evals_since_best = val_loss, 0
         else:
             state.evals_since_best += 1
-        bpb = (
-            f" | {overall.bits_per_byte:.3f} bits/byte" if overall.bits_per_byte is not None else ""
-        )
-        per_set = (
-            "".join(f" | {n} {r.loss:.4f}" for n, r in results.items() if n != "overall")
-            if len(results) > 2
-            else ""
-        )
-        log.print(
-            f"step {state.step:>6} | val loss {overall.loss:.4f} | ppl {overall.perplexity:.2f}{bpb}{per_set}"
-            f" | best {state.best_val_loss:.4f}"
-        )
-        if train_loss is not None and overall.loss > cfg.train.gap_warn_factor * train_loss:
-            log.event(
-                f"warning: val loss {overall.loss:.3f} is {overall.loss / train_loss:.2f}x the train loss "
+        self.validator.print_results(state.step, results, state.best_val_loss)
+        if train_loss is not None and val_loss > cfg.train.gap_warn_factor * train_loss:
+            self.log.event(
+                f"warning: val loss {val_loss:.3f} is {val_loss / train_loss:.2f}x the train loss "
                 f"{train_loss:.3f} (overfitting, or train and val data differ)",
                 event="gap",
                 step=state.step,
@@ -577,59 +366,15 @@ class Trainer:
                 f"early stopping: val loss did not improve by more than {cfg.train.early_stop_min_delta} "
                 f"for {patience} evaluations (best {state.best_val_loss:.4f})"
             )
-        self._print_samples()
+        self.validator.print_samples(self.raw_model, state.step)
         return improved
-
-    def _print_samples(self) -> None:
-        cfg = self.cfg
-        if (
-            not self.is_main
-            or cfg.eval.samples <= 0
-            or (cfg.train.distributed == "fsdp" and self.dist.enabled)
-        ):
-            return
-        from tinylm.generate import generate_stream
-
-        prompt = self.tokenizer.encode(cfg.eval.sample_prompt) if cfg.eval.sample_prompt else []
-        if not prompt:
-            prompt = [self.tokenizer.eot_id if self.tokenizer.eot_id is not None else 0]
-        for i in range(cfg.eval.samples):
-            if self.stop.requested:
-                return
-            ids: list[int] = []
-            stream = generate_stream(
-                self.raw_model,
-                prompt,
-                max_new_tokens=cfg.eval.sample_tokens,
-                temperature=cfg.eval.temperature,
-                top_k=cfg.eval.top_k or None,
-                eot_id=self.tokenizer.eot_id,
-                seed=cfg.train.seed + self.state.step + i,
-            )
-            # Token by token, so that a stop abandons a long sample at once (it is not logged).
-            with self.autocast, contextlib.closing(stream):
-                for token in stream:
-                    if self.stop.requested:
-                        break
-                    ids.append(token)
-            if self.stop.requested:
-                break
-            text = self.tokenizer.decode([t for t in prompt + ids if t != self.tokenizer.eot_id])
-            self.log.text(self.state.step, f"sample/{i}", text)
-            self.log.print(f"--- sample {i} at step {self.state.step} ---\n{text}\n---")
-        self.raw_model.train()
 
     def _save(self) -> Path | None:
         """Checkpoint the current step (collective under FSDP; the main process writes)."""
         model_state = distributed.model_state_dict(self.model, self.dist)
         optim_state = distributed.optimizer_state_dict(self.model, self.optimizer, self.dist)
         rng = checkpoint.numpy_rng_to_torch(runtime.capture_rng_state())
-        rng_states = [rng]
-        if self.dist.enabled:
-            import torch.distributed as dist
-
-            rng_states = [None] * self.dist.world_size
-            dist.all_gather_object(rng_states, rng)
+        rng_states = distributed.gather_objects(rng, self.dist)  # each rank's dropout stream
         path = None
         if self.is_main:
             train_state = {
@@ -652,41 +397,14 @@ class Trainer:
         self.saved_step = self.state.step
         return path
 
-    def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / "config.yaml.tmp"
-        tmp.write_text(self.cfg.to_yaml())
-        tmp.replace(self.run_dir / "config.yaml")
-        self.tokenizer.save(self.run_dir / "tokenizer.json")
-
-
-def default_run_dir(cfg: Config, preset: str | None) -> Path:
-    """`out_dir/run_name`, or the first free `out_dir/<preset>[-N]` when no name was given."""
-    out = Path(cfg.out_dir)
-    if cfg.run_name:
-        return out / cfg.run_name
-    base = Path(preset).stem if preset else "run"
-    candidate, n = out / base, 1
-    while (candidate / "checkpoints").exists():
-        n += 1
-        candidate = out / f"{base}-{n}"
-    cfg.run_name = candidate.name
-    return candidate
-
 
 def train(
     cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False
 ) -> TrainResult:
     """Train `cfg` in `run_dir` (continuing its latest checkpoint when `resume`)."""
     run_dir = Path(run_dir)
-    if (
-        not resume
-        and (run_dir / "checkpoints").exists()
-        and checkpoint.list_checkpoints(run_dir / "checkpoints")
-    ):
-        raise ConfigError(
-            f"{run_dir} already has checkpoints: continue it with --resume, or choose another run_name=..."
-        )
+    if not resume:
+        refuse_existing_run(run_dir)
     try:
         trainer = Trainer(cfg, run_dir, resume=resume, force=force)
     except KeyboardInterrupt:

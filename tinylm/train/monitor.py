@@ -1,0 +1,168 @@
+"""What the training loop reports: the start event, and each log interval's record and warnings.
+
+`TrainMonitor.record(loss, nonfinite)` runs every step and only adds to tensors on the device
+(interval loss sum and max, non-finite streak and total), so the step never waits for the GPU.
+`flush(...)` runs every `log.interval` steps: it reads those tensors once, writes the `train`
+record (loss, lr, grad norm, ms/step, tokens/s, MFU, memory, skipped steps) and the console line,
+and logs `nonfinite` and `spike` events. Under torchrun the interval's loss is averaged over the
+ranks there (one collective per interval), so the logged loss is that of the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from tinylm.config import Config
+from tinylm.train import distributed, runtime
+from tinylm.train.sinks import RunLogger
+
+
+class TrainMonitor:
+    """Accumulates per-step losses on the device and reports them once per log interval."""
+
+    def __init__(
+        self,
+        log: RunLogger,
+        cfg: Config,
+        *,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        precision: runtime.Precision,
+        dist: distributed.DistInfo,
+        flops_per_token: float,
+    ) -> None:
+        self.log, self.cfg, self.optimizer = log, cfg.train, optimizer
+        self.device, self.precision, self.dist = device, precision, dist
+        self.max_steps = cfg.train.max_steps
+        self.tokens_per_step = (
+            cfg.train.batch_size * cfg.model.context_length * cfg.train.grad_accum * dist.world_size
+        )
+        self.flops_per_token = flops_per_token
+        self.peak_flops, self.peak_reason = runtime.peak_flops(device, precision)
+        self.interval_loss, self.interval_max, self.nonfinite_streak, self.nonfinite_total = (
+            torch.zeros((), device=device) for _ in range(4)
+        )
+        self.skipped_reported = 0
+        self.loss_ema: float | None = None
+        self.last_loss: float | None = None  # mean train loss of the last interval
+        self.history: list[dict[str, Any]] = []  # every train record of this session
+        self.interval_steps, self.interval_start = 0, time.perf_counter()
+
+    def log_start(self, step: int, run_dir: Path, messages: list[str]) -> None:
+        """The set-up messages, the run line, and the `start` event."""
+        for message in messages:
+            self.log.print(message)
+        self.log.print(
+            f"run: {run_dir} | {self.tokens_per_step:,} tokens/step | "
+            f"steps {step}->{self.max_steps} | MFU peak: {self.peak_reason}"
+        )
+        # pid and host let `tinylm runs` tell a live run from one that was killed.
+        self.log.event(
+            f"start at step {step}",
+            event="start",
+            step=step,
+            max_steps=self.max_steps,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            device=str(self.device),
+            precision=self.precision.name,
+        )
+        self.interval_start = time.perf_counter()
+
+    def record(self, loss: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        """Add one step's loss and non-finite flag (device tensors; no host sync)."""
+        loss = loss.detach()
+        self.interval_loss += loss
+        self.interval_max = torch.maximum(self.interval_max, loss)
+        self.nonfinite_streak = (self.nonfinite_streak + 1) * nonfinite
+        self.nonfinite_total += nonfinite
+        self.interval_steps += 1
+
+    def flush(self, step: int, tokens_seen: int, grad_norm: torch.Tensor) -> dict[str, Any]:
+        """Log the interval that ends at `step` and start the next; returns the train record."""
+        elapsed = time.perf_counter() - self.interval_start
+        steps = self.interval_steps
+        loss_sum = distributed.all_reduce_mean(self.interval_loss, self.dist)
+        max_loss = distributed.all_reduce_max(self.interval_max, self.dist)
+        mean_loss = loss_sum.item() / steps  # the one host sync per interval
+        tokens_per_second = steps * self.tokens_per_step / max(elapsed, 1e-9)
+        record: dict[str, Any] = {
+            "loss": mean_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm.item()),
+            "ms_per_step": 1000 * elapsed / steps,
+            "tokens_per_second": tokens_per_second,
+            "tokens": tokens_seen,
+        }
+        if self.peak_flops:
+            flops = self.flops_per_token * tokens_per_second / self.dist.world_size
+            record["mfu"] = flops / self.peak_flops
+        record["memory_gb"] = self._memory_gb()
+        skipped = int(self.nonfinite_total.item())
+        if skipped:
+            record["skipped_steps"] = skipped
+        self._warn(step, skipped, max_loss.item())
+        self.log.log(step, "train", record)
+        mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
+        self.log.print(
+            f"step {step:>6} | loss {mean_loss:.4f} | lr {record['lr']:.2e} | norm {record['grad_norm']:.2f} | "
+            f"{record['ms_per_step']:.0f} ms/step | {tokens_per_second:,.0f} tok/s{mfu}"
+        )
+        self.log.advance(step, f"loss {mean_loss:.3f}")
+
+        self.history.append(record)
+        self.last_loss = mean_loss
+        if math.isfinite(mean_loss):
+            ema = self.loss_ema
+            self.loss_ema = mean_loss if ema is None else 0.9 * ema + 0.1 * mean_loss
+        self.interval_loss.zero_()
+        self.interval_max.zero_()
+        self.interval_steps, self.interval_start = 0, time.perf_counter()
+        return record
+
+    def nonfinite_stop_reason(self, step: int) -> str | None:
+        """Why the run must stop after `train.max_nonfinite_steps` non-finite steps in a row.
+
+        Agreed across ranks (a collective; call it on every rank at the same step), so that every
+        process takes the same exit path: a stop for non-finite steps writes no checkpoint.
+        """
+        streak = int(self.nonfinite_streak.item())
+        limit = self.cfg.max_nonfinite_steps
+        if not distributed.any_rank(streak >= limit, self.dist, self.device):
+            return None
+        return (
+            f"{streak} consecutive non-finite steps up to step {step} "
+            "(updates were skipped; lower optim.lr or check the data)"
+        )
+
+    def _warn(self, step: int, skipped: int, max_loss: float) -> None:
+        """`nonfinite` event for new skipped steps, `spike` event for a loss far above its average."""
+        if skipped > self.skipped_reported:  # one event per interval that had new ones
+            self.log.event(
+                f"step {step}: {skipped - self.skipped_reported} non-finite step(s) since the "
+                f"last log line ({skipped} this session), their updates skipped",
+                event="nonfinite",
+                step=step,
+            )
+            self.skipped_reported = skipped
+        ema = self.loss_ema
+        if ema is not None and max_loss > self.cfg.spike_factor * ema:
+            self.log.event(
+                f"loss spike at step ~{step}: {max_loss:.3f} vs recent average {ema:.3f}",
+                event="spike",
+                step=step,
+            )
+
+    def _memory_gb(self) -> float:
+        """Peak CUDA memory allocated, or the process's resident memory elsewhere."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return psutil.Process().memory_info().rss / 2**30

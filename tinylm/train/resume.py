@@ -1,0 +1,141 @@
+"""Run directories: where a new run goes, and resuming one from its latest intact checkpoint.
+
+A resumed run continues exactly only if every setting that changes what a step computes is the
+one it was started with; the keys that only change how it is observed or how long it lasts may
+change (`RESUME_SAFE_PREFIXES`). `--force` resumes anyway and says what changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tinylm.config import Config, ConfigError
+from tinylm.train import checkpoint
+
+# Keys that may differ when a run is resumed without --force: they change when or how the run
+# is observed or how long it lasts, not what a given step computes.
+RESUME_SAFE_PREFIXES = (
+    "train.max_steps",
+    "train.max_time_minutes",
+    "train.compile",
+    "train.device",
+    "train.early_stop",
+    "train.max_nonfinite_steps",
+    "train.spike_factor",
+    "train.gap_warn_factor",
+    "eval.",
+    "checkpoint.",
+    "log.",
+    "data.num_workers",
+    "data.prefetch",
+    "data.cache_dir",
+    "out_dir",
+    "run_name",
+)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def unsafe_changes(saved: Config, current: Config) -> list[str]:
+    """Config keys that differ between the checkpoint and now and would change the run."""
+    old, new = flatten(saved.to_dict()), flatten(current.to_dict())
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and not key.startswith(RESUME_SAFE_PREFIXES):
+            if key == "model.vocab_size" and new.get(key) == 0:
+                continue  # 0 means "from the tokenizer", which the saved value already is
+            diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return diffs
+
+
+def schedule_change_note(saved: Config, current: Config) -> str | None:
+    """max_steps may change on resume, but by default the LR decay runs to max_steps: say so."""
+    old, new, opt = saved.train.max_steps, current.train.max_steps, current.optim
+    if old == new or opt.decay_steps is not None or opt.schedule == "constant":
+        return None
+    return (
+        f"train.max_steps {old} -> {new}: the learning-rate decay runs to max_steps, so "
+        "it is rescaled from this step on (the curve jumps); to keep the old schedule, "
+        f"resume with optim.decay_steps={old - opt.warmup_steps} --force"
+    )
+
+
+def open_for_resume(
+    run_dir: Path, cfg: Config, force: bool
+) -> tuple[checkpoint.LoadedCheckpoint, list[str]]:
+    """The run's latest intact checkpoint and the messages to print about resuming from it.
+
+    Raises `CheckpointError` when there is none and `ConfigError` when `cfg` differs from the
+    checkpoint's config in a way that changes the run (unless `force`). Sets
+    `cfg.model.vocab_size` from the checkpoint.
+    """
+    root = run_dir / "checkpoints"
+    latest = checkpoint.find_latest(root)
+    if latest is None:
+        raise checkpoint.CheckpointError(
+            f"--resume: no intact checkpoint in {root}; start a new run without --resume"
+        )
+    loaded = checkpoint.load_checkpoint(latest)
+    changes = unsafe_changes(loaded.config, cfg)
+    if changes and not force:
+        raise ConfigError(
+            "the config differs from the checkpoint's in ways that would change the run:\n  "
+            + "\n  ".join(changes)
+            + "\nResume with the original values, or pass --force to resume anyway."
+        )
+    notes = []
+    if changes:
+        notes.append("resuming with changed config (--force): " + "; ".join(changes))
+    if note := schedule_change_note(loaded.config, cfg):
+        notes.append(note)
+    cfg.model.vocab_size = loaded.config.model.vocab_size
+    notes.append(f"resuming from {latest}")
+    return loaded, notes
+
+
+def stop_message(run_dir: Path, step: int, reason: str) -> str:
+    """What stopped the run, the checkpoint it can continue from, and the command to do so."""
+    latest = checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False)
+    if latest is None:
+        return (
+            f"stopped at step {step}: {reason}. No checkpoint was written; "
+            "start the run again without --resume"
+        )
+    return (
+        f"stopped at step {step}: {reason}. "
+        f"Last good checkpoint: {latest} (step {checkpoint.read_meta(latest)['step']})\n"
+        f"Resume with: tinylm train --resume {run_dir}"
+    )
+
+
+def default_run_dir(cfg: Config, preset: str | None) -> Path:
+    """`out_dir/run_name`, or the first free `out_dir/<preset>[-N]` when no name was given."""
+    out = Path(cfg.out_dir)
+    if cfg.run_name:
+        return out / cfg.run_name
+    base = Path(preset).stem if preset else "run"
+    candidate, n = out / base, 1
+    while (candidate / "checkpoints").exists():
+        n += 1
+        candidate = out / f"{base}-{n}"
+    cfg.run_name = candidate.name
+    return candidate
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run must not overwrite one that has checkpoints (that one continues with --resume)."""
+    if checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        raise ConfigError(
+            f"{run_dir} already has checkpoints: continue it with --resume, or choose another run_name=..."
+        )
