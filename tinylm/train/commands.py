@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -129,6 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tinylm.train.trainer import train
 
     result = train(cfg, run_dir, resume=bool(args.resume), force=args.force)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, the main process reports
+        return 0
     if result.stop_reason != "reached train.max_steps":
         print(f"stopped: {result.stop_reason}", file=sys.stderr)
     print(f"run directory: {result.run_dir}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -69,10 +70,19 @@ def wrap_model(model: nn.Module, mode: str, info: DistInfo, device: torch.device
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
+    # FSDP2 warns when a wrapped module returns a view (the model's logits): an in-place op on
+    # it would skip a backward hook. The loop only back-propagates the loss and never edits
+    # the logits, so the warning says nothing about this code.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for block in getattr(model, "blocks", []):
         fully_shard(block)
     fully_shard(model)
     return model
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (e.g. the grad norm over FSDP shards); others unchanged."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -111,28 +121,17 @@ def optimizer_state_dict(
     return get_optimizer_state_dict(unwrap(model), optimizer, options=options)
 
 
-def load_state(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    model_state: dict,
-    optim_state: dict,
-    info: DistInfo,
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo
 ) -> None:
-    """Load full state dicts into a (possibly wrapped/sharded) model and its optimizer."""
+    """Load a saved optimizer state (full, as `optimizer_state_dict` wrote it) on every rank."""
     if not info.enabled:
-        unwrap(model).load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
+        optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True)
-    set_state_dict(
-        unwrap(model),
-        optimizer,
-        model_state_dict=model_state,
-        optim_state_dict=optim_state,
-        options=options,
-    )
+    set_optimizer_state_dict(unwrap(model), optimizer, state, options=options)
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -81,10 +81,10 @@ class Trainer:
             self.messages += notes
         runtime.seed_everything(cfg.train.seed)
         self._build_data(resumed.tokenizer if resumed else None)
-        self._build_model()
+        self._build_model(resumed.model_state if resumed else None)
+        self._build_optimizer()
         if resumed is not None:
             self._restore(resumed)
-        self._wrap_model()
         # Dropout masks differ per rank but are reproducible; a resumed run restores these states.
         if resumed is None:
             runtime.seed_everything(cfg.train.seed + self.dist.rank)
@@ -97,11 +97,18 @@ class Trainer:
 
         cfg = self.cfg
         # The main process prepares (and caches) the datasets first; the others then open them.
-        if not self.is_main:
-            distributed.barrier(self.dist)
-        self.data = resolve_data(cfg.data, tokenizer, cfg.model.context_length)
+        # Its barrier is in `finally`: when preparation fails, the others go on to fail with the
+        # same error rather than wait for the collective timeout.
         if self.is_main:
+            try:
+                self.data = resolve_data(cfg.data, tokenizer, cfg.model.context_length)
+            finally:
+                distributed.barrier(self.dist)
+        else:
             distributed.barrier(self.dist)
+            self.data = resolve_data(
+                cfg.data, tokenizer, cfg.model.context_length, log=lambda _: None
+            )
         self.tokenizer = self.data.tokenizer
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.tokenizer.vocab_size
@@ -123,28 +130,38 @@ class Trainer:
             prefetch=cfg.data.prefetch,
         )
 
-    def _build_model(self) -> None:
+    def _build_model(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """The model on its device, with `weights` when resuming, then compiled and wrapped."""
         from tinylm.model import GPT
 
-        self.model = GPT(self.cfg.model).to(self.device)
-        self.raw_model = self.model
-        self.optimizer = optim.build_optimizer(self.model, self.cfg.optim, self.device)
-        self.fused_optimizer = bool(self.optimizer.defaults.get("fused"))
-        self.scaler = (
-            torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
-        )
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.raw_model = GPT(self.cfg.model).to(self.device)
+        if weights is not None:  # into the plain module: FSDP then shards what was loaded
+            self.raw_model.load_state_dict(weights)
         n_all, n_body = self.raw_model.num_params(), self.raw_model.num_params(non_embedding=True)
         self.flops_per_token = self.raw_model.flops_per_token()
         self.messages.append(
             f"model: {n_all / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings), "
             f"{self.flops_per_token / 1e6:.1f} MFLOPs/token"
         )
+        model = torch.compile(self.raw_model) if self.cfg.train.compile else self.raw_model
+        self.model = distributed.wrap_model(
+            model, self.cfg.train.distributed, self.dist, self.device
+        )
+
+    def _build_optimizer(self) -> None:
+        # After wrapping: FSDP2 replaces the parameters with sharded ones, and an optimizer
+        # built before would update the discarded originals.
+        self.optimizer = optim.build_optimizer(self.raw_model, self.cfg.optim, self.device)
+        self.fused_optimizer = bool(self.optimizer.defaults.get("fused"))
+        self.scaler = (
+            torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
+        )
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
 
     def _restore(self, loaded: checkpoint.LoadedCheckpoint) -> None:
+        """Optimizer, grad scaler, loop state and RNG streams (the weights are already in)."""
         state = loaded.train_state(map_location="cpu")
-        self.raw_model.load_state_dict(loaded.model_state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.state = LoopState(**state["loop"])
@@ -157,13 +174,6 @@ class Trainer:
             self.messages.append(
                 f"world size changed ({len(rng_states)} -> {self.dist.world_size}): dropout RNG reseeded"
             )
-
-    def _wrap_model(self) -> None:
-        if self.cfg.train.compile:
-            self.model = torch.compile(self.model)
-        self.model = distributed.wrap_model(
-            self.model, self.cfg.train.distributed, self.dist, self.device
-        )
 
     # ---------------------------------------------------------------- the step
 
@@ -193,6 +203,7 @@ class Trainer:
             grad_norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in self.params if p.grad is not None]
             )
+        grad_norm = distributed.full_tensor(grad_norm)  # FSDP: a DTensor over the shards
         nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
 
         if self.scaler is not None:  # fp16: the scaler skips steps with inf/nan grads itself
