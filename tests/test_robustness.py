@@ -376,3 +376,22 @@ def test_interrupt_while_setting_up_is_a_clean_stop(tmp_path, corpus, monkeypatc
     assert run_cli("train", "tiny", *common(tmp_path, corpus, "train.max_steps=5")) == 0
     err = capsys.readouterr().err
     assert "interrupted while setting up" in err and "run the same command again" in err
+
+
+def test_forwarded_signal_within_grace_is_the_same_stop(monkeypatch):
+    """Under torchrun the launcher's forwarded SIGTERM follows the terminal's SIGINT at once."""
+    from tinylm.train.signals import GracefulStop
+
+    exits = []
+    monkeypatch.setattr("tinylm.train.signals.os._exit", exits.append)
+    stop = GracefulStop(repeat_grace_s=2.0)
+    stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGTERM, None)  # forwarded copy: not "exit now"
+    assert stop.requested and stop.reason == "signal SIGINT" and not exits
+    stop._first_signal_at -= 3.0  # a deliberate second Ctrl+C, later
+    stop._handle(signal.SIGINT, None)
+    assert exits == [130]
+    single = GracefulStop()  # single process: every second signal exits at once
+    single._handle(signal.SIGINT, None)
+    single._handle(signal.SIGINT, None)
+    assert exits == [130, 130]

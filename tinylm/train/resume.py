@@ -67,7 +67,7 @@ def schedule_change_note(saved: Config, current: Config) -> str | None:
     return (
         f"train.max_steps {old} -> {new}: the learning-rate decay runs to max_steps, so "
         "it is rescaled from this step on (the curve jumps); to keep the old schedule, "
-        f"resume with optim.decay_steps={old - opt.warmup_steps} --force"
+        f"resume with optim.decay_steps={max(0, old - opt.warmup_steps)} --force"
     )
 
 

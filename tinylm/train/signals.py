@@ -6,6 +6,11 @@ loop writes a checkpoint and exits 0. A second signal exits immediately with sta
 checkpoints are written atomically (see checkpoint.py), so dying in the middle of one never
 damages the last good one.
 
+Under torchrun a terminal's Ctrl+C reaches every rank twice: from the terminal (the whole
+process group gets it) and, milliseconds later, as the SIGTERM the launcher forwards. With
+`repeat_grace_s` > 0 (the trainer sets it under torchrun) a second signal that close behind
+the first counts as the same stop request instead of "exit now".
+
 The handler writes its message with `os.write` rather than `print`: a handler runs in the main
 thread between bytecodes, possibly while that thread is inside `sys.stderr.write` (the progress
 bar, a log line), and re-entering the same buffered stream raises "reentrant call" there.
@@ -17,6 +22,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from types import FrameType, TracebackType
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -31,10 +37,12 @@ def _say(message: str) -> None:
 class GracefulStop:
     """Context manager that turns SIGINT/SIGTERM into a polled `requested` flag."""
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_grace_s: float = 0.0) -> None:
         self.requested = False
         self.reason = ""
         self.signals_received = 0
+        self.repeat_grace_s = repeat_grace_s
+        self._first_signal_at = 0.0
         self._previous: dict[int, object] = {}
 
     def request(self, reason: str) -> None:
@@ -44,7 +52,11 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.signals_received and now - self._first_signal_at < self.repeat_grace_s:
+            return  # the launcher forwarding the same Ctrl+C (see module docstring)
         self.signals_received += 1
+        self._first_signal_at = self._first_signal_at or now
         # Counted separately from `requested`: a stop already asked for by early stopping or
         # the time limit must not make the user's first Ctrl+C look like a second one, and a
         # second Ctrl+C must always exit even when the first stop had another reason.

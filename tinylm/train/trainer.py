@@ -72,7 +72,8 @@ class Trainer:
         # Tracked by step, not by returned path: only the main process gets a path, and every
         # process must agree on whether to enter the collective `_save`.
         self.saved_step = -1
-        self.stop = signals.GracefulStop()
+        # Under torchrun one Ctrl+C arrives twice (terminal + launcher): see signals.py.
+        self.stop = signals.GracefulStop(repeat_grace_s=2.0 if self.dist.enabled else 0.0)
         self.messages = [f"device: {device_reason}", f"precision: {self.precision.reason}"]
 
         resumed = None
