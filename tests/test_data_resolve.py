@@ -192,3 +192,15 @@ def test_bad_bpe_spec(tmp_path):
     path.write_text("some text " * 100)
     with pytest.raises(DataError, match="bpe:VOCAB_SIZE"):
         resolve_data(DataConfig(train=str(path), tokenizer="bpe:lots"), None, 8, **QUIET)
+
+
+def test_prepare_command_trains_bpe_on_its_sources(tmp_path, capsys):
+    path = tmp_path / "stories.txt"
+    path.write_text("<|endoftext|>".join(story(i, 4) for i in range(100)))
+    out = tmp_path / "prepared"
+    args = ["prepare", str(path), "--tokenizer", "bpe:300", "--out", str(out), "--workers", "1"]
+    assert cli.main([*args, "--no-progress"]) == 0
+    from tinylm.data.shards import PreparedDataset
+
+    ds = PreparedDataset.open(out)
+    assert ds.tokenizer().vocab_size == 300 and ds.tokenizer().kind == "bpe"

@@ -84,7 +84,7 @@ def _unique_names(sources: list[_Source]) -> None:
             s.name = f"{s.name}-{n + 1}"
 
 
-def _fitted_tokenizer(
+def fitted_tokenizer(
     spec: str, specs: list[str], cfg: DataConfig, cache: Path, log: Callable[[str], None]
 ) -> Tokenizer:
     """Fit (streaming) or reuse the `char` or `bpe:N` tokenizer of these training sources.
@@ -168,7 +168,7 @@ def _choose_tokenizer(
             return s.prepared.tokenizer()
     if cfg.tokenizer == "char" or cfg.tokenizer.startswith("bpe:"):
         specs = [spec for s in sources for spec in s.train_specs]
-        return _fitted_tokenizer(cfg.tokenizer, specs, cfg, cache, log)
+        return fitted_tokenizer(cfg.tokenizer, specs, cfg, cache, log)
     from tinylm.tokenizer import load_tokenizer
 
     return load_tokenizer(cfg.tokenizer)

@@ -23,7 +23,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE")
     p.add_argument("--out", required=True, help="output directory of the prepared dataset")
     p.add_argument(
-        "--tokenizer", default="char", help="char | gpt2 | path/to/tokenizer.json (default: char)"
+        "--tokenizer",
+        default="char",
+        help="char | gpt2 | bpe:N (train an N-token BPE on the sources) | tok.json (default: char)",
     )
     p.add_argument(
         "--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)"
@@ -65,8 +67,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from tinylm.config import DataConfig
+    from tinylm.data import fitted_tokenizer
     from tinylm.data.errors import DataError
-    from tinylm.data.prepare import SplitSettings, fit_char_tokenizer, prepare
+    from tinylm.data.prepare import SplitSettings, prepare
     from tinylm.data.registry import resolve_named
     from tinylm.paths import cache_dir
     from tinylm.tokenizer import load_tokenizer
@@ -83,9 +87,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val += t + v
     if not 0 <= args.val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if args.tokenizer == "char":
-        print(f"prepare: fitting a char tokenizer on {', '.join(train)}")
-        tokenizer = fit_char_tokenizer(train, args.text_field, args.delimiter)
+    if args.tokenizer == "char" or args.tokenizer.startswith("bpe:"):
+        # Fitted on these sources and cached, exactly as `tinylm train` does.
+        fit_cfg = DataConfig(
+            text_field=args.text_field, doc_delimiter=args.delimiter, num_workers=args.workers or 0
+        )
+        tokenizer = fitted_tokenizer(
+            args.tokenizer, train, fit_cfg, cache, lambda m: print(f"prepare: {m}")
+        )
     else:
         tokenizer = load_tokenizer(args.tokenizer)
     settings = SplitSettings(
