@@ -209,35 +209,15 @@ def evaluate(
 
 
 def evaluate_full(
-    model: nn.Module,
-    tokens: TokenSource,
-    *,
-    seq_len: int,
-    stride: int | None = None,
-    batch_size: int,
-    device: str | torch.device,
-    autocast: AutocastFactory = contextlib.nullcontext,
-    token_bytes: np.ndarray | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    model: nn.Module, tokens: TokenSource, *, stride: int | None = None, **kwargs: Any
 ) -> EvalResult:
     """Score every target token of the set exactly once (for final numbers).
 
     `stride=None` (or `seq_len`): non-overlapping windows. A smaller stride slides the window so
     that each token is predicted with at least `seq_len - stride` tokens of history, at the cost
-    of `seq_len / stride` times more compute.
+    of `seq_len / stride` times more compute. Other keyword arguments are `evaluate`'s.
     """
-    return evaluate(
-        model,
-        tokens,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        max_batches=None,
-        stride=stride,
-        device=device,
-        autocast=autocast,
-        token_bytes=token_bytes,
-        should_stop=should_stop,
-    )
+    return evaluate(model, tokens, max_batches=None, stride=stride, **kwargs)
 
 
 def evaluate_sets(

@@ -158,7 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from tinylm.data import resolve_data
-    from tinylm.eval.evaluate import evaluate_full, evaluate_sets
+    from tinylm.eval.evaluate import evaluate_sets
     from tinylm.train import runtime
     from tinylm.train.checkpoint import load_model
 
@@ -181,32 +181,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or cfg.eval.batch_size or cfg.train.batch_size
     token_bytes = tokenizer.token_bytes()
     with torch.no_grad():
-        if args.full:
-            for name, tokens in val_sets.items():
-                r = evaluate_full(
-                    model,
-                    tokens,
-                    seq_len=cfg.model.context_length,
-                    stride=args.stride or None,
-                    batch_size=batch_size,
-                    device=device,
-                    autocast=lambda: runtime.autocast(device, precision),
-                    token_bytes=token_bytes,
-                )
-                _print_result(name, r)
-        else:
-            results = evaluate_sets(
-                model,
-                val_sets,
-                batch_size=batch_size,
-                seq_len=cfg.model.context_length,
-                max_batches=args.max_batches or cfg.eval.max_batches,
-                device=device,
-                autocast=lambda: runtime.autocast(device, precision),
-                token_bytes=token_bytes,
-            )
-            for name, r in results.items():
-                _print_result(name, r)
+        # A full pass scores every validation token once; otherwise a bounded, fixed sample.
+        results = evaluate_sets(
+            model,
+            val_sets,
+            batch_size=batch_size,
+            seq_len=cfg.model.context_length,
+            max_batches=None if args.full else (args.max_batches or cfg.eval.max_batches),
+            stride=args.stride or None,
+            device=device,
+            autocast=lambda: runtime.autocast(device, precision),
+            token_bytes=token_bytes,
+        )
+    for name, r in results.items():
+        _print_result(name, r)
     return 0
 
 
