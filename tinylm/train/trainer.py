@@ -274,6 +274,8 @@ class Trainer:
             dist=self.dist,
             # Sampling runs on the main process alone, which FSDP's sharded forward cannot do.
             sample=self.is_main and not (self.dist.enabled and cfg.train.distributed == "fsdp"),
+            first_token=int(self.data.train[0][1][0]),
+            single_document=all(getattr(t, "num_documents", 2) <= 1 for _, t, _ in self.data.train),
         )
         last_eval_step, nonfinite_stop = -1, False
         run_start = time.perf_counter() - state.elapsed_seconds

@@ -37,8 +37,14 @@ class Validator:
         stop: signals.GracefulStop,
         dist: distributed.DistInfo,
         sample: bool,
+        first_token: int = 0,
+        single_document: bool = False,
     ) -> None:
         self.cfg, self.val, self.tokenizer, self.log = cfg, val, tokenizer, log
+        # Samples without a prompt start a new document (<|endoftext|>), except when the corpus is
+        # one document (Tiny Shakespeare): the model never saw that token, so start as it starts.
+        eot = tokenizer.eot_id
+        self.default_prompt = [first_token] if single_document or eot is None else [eot]
         self.device, self.precision, self.stop, self.dist = device, precision, stop, dist
         self.token_bytes = tokenizer.token_bytes()
         self.sample = sample and cfg.eval.samples > 0
@@ -108,8 +114,7 @@ class Validator:
 
         cfg, tok = self.cfg, self.tokenizer
         prompt = tok.encode(cfg.eval.sample_prompt) if cfg.eval.sample_prompt else []
-        if not prompt:
-            prompt = [tok.eot_id if tok.eot_id is not None else 0]
+        prompt = prompt or self.default_prompt
         for i in range(cfg.eval.samples):
             if self.stop.requested:
                 return
