@@ -124,60 +124,6 @@ def doc_goes_to_val(index: int, seed: int, fraction: float) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-class _CharArrayEncoder:
-    """Vectorized CharTokenizer encoding (~20x its per-character Python loop, same ids).
-
-    Text without special-token strings maps code points through a lookup table; anything else
-    (special tokens, the 'error' policy meeting an unknown character) goes through
-    `tokenizer.encode`, so the result always equals it.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        from tinylm.tokenizer.char import UNK
-
-        self.tokenizer = tokenizer
-        codes = np.array([ord(c) for c in tokenizer.chars], dtype=np.int64)
-        unknown = tokenizer.special_tokens[UNK] if tokenizer.unknown == "unk" else -1
-        # One slot past the largest known code point catches every unknown one after clipping.
-        self.table = np.full(int(codes.max()) + 2, unknown, dtype=np.int64)
-        self.table[codes] = np.arange(len(codes))
-        self.specials = list(tokenizer.special_tokens)
-
-    def _lookup(self, text: str) -> np.ndarray:
-        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        return self.table[np.minimum(points, len(self.table) - 1)]
-
-    def _one(self, text: str) -> np.ndarray:
-        if any(s in text for s in self.specials):
-            return np.asarray(self.tokenizer.encode(text), dtype=np.int64)
-        ids = self._lookup(text)
-        if self.tokenizer.unknown != "unk" and (ids < 0).any():
-            if self.tokenizer.unknown == "skip":
-                return ids[ids >= 0]
-            return np.asarray(
-                self.tokenizer.encode(text), dtype=np.int64
-            )  # raises, naming the char
-        return ids
-
-    def __call__(self, texts: list[str]) -> list[np.ndarray]:
-        # One lookup over the joined chunk: per-text NumPy calls cost more than the lookup itself
-        # for short documents (6.6 vs ~100 MB/s on 570-character stories).
-        joined = "".join(texts)
-        if any(s in joined for s in self.specials):
-            return [self._one(t) for t in texts]
-        ids = self._lookup(joined)
-        if self.tokenizer.unknown != "unk" and (ids < 0).any():
-            return [self._one(t) for t in texts]
-        # UTF-32 has one unit per code point, so Python string lengths are the split points.
-        return np.split(ids, np.cumsum([len(t) for t in texts[:-1]]))
-
-
-def _array_encoder(tokenizer: Tokenizer) -> Callable[[list[str]], list[np.ndarray]]:
-    if tokenizer.kind == "char" and hasattr(tokenizer, "chars"):
-        return _CharArrayEncoder(tokenizer)
-    return lambda texts: [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts)]
-
-
 @dataclass
 class _Chunk:
     index: int
@@ -232,7 +178,7 @@ def _worker_init(out_dir: str, dtype: str, eot: int) -> None:
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     tokenizer = tokenizer_from_file(Path(out_dir) / TOKENIZER)
     _WORKER.update(
-        encode=_array_encoder(tokenizer), out_dir=Path(out_dir), dtype=np.dtype(dtype), eot=eot
+        encode=tokenizer.encode_to_arrays, out_dir=Path(out_dir), dtype=np.dtype(dtype), eot=eot
     )
 
 
@@ -356,7 +302,7 @@ class _Dispatcher:
 
     def _inline(self, chunk: _Chunk) -> dict[str, Any]:
         if self._encode is None:
-            self._encode = _array_encoder(self.tokenizer)
+            self._encode = self.tokenizer.encode_to_arrays
         return _tokenize_chunk(chunk, self._encode, self.out_dir, self.dtype, self.eot)
 
     def submit(self, chunk: _Chunk) -> Iterator[dict[str, Any]]:

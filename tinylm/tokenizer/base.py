@@ -63,6 +63,10 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_to_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode_batch` as int64 arrays (what data preparation writes); subclasses vectorize."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
     def encode_iterable(self, texts: Iterable[str]) -> Iterator[int]:
         """Yield ids lazily, chunk by chunk, so memory does not grow with the input."""
         for text in texts:

@@ -34,6 +34,12 @@ class CharTokenizer(Tokenizer):
         self._stoi = {c: i for i, c in enumerate(self.chars)}
         n = len(self.chars)
         self._specials = {EOT: n, UNK: n + 1}
+        # Code point -> id table for vectorized encoding; one slot past the largest known code
+        # point catches every unknown one after clipping (-1 = not encodable by lookup).
+        codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
+        unknown_id = self._specials[UNK] if unknown == "unk" else -1
+        self._table = np.full(int(codes.max(initial=0)) + 2, unknown_id, dtype=np.int64)
+        self._table[codes] = np.arange(n)
 
     @classmethod
     def fit(cls, texts: Iterable[str], unknown: UnknownPolicy = "unk") -> CharTokenizer:
@@ -70,6 +76,35 @@ class CharTokenizer(Tokenizer):
                 )
 
     def encode(self, text: str) -> list[int]:
+        return self.encode_to_arrays([text])[0].tolist()
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [ids.tolist() for ids in self.encode_to_arrays(texts)]
+
+    def encode_to_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Vectorized: one table lookup over the joined texts (~20x the per-character loop).
+
+        Texts holding special-token strings, or unknown characters under the skip/error
+        policies, take the exact per-character path (`_encode_exact`), so ids never differ.
+        """
+        if not texts:
+            return []
+        joined = "".join(texts)
+        # One lookup over the joined batch: per-text NumPy calls cost more than the lookup
+        # itself for short documents (6.6 vs ~100 MB/s on 570-character stories).
+        if not any(s in joined for s in self._specials):
+            ids = self._lookup(joined)
+            if not (ids < 0).any():
+                # UTF-32 has one unit per code point, so string lengths are the split points.
+                return np.split(ids, np.cumsum([len(t) for t in texts[:-1]]))
+        return [np.asarray(self._encode_exact(t), dtype=np.int64) for t in texts]
+
+    def _lookup(self, text: str) -> np.ndarray:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        return self._table[np.minimum(points, len(self._table) - 1)]
+
+    def _encode_exact(self, text: str) -> list[int]:
+        """The reference encoding: special tokens first, then one id per character."""
         out: list[int] = []
         start = 0
         while True:
