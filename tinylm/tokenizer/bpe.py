@@ -144,7 +144,6 @@ class BPETokenizer(Tokenizer):
             else None
         )
         self._decode_table = [self.vocab[i] for i in range(n)]
-        self._fingerprint: str | None = None
 
     # -- Tokenizer interface ---------------------------------------------------------------
 
@@ -236,13 +235,6 @@ class BPETokenizer(Tokenizer):
             [0 if i in special_ids else len(b) for i, b in enumerate(self._decode_table)],
             dtype=np.int32,
         )
-
-    def fingerprint(self) -> str:
-        if (
-            self._fingerprint is None
-        ):  # hashing 50k tokens takes ~50 ms; the data pipeline asks often
-            self._fingerprint = super().fingerprint()
-        return self._fingerprint
 
     # -- our file format -------------------------------------------------------------------
 
