@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from tinylm.tokenizer.base import EOT, Tokenizer, TokenizerError
-from tinylm.tokenizer.bpe_train import GPT2_PATTERN, last_safe_cut
+from tinylm.tokenizer.pretokenize import GPT2_PATTERN, last_safe_cut
 
 BYTE_ENCODING = "gpt2-unicode"
 

@@ -30,8 +30,8 @@ from itertools import pairwise
 from pathlib import Path
 
 from tinylm.tokenizer.base import TokenizerError
-
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+from tinylm.tokenizer.bpe import BPETokenizer
+from tinylm.tokenizer.pretokenize import GPT2_PATTERN, last_safe_cut
 
 # Chunks handed to one worker. ~1 MB keeps both cores busy on a 5 MB corpus and bounds the
 # memory of one in-flight chunk; the per-chunk Counter pickling overhead is small at this size.
@@ -56,10 +56,8 @@ class BPETrainResult:
     num_words: int = 0  # distinct pre-tokens
     engine: str = ""  # "native" or "python"
 
-    def tokenizer(self):
+    def tokenizer(self) -> BPETokenizer:
         """The trained `BPETokenizer`."""
-        from tinylm.tokenizer.bpe import BPETokenizer
-
         specials = {s: 256 + i for i, s in enumerate(self.special_tokens)}
         return BPETokenizer(self.vocab, self.merges, specials, pattern=self.pattern)
 
@@ -181,28 +179,6 @@ def _groups(tasks: Iterable[Task], target_bytes: int) -> Iterator[list[Task]]:
             group, size = [], 0
     if group:
         yield group
-
-
-def last_safe_cut(text: str | bytes, lo: int = 0, hi: int | None = None) -> int:
-    """The last position in [lo, hi) between a visible ASCII character and a space, tab or
-    newline, or -1: cutting `text` there changes neither its pre-tokens nor its BPE encoding.
-
-    No GPT-2 pattern matches non-space then space and none looks behind, so both sides
-    tokenize as in the whole text; the cut never splits a UTF-8 character. Just after a newline
-    is *not* safe: "\n\n" before "x" is two tokens in the whole text, one at a chunk end.
-    Searched backwards with rfind: a forward regex scan cost more than pre-tokenizing.
-    """
-    space, newline, tab, first, last = (
-        (" ", "\n", "\t", "!", "~") if isinstance(text, str) else (b" ", b"\n", b"\t", b"!", b"~")
-    )
-    end = len(text) if hi is None else hi
-    while True:
-        p = max(text.rfind(space, lo, end), text.rfind(newline, lo, end), text.rfind(tab, lo, end))
-        if p <= lo:
-            return -1
-        if first <= text[p - 1 : p] <= last:
-            return p
-        end = p
 
 
 def file_chunks(

@@ -13,7 +13,7 @@ from itertools import pairwise
 
 import regex
 
-from tinylm.tokenizer.bpe_train import GPT2_PATTERN
+from tinylm.tokenizer.pretokenize import GPT2_PATTERN
 
 
 class ReferenceBPE:
