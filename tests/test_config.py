@@ -44,7 +44,7 @@ def test_override_of_nullable_field_and_list_of_sections():
         ("model.n_head=3", "model.n_head=3 must divide model.d_model=128"),
         ("model.n_kv_head=3", "model.n_kv_head=3 must divide model.n_head=4"),
         ("optim.min_lr=1.0", "optim.min_lr=1.0 must be in [0, optim.lr"),
-        ("data.val_fraction=1.5", "data.val_fraction must be in [0, 1)"),
+        ("data.val_fraction=1.5", "data.val_fraction=1.5 is out of range"),
         ("train.max_steps", "not of the form section.key=value"),
     ],
 )

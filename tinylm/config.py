@@ -5,6 +5,12 @@ name such as `tiny`), then `section.key=value` overrides from the command line, 
 Unknown keys, wrong types and impossible combinations are errors that name the key, raised as
 `ConfigError` before anything expensive happens. The resolved config is saved with every run.
 
+Every numeric field declares its domain where it is defined: `ranged(default, ge=.., le=..)`
+(tinylm/domains.py). `validate()` walks the tree and checks each one (NaN, infinity, negatives,
+zero where meaningless, and an upper bound where a huge value is a typo or a runaway
+allocation), then the relations between fields. A new numeric field must use `ranged`:
+tests/test_config_domains.py fails for one that does not.
+
 This module imports no torch so that `tinylm --help` and config errors are instant.
 """
 
@@ -19,7 +25,15 @@ from typing import Any, Literal
 
 import yaml
 
+from tinylm.domains import field_domain, is_device, numeric_kind, ranged, walk_fields
+from tinylm.suggest import close_matches, did_you_mean, nearby_path
+
 PRESET_DIR = Path(__file__).parent / "configs"
+# Seeds go to numpy, which takes 0 <= seed < 2^32.
+SEED_MAX = 2**32 - 1
+# Sampling is one forward pass per token; 65,536 tokens is ~40 books' worth of a char model and
+# minutes even for the tiny preset on CPU: a larger count is a typo, not a request.
+MAX_NEW_TOKENS = 65536
 
 
 class ConfigError(ValueError):
@@ -35,27 +49,33 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture of the decoder-only transformer (see tinylm/model.py)."""
 
-    vocab_size: int = 0  # 0 = take it from the tokenizer (padded up to `vocab_multiple`)
-    vocab_multiple: int = 64  # pad the embedding table to a multiple of this (tensor-core friendly)
-    context_length: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query attention
-    d_model: int = 128
-    d_ff: int | None = None  # None = 4*d_model for GELU, 8/3*d_model rounded to 64 for SwiGLU
+    # 0 = take it from the tokenizer (padded up to `vocab_multiple`)
+    vocab_size: int = ranged(0, ge=0, le=2**24, note="0 = from the tokenizer")
+    # pad the embedding table to a multiple of this (tensor-core friendly)
+    vocab_multiple: int = ranged(64, ge=1, le=4096)
+    context_length: int = ranged(256, ge=1, le=2**20)
+    # 1000 is ~10x the deepest published dense models; more is a typo (and TBs of weights).
+    n_layer: int = ranged(4, ge=1, le=1000)
+    n_head: int = ranged(4, ge=1, le=1024)
+    # None = n_head (multi-head); fewer = grouped-query attention
+    n_kv_head: int | None = ranged(None, ge=1, le=1024, none="n_head")
+    d_model: int = ranged(128, ge=1, le=2**16)
+    # None = 4*d_model for GELU, 8/3*d_model rounded to 64 for SwiGLU
+    d_ff: int | None = ranged(None, ge=1, le=2**20, none="the default for model.mlp")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = 1e-5
+    norm_eps: float = ranged(1e-5, gt=0, le=1)
     pos_emb: Literal["learned", "rope"] = "learned"
-    rope_theta: float = 10000.0
+    rope_theta: float = ranged(10000.0, gt=0, le=1e12)
     mlp: Literal["gelu", "swiglu"] = "gelu"
     qk_norm: bool = False
     bias: bool = True
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
+    dropout: float = ranged(0.0, ge=0, lt=1)
+    attn_dropout: float = ranged(0.0, ge=0, lt=1)
     tie_embeddings: bool = True
     init: Literal["normal", "trunc_normal"] = "normal"
-    init_std: float = 0.02
-    sliding_window: int | None = None  # attend to at most this many previous positions
+    init_std: float = ranged(0.02, gt=0, le=10)
+    # attend to at most this many previous positions
+    sliding_window: int | None = ranged(None, ge=1, le=2**20, none="off")
 
     @property
     def head_dim(self) -> int:
@@ -79,7 +99,7 @@ class DataSourceConfig:
     """One corpus in a mixture."""
 
     path: str = ""  # file, directory, glob, prepared dataset dir, `hf:NAME`, or a registry name
-    weight: float = 1.0
+    weight: float = ranged(1.0, gt=0, le=1e9)  # relative to the other sources' weights
     name: str = ""  # label in per-dataset validation metrics (default: derived from path)
 
 
@@ -91,31 +111,39 @@ class DataConfig:
     mix: list[DataSourceConfig] = field(default_factory=list)  # several weighted sources instead
     val: str = ""  # explicit validation source; empty = split from the training source
     tokenizer: str = "char"  # char | gpt2 | bpe:N (train N-token BPE on the data) | tok.json
-    val_fraction: float = 0.1  # share of documents (or of tokens, for a single document) held out
-    val_count: int = 0  # > 0: hold out exactly this many documents instead of val_fraction
-    split_seed: int = 1234
+    # share of documents (or of tokens, for a single document) held out
+    val_fraction: float = ranged(0.1, ge=0, lt=1)
+    # > 0: hold out exactly this many documents instead of val_fraction
+    val_count: int = ranged(0, ge=0, le=10**9, note="0 = use data.val_fraction")
+    split_seed: int = ranged(1234, ge=0, le=SEED_MAX)
     text_field: str = "text"  # field/column of jsonl, json, parquet and HF sources
     doc_delimiter: str = "<|endoftext|>"  # separates documents inside one plain-text file
     cache_dir: str = ""  # prepared datasets; empty = $TINYLM_CACHE or ~/.cache/tinylm
-    num_workers: int = 0  # tokenizer worker processes; 0 = one per CPU core
+    # tokenizer worker processes; 0 = one per CPU core
+    num_workers: int = ranged(0, ge=0, le=1024, note="0 = one per CPU core")
     sampling: Literal["random", "sequential"] = "random"
-    prefetch: int = 2  # batches prepared ahead in a background thread (0 = off)
+    # batches prepared ahead in a background thread (0 = off)
+    prefetch: int = ranged(2, ge=0, le=64, note="0 = off")
 
 
 @dataclass
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = 1e-3
-    min_lr: float = 1e-4  # floor reached at the end of the decay
-    warmup_steps: int = 100
-    decay_steps: int | None = None  # None = max_steps - warmup_steps
+    lr: float = ranged(1e-3, gt=0, le=10)
+    min_lr: float = ranged(1e-4, ge=0, le=10)  # floor reached at the end of the decay
+    warmup_steps: int = ranged(100, ge=0, le=10**9)
+    # None = max_steps - warmup_steps
+    decay_steps: int | None = ranged(
+        None, ge=1, le=10**9, none="train.max_steps - optim.warmup_steps"
+    )
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.1  # applied to >=2-D weights only (not norms, biases)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    # applied to >=2-D weights only (not norms, biases)
+    weight_decay: float = ranged(0.1, ge=0, le=10)
+    beta1: float = ranged(0.9, ge=0, lt=1)
+    beta2: float = ranged(0.95, ge=0, lt=1)
+    eps: float = ranged(1e-8, gt=0, le=1)
+    grad_clip: float = ranged(1.0, ge=0, le=1e6, note="0 = off")  # max global grad norm; 0 = off
     fused: bool | None = None  # None = fused AdamW where the device supports it
 
 
@@ -123,51 +151,61 @@ class OptimConfig:
 class TrainConfig:
     """The training loop."""
 
-    max_steps: int = 1000
-    batch_size: int = 32  # micro-batch size (sequences per forward pass)
-    grad_accum: int = 1  # effective batch = batch_size * grad_accum * world_size
-    max_time_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = off
+    max_steps: int = ranged(1000, ge=1, le=10**9)
+    batch_size: int = ranged(32, ge=1, le=65536)  # micro-batch size (sequences per forward pass)
+    # effective batch = batch_size * grad_accum * world_size
+    grad_accum: int = ranged(1, ge=1, le=65536)
+    # stop (and checkpoint) after this wall time; 0 = off
+    max_time_minutes: float = ranged(0.0, ge=0, le=10**7, note="0 = off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    seed: int = 1337
+    seed: int = ranged(1337, ge=0, le=SEED_MAX)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto = ddp
-    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = off
-    early_stop_min_delta: float = 0.0
-    max_nonfinite_steps: int = 5  # consecutive non-finite losses/grad norms before stopping
-    spike_factor: float = 3.0  # log a spike when loss > factor * recent average
-    gap_warn_factor: float = 1.5  # warn when val loss > factor * train loss
+    # evaluations without improvement before stopping; 0 = off
+    early_stop_patience: int = ranged(0, ge=0, le=10**6, note="0 = off")
+    early_stop_min_delta: float = ranged(0.0, ge=0, le=100)  # in nats of val loss
+    # consecutive non-finite losses/grad norms before stopping
+    max_nonfinite_steps: int = ranged(5, ge=1, le=10**6)
+    # Factors <= 1 would flag every ordinary step (the loss fluctuates around its average).
+    # log a spike when loss > factor * recent average
+    spike_factor: float = ranged(3.0, gt=1, le=1e6)
+    gap_warn_factor: float = ranged(1.5, gt=1, le=1e6)  # warn when val loss > factor * train loss
 
 
 @dataclass
 class EvalConfig:
     """Validation during training and `tinylm eval`."""
 
-    interval: int = 200  # steps between evaluations (0 = only at the end)
-    max_batches: int = 20  # bounded, deterministic validation during training
-    batch_size: int = 0  # 0 = train.batch_size
-    samples: int = 1  # generations printed at each evaluation
-    sample_tokens: int = 200
+    # steps between evaluations (0 = only at the end)
+    interval: int = ranged(200, ge=0, le=10**9, note="0 = only at the end")
+    # bounded, deterministic validation during training
+    max_batches: int = ranged(20, ge=1, le=10**6)
+    batch_size: int = ranged(0, ge=0, le=65536, note="0 = train.batch_size")  # 0 = train.batch_size
+    samples: int = ranged(1, ge=0, le=100)  # generations printed at each evaluation
+    sample_tokens: int = ranged(200, ge=0, le=MAX_NEW_TOKENS)
     sample_prompt: str = ""
-    temperature: float = 0.8
-    top_k: int = 50
+    temperature: float = ranged(0.8, ge=0, le=100, note="0 = greedy")
+    top_k: int = ranged(50, ge=0, le=2**24, note="0 = off")
 
 
 @dataclass
 class CheckpointConfig:
     """When checkpoints are written and which are kept."""
 
-    interval: int = 500  # steps between checkpoints (also written at the end and on a stop)
-    keep_last: int = 2
+    # steps between checkpoints (also written at the end and on a stop)
+    interval: int = ranged(500, ge=0, le=10**9, note="0 = only at the end")
+    keep_last: int = ranged(2, ge=1, le=10**6)
     keep_best: bool = True  # also keep the checkpoint with the best validation loss
-    milestone_interval: int = 0  # keep every checkpoint whose step is a multiple; 0 = none
+    # keep every checkpoint whose step is a multiple; 0 = none
+    milestone_interval: int = ranged(0, ge=0, le=10**9, note="0 = none")
 
 
 @dataclass
 class LogConfig:
     """What the run reports and where."""
 
-    interval: int = 10  # steps between log lines
+    interval: int = ranged(10, ge=1, le=10**9)  # steps between log lines
     progress: bool = True  # progress bar (off automatically when not a terminal)
     tensorboard: bool = True
     wandb: bool = False
@@ -282,10 +320,36 @@ def build_section(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in types_:
-            known = ", ".join(types_)
-            raise ConfigError(f"unknown config key '{full}'. Known keys here: {known}")
+            raise ConfigError(_unknown_key_message(full, key, types_))
         kwargs[key] = _coerce(value, types_[key], full)
     return cls(**kwargs)
+
+
+def all_keys() -> list[str]:
+    """Every dotted key of the config tree (`data.mix[].path` for fields of list items)."""
+    return [key for key, _, _ in walk_fields(Config)]
+
+
+def _unknown_key_message(full: str, key: str, here: dict[str, Any]) -> str:
+    """'unknown config key' with the likely intended key: the same name in another section
+    (`max_steps` -> `train.max_steps`, `train.lr` -> `optim.lr`), else the closest spelling
+    among every key's name (`train.warmup_step` -> `optim.warmup_steps`)."""
+    prefix = full[: -len(key)]
+    where: dict[str, list[str]] = {name: [prefix + name] for name in here}
+    for k in all_keys():
+        if "[]" not in k:
+            where.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    exact = [k for k in where.get(key, []) if k != full]
+    near = close_matches(key, where, n=1)
+    close = list(dict.fromkeys(where[near[0]])) if near else []
+    if prefix + (near[0] if near else "") in close:
+        close = [prefix + near[0]]  # the name exists in this very section: that is the one
+    hint = _one_of(exact or close)
+    return f"unknown config key '{full}'.{hint} Known keys here: {', '.join(here)}"
+
+
+def _one_of(keys: list[str]) -> str:
+    return " Did you mean " + " or ".join(f"'{k}'" for k in keys) + "?" if keys else ""
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -332,16 +396,20 @@ def _set_dotted(tree: dict[str, Any], path: list[str], value: Any) -> None:
 def resolve_preset(name_or_path: str) -> Path:
     """A preset name (`tiny`) or a path to a YAML file."""
     path = Path(name_or_path)
+    presets = ", ".join(list_presets())
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"config file '{path}' is a directory; give a YAML file or a preset")
         if not path.is_file():
-            raise ConfigError(
-                f"config file '{path}' not found. Presets: {', '.join(list_presets())}"
-            )
+            near = nearby_path(path)
+            hint = f" Did you mean '{near}'?" if near else ""
+            raise ConfigError(f"config file '{path}' not found.{hint} Presets: {presets}")
         return path
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if not preset.is_file():
+        hint = did_you_mean(name_or_path, list_presets())
         raise ConfigError(
-            f"'{name_or_path}' is neither a config file nor a preset. Presets: {', '.join(list_presets())}"
+            f"'{name_or_path}' is neither a config file nor a preset.{hint} Presets: {presets}"
         )
     return preset
 
@@ -392,10 +460,15 @@ def _require(cond: bool, message: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Raise ConfigError for values or combinations that cannot work."""
-    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
-    for key in ("context_length", "n_layer", "n_head", "d_model"):
-        _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    """Raise ConfigError for values or combinations that cannot work.
+
+    First every field against its declared domain (`ranged(...)` above; a generic walk, so a
+    new field is checked by declaring it), then the names that become paths, then relations
+    between fields.
+    """
+    _check_domains(cfg)
+    _check_strings(cfg)
+    m, o, d = cfg.model, cfg.optim, cfg.data
     _require(
         m.d_model % m.n_head == 0,
         f"model.n_head={m.n_head} must divide model.d_model={m.d_model} "
@@ -403,47 +476,64 @@ def validate(cfg: Config) -> None:
     )
     if m.n_kv_head is not None:
         _require(
-            0 < m.n_kv_head <= m.n_head and m.n_head % m.n_kv_head == 0,
-            f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head}",
+            m.n_kv_head <= m.n_head and m.n_head % m.n_kv_head == 0,
+            f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head} "
+            f"(e.g. n_kv_head={_nearest_divisor(m.n_head, m.n_kv_head)}, or null for n_head)",
         )
     if m.pos_emb == "rope":
         _require(
             m.head_dim % 2 == 0, f"model.pos_emb=rope needs an even head dim, got {m.head_dim}"
         )
-    _require(m.vocab_size >= 0, "model.vocab_size must be >= 0 (0 = from the tokenizer)")
-    _require(m.vocab_multiple >= 1, "model.vocab_multiple must be >= 1")
-    _require(m.d_ff is None or m.d_ff > 0, "model.d_ff must be positive (or null for the default)")
-    for key in ("dropout", "attn_dropout"):
-        _require(0.0 <= getattr(m, key) < 1.0, f"model.{key} must be in [0, 1)")
-    if m.sliding_window is not None:
-        _require(m.sliding_window > 0, "model.sliding_window must be positive (or null for off)")
-    _require(m.init_std > 0, "model.init_std must be positive")
-
-    _require(o.lr > 0, "optim.lr must be positive")
-    _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
-    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
-    _require(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 = off)")
-    _require(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
-
-    _require(t.max_steps > 0, "train.max_steps must be positive")
-    _require(t.batch_size > 0, "train.batch_size must be positive")
-    _require(t.grad_accum > 0, "train.grad_accum must be positive")
-    _require(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be positive")
-
-    _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
-    _require(d.val_count >= 0, "data.val_count must be >= 0 (0 = use data.val_fraction)")
+    _require(
+        o.min_lr <= o.lr,
+        f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}] (the decay ends at min_lr)",
+    )
     _require(bool(d.train) or bool(d.mix), "data.train (or data.mix) must name a source")
     for i, src in enumerate(d.mix):
         _require(bool(src.path), f"data.mix[{i}].path is empty")
-        _require(src.weight > 0, f"data.mix[{i}].weight must be positive")
-    _require(d.num_workers >= 0, "data.num_workers must be >= 0 (0 = one per core)")
 
-    _require(cfg.eval.interval >= 0, "eval.interval must be >= 0")
-    _require(cfg.eval.max_batches > 0, "eval.max_batches must be positive")
-    _require(cfg.checkpoint.interval >= 0, "checkpoint.interval must be >= 0")
-    _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
-    _require(cfg.log.interval > 0, "log.interval must be positive")
+
+def _check_domains(node: Any, prefix: str = "") -> None:
+    """Every numeric field of the tree against the domain it declares (see tinylm/domains.py)."""
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        key, value, tp = f"{prefix}{f.name}", getattr(node, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            _check_domains(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_domains(item, f"{key}[{i}].")
+        elif isinstance(value, str):
+            _require("\x00" not in value, f"{key}: contains a NUL character; remove it")
+        elif (domain := field_domain(f)) is not None:
+            kind = numeric_kind(tp)
+            problem = domain.problem(value, integer=kind == "int")
+            _require(
+                problem is None,
+                f"{key}={value!r} is out of range ({problem}): must be "
+                f"{domain.describe(integer=kind == 'int')}",
+            )
+
+
+def _check_strings(cfg: Config) -> None:
+    """Strings with a fixed form. `run_name` names one directory inside `out_dir`, never a path:
+    a run elsewhere is chosen with `out_dir` (any path, written on purpose), while a slash or
+    `..` in a name is a typo or an escape from `out_dir`."""
+    name = cfg.run_name
+    _require(
+        not name or (name not in (".", "..") and "/" not in name and "\\" not in name),
+        f"run_name={name!r} must be a single directory name (no '/', not '.' or '..'); "
+        "to put the run somewhere else set out_dir=PATH",
+    )
+    _require(
+        name == name.strip(),
+        f"run_name={name!r} starts or ends with whitespace; remove it",
+    )
+    _require(
+        is_device(cfg.train.device),
+        f"train.device={cfg.train.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps",
+    )
 
 
 def _nearest_divisor(n: int, near: int) -> int:
