@@ -128,16 +128,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW, or Muon + AdamW) and the learning-rate schedule."""
 
     lr: float = ranged(1e-3, gt=0, le=10)
     min_lr: float = ranged(1e-4, ge=0, le=10)  # floor reached at the end of the decay
     warmup_steps: int = ranged(100, ge=0, le=10**9)
-    # None = max_steps - warmup_steps
+    # None = max_steps - warmup_steps (wsd: the decay's length; None = decay_fraction * max_steps)
     decay_steps: int | None = ranged(
         None, ge=1, le=10**9, none="train.max_steps - optim.warmup_steps"
     )
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     # applied to >=2-D weights only (not norms, biases)
     weight_decay: float = ranged(0.1, ge=0, le=10)
     beta1: float = ranged(0.9, ge=0, lt=1)
@@ -145,6 +145,18 @@ class OptimConfig:
     eps: float = ranged(1e-8, gt=0, le=1)
     grad_clip: float = ranged(1.0, ge=0, le=1e6, note="0 = off")  # max global grad norm; 0 = off
     fused: bool | None = None  # None = fused AdamW where the device supports it
+    # Muon (optim.name=muon) on the hidden matrices; `lr`/`min_lr` stay AdamW's for the rest,
+    # and Muon's LR follows the same schedule scaled by muon_lr / lr.
+    name: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = ranged(0.02, gt=0, le=10)  # torch's Muon example; notes/issue-10-optim.md
+    muon_momentum: float = ranged(0.95, ge=0, lt=1)
+    muon_nesterov: bool = True
+    muon_ns_steps: int = ranged(5, ge=1, le=99)  # Newton-Schulz iterations (torch allows < 100)
+    muon_weight_decay: float = ranged(0.0, ge=0, le=10)  # decoupled, times Muon's LR
+    muon_lr_adjust: Literal["original", "match_rms_adamw"] = "original"  # shape-based LR scale
+    # wsd: decay over the last decay_steps (default: decay_fraction * max_steps), this shape
+    decay_fraction: float = ranged(0.2, gt=0, le=1)
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"
 
 
 @dataclass

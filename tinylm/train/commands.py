@@ -32,6 +32,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="resume even if the config changed in ways that alter the run",
     )
+    p.add_argument(
+        "--cooldown",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --resume: decay the LR to optim.min_lr over N more steps from the latest "
+        "checkpoint (a WSD cool-down; the checkpoint must be in its stable phase)",
+    )
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     p.set_defaults(func=cmd_train)
 
@@ -126,6 +134,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             else Path(cfg.out_dir) / (cfg.run_name or Path(config).stem)
         )
         cfg.run_name = run_dir.name
+
+    if args.cooldown:
+        if not args.resume:
+            raise ConfigError("--cooldown N continues a run: use it with --resume RUN_DIR")
+        from tinylm.train.resume import apply_cooldown
+
+        print(apply_cooldown(run_dir, cfg, args.cooldown))
 
     from tinylm.train.trainer import train
 

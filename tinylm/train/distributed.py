@@ -118,7 +118,7 @@ def optimizer_state_dict(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(unwrap(model), optimizer, options=options)
+    return get_optimizer_state_dict(unwrap(model), _parts(optimizer), options=options)
 
 
 def load_optimizer_state(
@@ -131,7 +131,12 @@ def load_optimizer_state(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True)
-    set_optimizer_state_dict(unwrap(model), optimizer, state, options=options)
+    set_optimizer_state_dict(unwrap(model), _parts(optimizer), state, options=options)
+
+
+def _parts(optimizer) -> torch.optim.Optimizer | tuple[torch.optim.Optimizer, ...]:
+    """A composite optimizer (Muon + AdamW) as its parts, which the state-dict helpers take."""
+    return getattr(optimizer, "optimizers", optimizer)
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tinylm.config import Config, ConfigError
+from tinylm.config import Config, ConfigError, validate
 from tinylm.train import checkpoint
+from tinylm.train.optim import stable_until
 
 # Keys that may differ when a run is resumed without --force: they change when or how the run
 # is observed or how long it lasts, not what a given step computes.
@@ -47,28 +48,87 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def unsafe_changes(saved: Config, current: Config) -> list[str]:
-    """Config keys that differ between the checkpoint and now and would change the run."""
+# Keys that only say when and how the LR decays. Changing them is safe while the checkpoint is in
+# the stable phase under both the old and the new schedule: no completed step had a different LR
+# and the LR does not jump (this is how a WSD or constant run is cooled down from a checkpoint).
+SCHEDULE_KEYS = ("optim.schedule", "optim.decay_steps", "optim.decay_fraction", "optim.decay_shape")
+
+
+def in_stable_phase(cfg: Config, step: int) -> bool:
+    """True while the LR at `step` (and before) is the schedule's warmup or peak, not a decay."""
+    return step <= stable_until(cfg.optim, cfg.train.max_steps)
+
+
+def unsafe_changes(saved: Config, current: Config, step: int | None = None) -> list[str]:
+    """Config keys that differ between the checkpoint (at `step`) and now and would change the run."""
     old, new = flatten(saved.to_dict()), flatten(current.to_dict())
+    schedule_ok = (
+        step is not None and in_stable_phase(saved, step) and in_stable_phase(current, step)
+    )
     diffs = []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key) and not key.startswith(RESUME_SAFE_PREFIXES):
             if key == "model.vocab_size" and new.get(key) == 0:
                 continue  # 0 means "from the tokenizer", which the saved value already is
+            if key in SCHEDULE_KEYS and schedule_ok:
+                continue
             diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     return diffs
 
 
-def schedule_change_note(saved: Config, current: Config) -> str | None:
-    """max_steps may change on resume, but by default the LR decay runs to max_steps: say so."""
+def schedule_change_note(saved: Config, current: Config, step: int = 0) -> str | None:
+    """max_steps may change on resume, but the LR decay depends on it: say what happens."""
     old, new, opt = saved.train.max_steps, current.train.max_steps, current.optim
-    if old == new or opt.decay_steps is not None or opt.schedule == "constant":
+    if old == new or opt.schedule == "constant":
+        return None
+    if opt.schedule == "wsd":
+        start = stable_until(opt, new)
+        if in_stable_phase(saved, step) and step <= start:
+            return f"train.max_steps {old} -> {new}: the LR stays at its peak; the decay now starts at step {start}"
+        return (
+            f"train.max_steps {old} -> {new}: the decay had started (step {step}); it restarts "
+            f"from the LR of step {step} under the new length (the curve jumps). A cool-down "
+            "belongs in the stable phase: resume an earlier checkpoint's run with --cooldown N"
+        )
+    if opt.decay_steps is not None:
         return None
     return (
         f"train.max_steps {old} -> {new}: the learning-rate decay runs to max_steps, so "
         "it is rescaled from this step on (the curve jumps); to keep the old schedule, "
         f"resume with optim.decay_steps={max(0, old - opt.warmup_steps)} --force"
     )
+
+
+def apply_cooldown(run_dir: Path, cfg: Config, steps: int) -> str:
+    """Turn `cfg` (a run being resumed) into a cool-down of `steps` steps from its latest checkpoint.
+
+    The cool-down is a WSD decay that starts at the checkpoint's step `s`: schedule wsd,
+    `decay_steps=steps`, `max_steps=s+steps`. It needs the checkpoint to be in its stable phase
+    (past warmup, LR not yet decaying), so that the decay starts from the peak without a jump.
+    Returns the note to print. Raises ConfigError (naming the fix) otherwise.
+    """
+    if steps <= 0:
+        raise ConfigError(f"--cooldown must be a positive number of steps, got {steps}")
+    latest = checkpoint.find_latest(run_dir / "checkpoints")
+    if latest is None:
+        raise checkpoint.CheckpointError(
+            f"--cooldown: no intact checkpoint in {run_dir / 'checkpoints'} to cool down from"
+        )
+    step = checkpoint.read_meta(latest)["step"]
+    saved = checkpoint.load_checkpoint(latest).config
+    if step < saved.optim.warmup_steps or not in_stable_phase(saved, step):
+        phase = "still warming up" if step < saved.optim.warmup_steps else "already decaying"
+        raise ConfigError(
+            f"--cooldown: the latest checkpoint (step {step}) is {phase} "
+            f"(optim.schedule={saved.optim.schedule}, warmup {saved.optim.warmup_steps}, "
+            f"decay from step {stable_until(saved.optim, saved.train.max_steps)}); a cool-down "
+            "starts from the peak LR of a stable phase (wsd or constant schedules). To continue "
+            "an interrupted cool-down, resume without --cooldown"
+        )
+    cfg.optim.schedule, cfg.optim.decay_steps = "wsd", steps
+    cfg.train.max_steps = step + steps
+    validate(cfg)
+    return f"cool-down: LR decays from step {step} to {step + steps} ({cfg.optim.decay_shape})"
 
 
 def open_for_resume(
@@ -87,7 +147,8 @@ def open_for_resume(
             f"--resume: no intact checkpoint in {root}; start a new run without --resume"
         )
     loaded = checkpoint.load_checkpoint(latest)
-    changes = unsafe_changes(loaded.config, cfg)
+    step = loaded.meta["step"]
+    changes = unsafe_changes(loaded.config, cfg, step)
     if changes and not force:
         raise ConfigError(
             "the config differs from the checkpoint's in ways that would change the run:\n  "
@@ -97,7 +158,7 @@ def open_for_resume(
     notes = []
     if changes:
         notes.append("resuming with changed config (--force): " + "; ".join(changes))
-    if note := schedule_change_note(loaded.config, cfg):
+    if note := schedule_change_note(loaded.config, cfg, step):
         notes.append(note)
     cfg.model.vocab_size = loaded.config.model.vocab_size
     notes.append(f"resuming from {latest}")
