@@ -22,7 +22,8 @@ def setup():
 
 def save(root, step, setup, val_loss=None):
     cfg, model, tok = setup
-    state = {"loop": {"step": step}, "rng": [], "optimizer": {}}
+    optimizer = torch.optim.AdamW(model.parameters()).state_dict()
+    state = {"loop": {"step": step}, "rng": [{}], "optimizer": optimizer}
     return ck.save_checkpoint(
         root,
         step,

@@ -94,6 +94,7 @@ def fitted_tokenizer(
     """
     from tinylm.data.sources import source_identity
     from tinylm.tokenizer import tokenizer_from_file
+    from tinylm.tokenizer.base import save_tokenizer
 
     ident = json.dumps(
         [spec, [source_identity(s) for s in specs], cfg.text_field, cfg.doc_delimiter],
@@ -110,7 +111,7 @@ def fitted_tokenizer(
         tokenizer = fit_char_tokenizer(specs, cfg.text_field, cfg.doc_delimiter)
     else:
         tokenizer = _train_bpe_on(specs, _bpe_vocab_size(spec), cfg, log)
-    tokenizer.save(path)
+    save_tokenizer(tokenizer, path)  # atomic: a kill mid-write never leaves a partial cache entry
     return tokenizer
 
 
@@ -196,7 +197,10 @@ def _prepare_source(
     out = cache / "prepared" / f"{source_name(s.train_specs[0]) if s.train_specs else s.name}-{key}"
     if (out / META).is_file():
         log(f"data: {s.name}: using prepared {out}")
-        return PreparedDataset.open(out)
+        ds = PreparedDataset.open(out)
+        for note in ds.notes():
+            log(f"data: {s.name}: {note}")
+        return ds
     log(
         f"data: {s.name}: preparing {', '.join(s.train_specs + val_specs)} ({tokenizer.kind} tokenizer) -> {out}"
     )
@@ -290,6 +294,9 @@ def resolve_data(
             )
         }
 
+    for s in sources:
+        for note in s.prepared.notes() if s.prepared is not None else []:
+            log(f"data: {s.name}: {note}")
     for name, tokens, _ in train:
         _check_size(name, "train", tokens, context_length, cfg)
         log(

@@ -11,7 +11,13 @@ Resuming: a re-run with the same sources, tokenizer and settings (the `.progress
 key) re-reads the sources but skips every chunk whose marker exists; anything else in the
 directory is rewritten. `meta.json` is written last, so a directory without it is never taken
 for a dataset. A user-data error (empty source, bad record) removes the partial output; an
-interruption (Ctrl-C, a killed worker) keeps it for the re-run.
+interruption (Ctrl-C, SIGTERM, a killed worker) or a full disk keeps it for the re-run.
+
+Files that are not ours are never touched: the output directory may hold other files, but if
+one of them has a name prepare would write (`tokenizer.json`, `train_000000.bin`, ...) and the
+directory is not an unfinished prepare of ours (`.progress/`), prepare refuses before writing
+anything; clean-up removes only names of our own pattern. Two prepares of the same output
+serialize on a lock (`locks.py`): the second waits, then finds the finished dataset.
 
 Split: each document goes to val with probability `val_fraction`, decided by a seeded hash of
 its index (document 0 always goes to train), or exactly `val_count` documents are held out; an
@@ -22,10 +28,12 @@ token range of the same files, and meta.json says so.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from collections import deque
@@ -45,10 +53,14 @@ from tinylm.data.shards import (
     VERSION,
     PreparedDataset,
     dtype_for_vocab,
+    invalid_utf8_note,
     write_json,
     write_shard,
 )
 from tinylm.data.sources import SourceStats, iter_pieces, source_bytes, source_identity
+from tinylm.fileio import make_dir, os_error_message
+from tinylm.interrupts import signal_name, workers_ignore_sigint
+from tinylm.locks import DirectoryLock
 from tinylm.tokenizer.base import EOT, Tokenizer, TokenizerError
 
 DEFAULT_CHUNK_CHARS = 4 << 20
@@ -219,6 +231,20 @@ def _val_chooser(
     return chosen.__contains__
 
 
+def _read_marker(out_dir: Path, chunk: _Chunk, dtype: np.dtype) -> dict[str, Any] | None:
+    """A finished chunk's marker, if it and the shards it names check out (else: redo the chunk)."""
+    try:
+        marker = json.loads((out_dir / PROGRESS / f"{chunk.index:06d}.json").read_text())
+        ok = marker["chunk"] == chunk.index and marker["chars"] == chunk.chars
+        for split, info in marker["splits"].items():
+            expected = f"{split}_{chunk.index:06d}.bin"
+            size = (out_dir / expected).stat().st_size
+            ok = ok and info["file"] == expected and size == int(info["tokens"]) * dtype.itemsize
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return marker if ok else None
+
+
 def _iter_chunks(
     sources: Sequence[str],
     val_sources: Sequence[str],
@@ -279,11 +305,60 @@ def _split_ranges(
     return head, tail
 
 
+# Every name prepare writes, with the temporary names `fileio.temp_name` gives them.
+_OURS = re.compile(
+    r"^(?:(?:train|val)_\d{6}\.bin|meta\.json|tokenizer\.json)(?:\.\d+-\d+\.tmp|\.tmp)?$"
+)
+_TEMP = re.compile(r"\.tmp$")
+
+
+def _settings(out_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out_dir / PROGRESS / "settings.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _foreign_files(out_dir: Path, tokenizer: Tokenizer) -> list[str]:
+    """Files with names prepare would write that an earlier prepare of ours did not write."""
+    if (out_dir / PROGRESS).is_dir():
+        return []  # an unfinished prepare of ours: those names are ours
+    found = []
+    for p in sorted(out_dir.iterdir()):
+        if not _OURS.match(p.name) or _TEMP.search(p.name):
+            continue
+        if p.name == TOKENIZER and p.is_file() and _same_tokenizer(p, tokenizer):
+            continue  # the very tokenizer we would write (e.g. --tokenizer OUT/tokenizer.json)
+        found.append(p.name)
+    return found
+
+
+def _same_tokenizer(path: Path, tokenizer: Tokenizer) -> bool:
+    from tinylm.tokenizer import tokenizer_from_file
+
+    try:
+        return tokenizer_from_file(path).fingerprint() == tokenizer.fingerprint()
+    except (TokenizerError, OSError):
+        return False
+
+
 def _remove_partial(out_dir: Path) -> None:
-    """Delete what an unfinished prepare wrote (shards, temp files, progress), never other files."""
+    """Delete what an unfinished prepare of ours wrote (shards, temp files, progress), nothing else."""
+    keep_tokenizer = not _settings(out_dir).get("tokenizer_written", True)
+    for p in out_dir.iterdir():
+        if p.name == META or not _OURS.match(p.name) or not p.is_file():
+            continue
+        if p.name == TOKENIZER and keep_tokenizer:
+            continue
+        p.unlink(missing_ok=True)
     shutil.rmtree(out_dir / PROGRESS, ignore_errors=True)
-    for pattern in ("train_*.bin", "val_*.bin", "*.tmp", TOKENIZER):
-        for p in out_dir.glob(pattern):
+
+
+def _remove_temps(out_dir: Path) -> None:
+    """Temporary files of ours left by a killed prepare (we hold the lock: no one is writing)."""
+    for p in out_dir.iterdir():
+        if _OURS.match(p.name) and _TEMP.search(p.name) and p.is_file():
             p.unlink(missing_ok=True)
 
 
@@ -318,14 +393,16 @@ class _Dispatcher:
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn, not fork: the caller may be a training process with torch threads running.
-            self.pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_worker_init,
-                initargs=(str(self.out_dir), self.dtype.str, self.eot),
-            )
-            assert self.held is not None
-            self.pending.append(self.pool.submit(_worker_run, self.held))
+            # The workers start at the first submit; they never see Ctrl+C (interrupts.py).
+            with workers_ignore_sigint():
+                self.pool = ProcessPoolExecutor(
+                    self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_worker_init,
+                    initargs=(str(self.out_dir), self.dtype.str, self.eot),
+                )
+                assert self.held is not None
+                self.pending.append(self.pool.submit(_worker_run, self.held))
             self.held = None
         self.pending.append(self.pool.submit(_worker_run, chunk))
         while len(self.pending) >= 2 * self.workers:
@@ -338,9 +415,18 @@ class _Dispatcher:
         while self.pending:
             yield self.pending.popleft().result()
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, abort: bool = False) -> None:
+        """Shut the pool down and reap its workers; `abort` stops the chunks in progress too."""
+        if self.pool is None:
+            return
+        if abort:
+            # A chunk is seconds of work: an interrupted prepare should not wait for the running
+            # ones (Python 3.11 has no `terminate_workers()`). Their temporary files are removed
+            # by the next run; their markers were never written, so those chunks are redone.
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                process.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = None
 
 
 def _progress_bar(total: int | None, enabled: bool | None) -> Any:
@@ -383,54 +469,90 @@ def prepare(
         )
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     key = dataset_key(sources, val_sources, tokenizer.fingerprint(), settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _DirectoryLock(out_dir):
-        if (out_dir / META).is_file():
-            meta = json.loads((out_dir / META).read_text())
-            if meta.get("key") != key:
+    created = not out_dir.exists()
+    make_dir(out_dir, DataError, "dataset directory")
+    try:
+        with DirectoryLock(out_dir, "prepare a dataset", wait=True, error=DataError, log=log):
+            if (out_dir / META).is_file():
+                ds = PreparedDataset.open(out_dir)
+                if ds.meta.get("key") != key:
+                    raise DataError(
+                        f"'{out_dir}' already holds a prepared dataset made from other sources, tokenizer or "
+                        "settings; choose another output directory or delete that one"
+                    )
+                for note in ds.notes():
+                    log(f"prepare: {note}")
+                return ds
+            foreign = _foreign_files(out_dir, tokenizer)
+            if foreign:
                 raise DataError(
-                    f"'{out_dir}' already holds a prepared dataset made from other sources, tokenizer or "
-                    "settings; choose another output directory or delete that one"
+                    f"'{out_dir}' holds files that `tinylm prepare` would overwrite but did not write: "
+                    f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}. "
+                    "Choose an empty or new output directory (--out)"
                 )
-            return PreparedDataset.open(out_dir)
-        progress_dir = out_dir / PROGRESS
-        settings_path = progress_dir / "settings.json"
-        if settings_path.is_file() and json.loads(settings_path.read_text()).get("key") != key:
-            _remove_partial(out_dir)  # an unfinished prepare of something else: start over
-        done = {int(p.stem) for p in progress_dir.glob("[0-9]*.json")}
-        if done:
-            log(f"prepare: resuming in {out_dir}: {len(done)} chunk(s) already done")
-        progress_dir.mkdir(exist_ok=True)
-        tokenizer.save(out_dir / TOKENIZER)
-        write_json(settings_path, {"key": key})
-        try:
-            meta = _run(
-                sources,
-                val_sources,
-                out_dir,
-                tokenizer,
-                dtype,
-                settings,
-                workers,
-                done,
-                progress,
-                log,
-            )
-        except (DataError, TokenizerError):
-            _remove_partial(out_dir)  # bad input: nothing half-made is left behind
-            raise
-        except Exception as e:
-            from concurrent.futures.process import BrokenProcessPool
-
-            if isinstance(e, BrokenProcessPool):
+            progress_dir = out_dir / PROGRESS
+            settings_path = progress_dir / "settings.json"
+            if settings_path.is_file() and _settings(out_dir).get("key") != key:
+                _remove_partial(out_dir)  # an unfinished prepare of something else: start over
+            _remove_temps(out_dir)
+            done = {int(p.stem) for p in progress_dir.glob("[0-9]*.json")}
+            if done:
+                log(f"prepare: resuming in {out_dir}: {len(done)} chunk(s) already done")
+            try:
+                progress_dir.mkdir(exist_ok=True)
+                # A tokenizer.json already there is the very same tokenizer (see _foreign_files):
+                # kept as it is, and not removed by a clean-up.
+                tokenizer_written = _settings(out_dir).get(
+                    "tokenizer_written", not (out_dir / TOKENIZER).is_file()
+                )
+                if tokenizer_written:
+                    tokenizer.save(out_dir / TOKENIZER)
+                write_json(settings_path, {"key": key, "tokenizer_written": tokenizer_written})
+                meta = _run(
+                    sources,
+                    val_sources,
+                    out_dir,
+                    tokenizer,
+                    dtype,
+                    settings,
+                    workers,
+                    done,
+                    progress,
+                    log,
+                )
+                meta["key"] = key
+                write_json(out_dir / META, meta)  # last: from now on the directory is a dataset
+            except (DataError, TokenizerError):
+                _remove_partial(out_dir)  # bad input: nothing half-made of ours is left behind
+                raise
+            except KeyboardInterrupt as e:
+                kept = len(list(progress_dir.glob("[0-9]*.json")))
+                log(
+                    f"prepare: interrupted ({signal_name(e)}): {kept} finished chunk(s) are kept in "
+                    f"'{out_dir}'; run the same command again to continue"
+                )
+                raise
+            except OSError as e:
+                # Disk full, permission lost, read-only: finished chunks are intact (written
+                # atomically), the failed write left nothing behind.
                 raise DataError(
-                    f"a tokenizer worker process died (killed, or out of memory?) while preparing '{out_dir}'; "
-                    "finished chunks are kept: run the same command again to continue"
+                    os_error_message(e, out_dir, "write the prepared dataset into")
+                    + "; the chunks finished so far are kept, so the same command continues from them"
                 ) from None
-            raise
-        meta["key"] = key
-        write_json(out_dir / META, meta)  # last: from now on the directory is a dataset
-        shutil.rmtree(progress_dir, ignore_errors=True)
+            except Exception as e:
+                from concurrent.futures.process import BrokenProcessPool
+
+                if isinstance(e, BrokenProcessPool):
+                    raise DataError(
+                        f"a tokenizer worker process died (killed, or out of memory?) while preparing '{out_dir}'; "
+                        "finished chunks are kept: run the same command again to continue"
+                    ) from None
+                raise
+            shutil.rmtree(progress_dir, ignore_errors=True)
+    finally:
+        if created:  # a directory we made and left empty (bad input) goes too
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
     return PreparedDataset.open(out_dir)
 
 
@@ -459,17 +581,19 @@ def _run(
         results[result["chunk"]] = result
         bar.update(result["bytes"])
 
+    aborted = True
     try:
         for chunk in _iter_chunks(sources, val_sources, settings, to_val, stats):
-            if chunk.index in done:
-                finished(json.loads((out_dir / PROGRESS / f"{chunk.index:06d}.json").read_text()))
+            if chunk.index in done and (marker := _read_marker(out_dir, chunk, dtype)):
+                finished(marker)
                 continue
             for result in dispatcher.submit(chunk):
                 finished(result)
         for result in dispatcher.drain():
             finished(result)
+        aborted = False
     finally:
-        dispatcher.close()
+        dispatcher.close(abort=aborted)
         bar.close()
     seconds = time.perf_counter() - start
     meta = _assemble_meta(results, sources, val_sources, tokenizer, dtype, settings)
@@ -477,15 +601,13 @@ def _run(
         "source_bytes": stats.bytes_read,
         "chars": sum(r["chars"] for r in results.values()),
         "invalid_utf8": stats.invalid_utf8,
+        "invalid_utf8_files": dict(list(stats.invalid_files.items())[:3]),
         "seconds": round(seconds, 3),
         "mb_per_s": round(stats.bytes_read / 1e6 / max(seconds, 1e-9), 2),
         "workers": workers,
     }
-    if stats.invalid_utf8:
-        files = ", ".join(f"{f} ({n})" for f, n in list(stats.invalid_files.items())[:3])
-        log(
-            f"prepare: warning: replaced {stats.invalid_utf8:,} invalid UTF-8 sequence(s) with U+FFFD in {files}"
-        )
+    if note := invalid_utf8_note(meta["stats"]):
+        log(f"prepare: {note}")
     return meta
 
 
@@ -544,25 +666,3 @@ def _assemble_meta(
         "text_field": settings.text_field,
         "delimiter": settings.delimiter,
     }
-
-
-class _DirectoryLock:
-    """An exclusive lock on a dataset directory, so two processes never prepare it at once."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / ".lock"
-        self.fd: int | None = None
-
-    def __enter__(self) -> _DirectoryLock:
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
-        try:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_EX)  # waits while another process prepares it
-        except ImportError:  # no fcntl (Windows): run unlocked
-            pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock

@@ -10,21 +10,27 @@ A prepared dataset is a directory:
 Each document's ids are followed by the end-of-text id. `meta.json` lists, per split, the shard
 ranges `{"file", "start", "tokens"}` (a range of a file, in tokens) that make up the split, in
 order, so that a split can also be a range of another split's files (a single-document source is
-split by a token range at its end, without copying). Every file is written as `NAME.tmp` and
-renamed when complete (after fsync), so a shard name never refers to a half-written file.
+split by a token range at its end, without copying). Every file is written under a temporary
+name and renamed when complete (after fsync, `fileio.atomic_write`), so a shard name never refers
+to a half-written file.
+
+`PreparedDataset.open` checks `meta.json` against its schema before anything is mapped: field
+types, a dtype that holds the vocabulary, shard names that are plain names inside the directory
+(never `../x` or `/x`), ranges that add up to the split's token count, and every shard's size
+against the ranges that use it. Anything else is a DataError naming the file.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tinylm.data.errors import DataError
+from tinylm.fileio import atomic_write_bytes, confined
 from tinylm.tokenizer.base import Tokenizer
 
 FORMAT = "tinylm-prepared"
@@ -46,16 +52,6 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     )
 
 
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write `path` via `path.tmp` + fsync + rename, so the name only ever holds complete content."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(path: Path, ids: np.ndarray) -> None:
     """Write one shard of ids (already in the dataset's dtype) atomically."""
     atomic_write_bytes(path, memoryview(np.ascontiguousarray(ids)).cast("B"))
@@ -63,6 +59,82 @@ def write_shard(path: Path, ids: np.ndarray) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, ensure_ascii=False).encode())
+
+
+def invalid_utf8_note(stats: dict[str, Any]) -> str | None:
+    """The warning about replaced invalid UTF-8, from a dataset's `meta.json` stats (or None).
+
+    Said when the dataset is made and again whenever it is used, so a cached dataset never hides it.
+    """
+    n = stats.get("invalid_utf8") or 0
+    if not isinstance(n, int) or n <= 0:
+        return None
+    files = stats.get("invalid_utf8_files") or {}
+    where = (
+        " in " + ", ".join(f"{f} ({k:,})" for f, k in files.items())
+        if isinstance(files, dict) and files
+        else ""
+    )
+    return (
+        f"warning: {n:,} invalid UTF-8 sequence(s) in the source text were replaced with U+FFFD{where}; "
+        "re-encode the source as UTF-8 if that is not intended"
+    )
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_meta(directory: Path, meta: Any) -> None:
+    """Raise DataError (naming meta.json) unless `meta` has the shape this version writes."""
+    path = directory / META
+
+    def bad(what: str) -> DataError:
+        return DataError(
+            f"{path}: {what}; the file was edited or damaged: delete '{directory}' and prepare it again"
+        )
+
+    if not isinstance(meta, dict):
+        raise bad(f"expected a JSON object, found {type(meta).__name__}")
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise DataError(
+            f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, this tinylm "
+            f"reads {FORMAT!r} version {VERSION}; prepare the dataset again with this version"
+        )
+    dtype = meta.get("dtype")
+    if dtype not in ("uint16", "uint32"):
+        raise bad(f"dtype {dtype!r} is not uint16 or uint32")
+    tok = meta.get("tokenizer")
+    if not (
+        isinstance(tok, dict)
+        and isinstance(tok.get("fingerprint"), str)
+        and isinstance(tok.get("type"), str)
+        and _is_int(tok.get("vocab_size"), 1)
+        and (tok.get("eot_id") is None or _is_int(tok.get("eot_id")))
+    ):
+        raise bad("'tokenizer' must hold type, fingerprint, vocab_size and eot_id")
+    if tok["vocab_size"] > np.iinfo(np.dtype(dtype)).max + 1:
+        raise bad(f"a vocabulary of {tok['vocab_size']:,} ids does not fit {dtype} shards")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or "train" not in splits or not set(splits) <= set(SPLITS):
+        raise bad("'splits' must map 'train' (and 'val') to their shards")
+    for name, info in splits.items():
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise bad(f"split '{name}' has no list of shards")
+        if not _is_int(info.get("tokens")) or not _is_int(info.get("documents")):
+            raise bad(f"split '{name}' needs integer 'tokens' and 'documents'")
+        total = 0
+        for r in info["shards"]:
+            if not isinstance(r, dict) or not (
+                _is_int(r.get("start")) and _is_int(r.get("tokens"))
+            ):
+                raise bad(f"split '{name}': shard range {r!r} needs 'file', 'start' and 'tokens'")
+            confined(directory, r.get("file"), path, DataError)
+            total += r["tokens"]
+        if total != info["tokens"]:
+            raise bad(
+                f"split '{name}' says {info['tokens']:,} tokens but its shards hold {total:,}"
+            )
 
 
 class TokenArray:
@@ -157,29 +229,48 @@ class PreparedDataset:
             raise DataError(
                 f"{meta_path}: unreadable ({e}); delete the directory and prepare it again"
             ) from None
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise DataError(
-                f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, this tinylm "
-                f"reads {FORMAT!r} version {VERSION}; prepare the dataset again with this version"
-            )
+        except OSError as e:
+            from tinylm.fileio import os_error_message
+
+            raise DataError(os_error_message(e, meta_path, "read")) from None
+        check_meta(directory, meta)
         ds = cls(directory, meta)
+        # Every file must be exactly as long as the furthest range that uses it: shorter is a
+        # truncated copy, longer means the file is not the one the metadata describes.
+        ends: dict[str, tuple[int, str]] = {}
         for split, info in meta["splits"].items():
             for r in info["shards"]:
-                path = directory / r["file"]
-                need = (r["start"] + r["tokens"]) * ds.dtype.itemsize
-                size = path.stat().st_size if path.is_file() else -1
-                if size < need:
-                    raise DataError(
-                        f"{path}: {'missing' if size < 0 else f'{size:,} bytes, expected {need:,}'} "
-                        f"({split} split); the dataset is damaged: delete '{directory}' and prepare it again"
-                    )
+                end = (r["start"] + r["tokens"]) * ds.dtype.itemsize
+                if end > ends.get(r["file"], (-1, ""))[0]:
+                    ends[r["file"]] = (end, split)
+        for name, (need, split) in ends.items():
+            path = directory / name
+            size = path.stat().st_size if path.is_file() else -1
+            if size != need:
+                raise DataError(
+                    f"{path}: {'missing' if size < 0 else f'{size:,} bytes, expected {need:,}'} "
+                    f"({split} split, from {META}); the dataset is damaged: delete '{directory}' "
+                    "and prepare it again"
+                )
         return ds
+
+    def notes(self) -> list[str]:
+        """What a user of this dataset should be told each time (replaced invalid UTF-8)."""
+        note = invalid_utf8_note(self.meta.get("stats") or {})
+        return [note] if note else []
 
     def tokenizer(self) -> Tokenizer:
         """The tokenizer this dataset was made with."""
         from tinylm.tokenizer import tokenizer_from_file
 
-        return tokenizer_from_file(self.directory / TOKENIZER)
+        tokenizer = tokenizer_from_file(self.directory / TOKENIZER)
+        if tokenizer.fingerprint() != self.fingerprint:
+            raise DataError(
+                f"{self.directory / TOKENIZER} is not the tokenizer {self.directory / META} was made "
+                f"with (fingerprint {tokenizer.fingerprint()}, expected {self.fingerprint}); the "
+                f"dataset was edited: delete '{self.directory}' and prepare it again"
+            )
+        return tokenizer
 
     @property
     def fingerprint(self) -> str:

@@ -15,7 +15,9 @@ Everything streams: memory holds one read buffer and one piece of a document, ne
 `iter_pieces` yields `(text, end)`, where `end` marks the last piece of a document; a very
 long document (a whole book with no delimiter) arrives in several pieces cut at a line break, so
 even a multi-gigabyte single-document file is read in bounded memory. Invalid UTF-8 is replaced
-by U+FFFD and counted in `SourceStats.invalid_utf8`.
+by U+FFFD and counted in `SourceStats.invalid_utf8`; a plain-text file that is clearly not text
+(NUL bytes, or mostly invalid UTF-8, in its first `SNIFF_BYTES`: an executable, an image, an
+archive, UTF-16) is refused with a DataError instead (`check_text_prefix`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ from tinylm.tokenizer.base import EOT
 SYNTHETIC = "synthetic-stories"
 READ_BYTES = 1 << 20
 MAX_PIECE_CHARS = 4 << 20  # longer documents are cut into pieces of about this size
+SNIFF_BYTES = 64 << 10
+# Share of a text file's first bytes that may be invalid UTF-8 before it is called binary.
+# Random or compressed bytes give ~0.45 invalid sequences per byte; Latin-1 / cp1252 prose
+# (a text file in the wrong encoding, which we keep with replacement) stays well below 0.15.
+BINARY_INVALID_RATIO = 0.3
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw", ""}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 SUPPORTED = TEXT_SUFFIXES | JSONL_SUFFIXES | {".json", ".parquet"}
@@ -177,7 +184,12 @@ class _CountingReader(io.RawIOBase):
 
 def _open_binary(path: Path, compression: str, stats: SourceStats) -> BinaryIO:
     # The returned stream owns the file and closes it (callers use it as a context manager).
-    raw = open(path, "rb")  # noqa: SIM115
+    try:
+        raw = open(path, "rb")  # noqa: SIM115
+    except OSError as e:
+        from tinylm.fileio import os_error_message
+
+        raise DataError(os_error_message(e, path, "read the data source")) from None
     counted = io.BufferedReader(_CountingReader(raw, stats), READ_BYTES)
     if compression == ".gz":
         import gzip
@@ -222,14 +234,39 @@ def _cut_point(buf: str, limit: int) -> int:
     return limit
 
 
+def check_text_prefix(prefix: bytes, where: str) -> None:
+    """Refuse, with a DataError, a file whose first bytes show it is clearly not text."""
+    sample = prefix[:SNIFF_BYTES]
+    if b"\x00" in sample:
+        raise DataError(
+            f"{where}: not a text file (NUL bytes in its first {len(sample):,} bytes: an executable, "
+            "an image, an archive, or UTF-16 text). Give UTF-8 text, or convert it first "
+            "(e.g. `iconv -f UTF-16 -t UTF-8`)"
+        )
+    before = _INVALID_SEQUENCES[0]
+    sample.decode("utf-8", errors="tinylm.replace")
+    invalid = _INVALID_SEQUENCES[0] - before
+    _INVALID_SEQUENCES[0] = before  # only sniffed here: counted when it is really read
+    if sample and invalid > 16 and invalid / len(sample) > BINARY_INVALID_RATIO:
+        raise DataError(
+            f"{where}: not a text file ({invalid:,} invalid UTF-8 sequences in its first "
+            f"{len(sample):,} bytes: binary data, or text in another encoding). Give UTF-8 "
+            "text, or convert it first (e.g. `iconv -f LATIN1 -t UTF-8`)"
+        )
+
+
 def _text_pieces(
     stream: BinaryIO, delimiter: str, stats: SourceStats, where: str, max_piece_chars: int
 ) -> Iterator[Piece]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="tinylm.replace")
     buf = ""
     open_doc = False  # a piece of the current document was already yielded
+    first = True
     while True:
         raw = stream.read(READ_BYTES)
+        if first:
+            check_text_prefix(raw, where)
+            first = False
         before = _INVALID_SEQUENCES[0]
         buf += decoder.decode(raw, final=not raw)
         _note_invalid(stats, where, _INVALID_SEQUENCES[0] - before)

@@ -32,6 +32,20 @@ def tokenizer_from_file(path: str | Path) -> Tokenizer:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path}: not a tokenizer JSON file ({e})") from None
+    except OSError as e:
+        from tinylm.fileio import os_error_message
+
+        raise TokenizerError(os_error_message(e, path, "read the tokenizer file")) from None
+    try:
+        return _from_file_dict(d, path)
+    except TokenizerError as e:
+        message = str(e)
+        raise TokenizerError(
+            message if message.startswith(str(path)) else f"{path}: {message}"
+        ) from None
+
+
+def _from_file_dict(d: object, path: Path) -> Tokenizer:
     if not isinstance(d, dict) or d.get("format") != FILE_FORMAT:
         raise TokenizerError(
             f'{path}: not a tinylm tokenizer file (no "format": "{FILE_FORMAT}"). '

@@ -20,6 +20,42 @@ class TokenizerError(ValueError):
     """A tokenizer could not be built, loaded or applied; the message says why and what to do."""
 
 
+def _type_name(t: type | tuple[type, ...]) -> str:
+    names = {str: "a string", list: "a list", dict: "an object", int: "an integer"}
+    types = t if isinstance(t, tuple) else (t,)
+    return " or ".join(names.get(x, x.__name__) for x in types)
+
+
+def check_fields(d: dict[str, Any], fields: dict[str, type | tuple[type, ...]], kind: str) -> None:
+    """Refuse a tokenizer file dict whose fields are absent or of the wrong JSON type.
+
+    Checked before the fields are used, so a hand-edited file gets a message naming the field
+    instead of a TypeError from deep inside the constructor.
+    """
+    for name, expected in fields.items():
+        if name not in d:
+            raise TokenizerError(
+                f"{kind} tokenizer file lacks the field '{name}'; re-create it with tinylm"
+            )
+        value = d[name]
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise TokenizerError(
+                f"{kind} tokenizer file: '{name}' is {type(value).__name__}, expected {_type_name(expected)}"
+            )
+
+
+def check_special_tokens(specials: Any, kind: str) -> dict[str, int]:
+    """`special_tokens` as str -> non-negative int, or a TokenizerError naming the bad entry."""
+    if not isinstance(specials, dict):
+        raise TokenizerError(f"{kind} tokenizer file: 'special_tokens' must be an object")
+    for token, i in specials.items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise TokenizerError(
+                f"{kind} tokenizer file: special token {token!r} has id {i!r}, not a non-negative integer"
+            )
+    return dict(specials)
+
+
 class Tokenizer(ABC):
     """Text <-> token ids.
 
@@ -78,13 +114,17 @@ class Tokenizer(ABC):
         return {"format": FILE_FORMAT, "version": FILE_VERSION, "type": self.kind, **self.to_dict()}
 
     def save(self, path: str | Path) -> Path:
-        """Write the tokenizer as JSON atomically (temp file + rename)."""
+        """Write the tokenizer as JSON atomically (a temporary file of this process + rename).
+
+        Two processes caching the same tokenizer at once, or one killed mid-write, never leave
+        a half-written file under `path`. A write that fails (disk full, permission) raises
+        OSError with `path` untouched; callers that own the user-facing error translate it.
+        """
+        from tinylm.fileio import atomic_write_text
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.file_dict(), ensure_ascii=False, indent=1))
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, json.dumps(self.file_dict(), ensure_ascii=False, indent=1))
 
     def fingerprint(self) -> str:
         """A short hash identifying exactly this tokenizer (vocab, merges, specials).
@@ -102,3 +142,13 @@ class Tokenizer(ABC):
         return (
             f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()})"
         )
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:
+    """`tokenizer.save(path)` for commands: a failed write is a TokenizerError naming the path."""
+    from tinylm.fileio import os_error_message
+
+    try:
+        return tokenizer.save(path)
+    except OSError as e:
+        raise TokenizerError(os_error_message(e, path, "write the tokenizer file")) from None

@@ -23,8 +23,20 @@ from typing import Any
 
 import numpy as np
 
+<<<<<<< HEAD
 from tinylm.tokenizer.base import EOT, Tokenizer, TokenizerError
 from tinylm.tokenizer.pretokenize import GPT2_PATTERN, last_safe_cut
+=======
+from tinylm.interrupts import workers_ignore_sigint
+from tinylm.tokenizer.base import (
+    EOT,
+    Tokenizer,
+    TokenizerError,
+    check_fields,
+    check_special_tokens,
+)
+from tinylm.tokenizer.bpe_train import GPT2_PATTERN, last_safe_cut
+>>>>>>> 038ad90da06de9374355d12969c55dd1cbc0f2d3
 
 BYTE_ENCODING = "gpt2-unicode"
 
@@ -249,16 +261,24 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BPETokenizer:
-        missing = [k for k in ("vocab", "merges", "special_tokens", "pattern") if k not in d]
-        if missing:
-            raise TokenizerError(
-                f"BPE tokenizer file lacks {missing}; re-create it with `tinylm tokenizer train`"
-            )
+        check_fields(
+            d, {"vocab": list, "merges": list, "special_tokens": dict, "pattern": str}, "BPE"
+        )
         if d.get("byte_encoding", BYTE_ENCODING) != BYTE_ENCODING:
             raise TokenizerError(
                 f"unknown byte_encoding {d['byte_encoding']!r} (expected {BYTE_ENCODING!r})"
             )
-        specials = {s: int(i) for s, i in d["special_tokens"].items()}
+        specials = check_special_tokens(d["special_tokens"], "BPE")
+        for k, t in enumerate(d["vocab"]):
+            if not isinstance(t, str):
+                raise TokenizerError(f"BPE tokenizer file: vocab entry {k} is {t!r}, not a string")
+        for k, m in enumerate(d["merges"]):
+            if not (
+                isinstance(m, str) or (isinstance(m, list) and all(isinstance(x, str) for x in m))
+            ):
+                raise TokenizerError(
+                    f'BPE tokenizer file: merge {k} is {m!r}, not "a b" or [a, b] strings'
+                )
         by_id = {i: s for s, i in specials.items()}
         vocab = {
             i: by_id[i].encode("utf-8") if i in by_id else gpt2_str_to_bytes(t, f"vocab entry {i}")
@@ -573,5 +593,7 @@ def encode_parallel(
         return
     # fork starts workers in milliseconds; spawn would re-import numpy/tiktoken in each
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(num_workers, initializer=_init_encode_worker, initargs=(tokenizer,)) as pool:
+    with workers_ignore_sigint():  # Ctrl+C is the parent's to handle (tinylm/interrupts.py)
+        pool = ctx.Pool(num_workers, initializer=_init_encode_worker, initargs=(tokenizer,))
+    with pool:
         yield from pool.imap(_encode_in_worker, texts, chunksize=chunksize)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
+from tinylm.interrupts import workers_ignore_sigint
 from tinylm.tokenizer.base import TokenizerError
 from tinylm.tokenizer.bpe import BPETokenizer
 from tinylm.tokenizer.pretokenize import GPT2_PATTERN, last_safe_cut
@@ -258,9 +259,11 @@ def count_pretokens(
         # returned tables (a Python loop over ~30k words each) stays small next to counting.
         group_bytes = max(GROUP_BYTES, total // (workers * 4))
         ctx = _mp_context()
-        with ctx.Pool(
-            workers, initializer=_worker_init, initargs=(list(special_tokens), pattern, native)
-        ) as pool:
+        with workers_ignore_sigint():  # Ctrl+C is the parent's to handle (tinylm/interrupts.py)
+            pool = ctx.Pool(
+                workers, initializer=_worker_init, initargs=(list(special_tokens), pattern, native)
+            )
+        with pool:
             for group_counts, size in pool.imap_unordered(
                 _count_group, _groups(tasks, group_bytes)
             ):

@@ -7,7 +7,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tinylm.tokenizer.base import EOT, Tokenizer, TokenizerError
+from tinylm.tokenizer.base import (
+    EOT,
+    Tokenizer,
+    TokenizerError,
+    check_fields,
+    check_special_tokens,
+)
 
 UNK = "<|unk|>"
 UnknownPolicy = Literal["unk", "skip", "error"]
@@ -142,4 +148,14 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:
-        return cls(list(d["chars"]), d.get("unknown", "unk"))
+        check_fields(d, {"chars": str, "unknown": str}, "char")
+        tok = cls(list(d["chars"]), d["unknown"])
+        if (
+            "special_tokens" in d
+            and check_special_tokens(d["special_tokens"], "char") != tok.special_tokens
+        ):
+            raise TokenizerError(
+                f"char tokenizer file: special_tokens {d['special_tokens']} contradict its "
+                f"{len(tok.chars)} characters (expected {tok.special_tokens})"
+            )
+        return tok

@@ -79,7 +79,7 @@ def _bpe(spec: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tinylm.tokenizer.base import EOT
+    from tinylm.tokenizer.base import EOT, save_tokenizer
     from tinylm.tokenizer.bpe_train import train_bpe
 
     specials = args.special if args.special is not None else [EOT]
@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
     )
     tok = result.tokenizer()
-    tok.save(args.out)
+    save_tokenizer(tok, args.out)
     tm = result.timings
     print(
         f"trained {tok.vocab_size} tokens ({len(result.merges)} merges, {result.num_words:,} distinct pre-tokens) "
@@ -148,6 +148,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from tinylm.tokenizer import TokenizerError
+    from tinylm.tokenizer.base import save_tokenizer
     from tinylm.tokenizer.bpe import from_gpt2_files, from_hf_json
 
     if bool(args.hf) == bool(args.gpt2):
@@ -155,7 +156,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             "give exactly one of --hf TOKENIZER_JSON or --gpt2 VOCAB_JSON MERGES_TXT"
         )
     tok = from_hf_json(args.hf) if args.hf else from_gpt2_files(*args.gpt2)
-    tok.save(args.out)
+    save_tokenizer(tok, args.out)
     print(
         f"imported {tok.vocab_size} tokens, {len(tok.merges)} merges, specials {list(tok.special_tokens)} -> {args.out}"
     )

@@ -10,6 +10,19 @@ so a crash leaves either the previous checkpoints or a stray `.tmp-*` directory,
 checkpoint that looks complete but is not. `meta.json`'s sizes and checksums catch the rest
 (a truncated copy, a disk error): `find_latest` skips such a checkpoint with a warning.
 
+Everything read back is checked before use: `meta.json` against its schema (file names must be
+plain names inside the checkpoint: `../x` or `/x` is refused before anything is opened or
+hashed), `train_state.pt` is loaded with `weights_only=True` and checked for its keys (a file
+that is refused is "not a tinylm checkpoint", never "load it unsafely"), the weights' names and
+shapes against the model the saved config describes, and the tokenizer's vocabulary against the
+model's. Only directories named exactly `step_NNNNNNNN` are checkpoints; a look-alike
+(`step_00000060.bak`, a user's copy) is ignored with a note and never rotated away.
+
+A write that fails (disk full, read-only, permission) removes its temporary directory and raises
+`CheckpointError` naming the path; the previous checkpoints are untouched, so the run resumes
+from the last of them once the problem is fixed. Readers (`tinylm eval`/`generate` during a run)
+that lose a race with rotation resolve the checkpoint again.
+
 Test hook: with `TINYLM_TEST_SLOW_CHECKPOINT=SECONDS` in the environment, `save_checkpoint`
 sleeps that long after writing the weights, so tests can deliver a signal mid-write.
 """
@@ -19,9 +32,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,18 +47,33 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinylm import __version__
-from tinylm.config import CheckpointConfig, Config, config_from_dict, validate
-from tinylm.tokenizer import Tokenizer, tokenizer_from_file
+from tinylm.config import CheckpointConfig, Config, ConfigError, config_from_dict, validate
+from tinylm.fileio import atomic_write_text, confined, make_dir, os_error_message
+from tinylm.tokenizer import Tokenizer, TokenizerError, tokenizer_from_file
 
 PREFIX = "step_"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "meta.json"
+CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})$")
+# Leftovers of our own interrupted writes: `.tmp-step_N-PID` and `.trash-step_N-PID`.
+STRAY_NAME = re.compile(r"^\.(?:tmp|trash)-step_\d{8,}-(\d+)$")
+REQUIRED_FILES = (MODEL_FILE, STATE_FILE, TOKENIZER_FILE)
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected; the message says what was found."""
+
+
+_noted: set[str] = set()
+
+
+def _note(message: str) -> None:
+    """A one-time note on stderr (not a warning: nothing is wrong with the run)."""
+    if message not in _noted:
+        _noted.add(message)
+        print(f"note: {message}", file=sys.stderr)
 
 
 def checkpoint_name(step: int) -> str:
@@ -116,15 +147,55 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     val_loss: float | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically and return its directory."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint `step` under `root` atomically and return its directory.
+
+    A failed write (disk full, read-only, permission) leaves no trace and raises
+    CheckpointError; the checkpoints already under `root` are untouched.
+    """
+    root = make_dir(root, CheckpointError, "checkpoint directory")
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_files(tmp, step, model_state, train_state, config, tokenizer, val_loss)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(_write_failure(e, root, step)) from None
+        raise
 
+    if final.exists():  # re-saving the same step (e.g. end of run right after an interval save)
+        trash = root / f".trash-{final.name}-{os.getpid()}"
+        final.replace(trash)
+        tmp.replace(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.replace(final)
+    _fsync_dir(root)
+    return final
+
+
+def _write_failure(e: OSError, root: Path, step: int) -> str:
+    previous = [p for p in list_checkpoints(root) if p.name != checkpoint_name(step)]
+    kept = (
+        f"the previous checkpoint {previous[-1]} is intact, so the run can be resumed from it"
+        if previous
+        else "no earlier checkpoint exists"
+    )
+    return f"{os_error_message(e, root, f'write checkpoint {checkpoint_name(step)} into')}. Nothing was half-written: {kept}"
+
+
+def _write_files(
+    tmp: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    config: Config,
+    tokenizer: Tokenizer,
+    val_loss: float | None,
+) -> None:
     tensors, aliases = _dedupe_shared(model_state)
     save_file(tensors, tmp / MODEL_FILE)
     if slow := os.environ.get("TINYLM_TEST_SLOW_CHECKPOINT"):  # see the module docstring
@@ -132,7 +203,7 @@ def save_checkpoint(
     torch.save(train_state, tmp / STATE_FILE)
     tokenizer.save(tmp / TOKENIZER_FILE)
     files = {}
-    for name in (MODEL_FILE, STATE_FILE, TOKENIZER_FILE):
+    for name in REQUIRED_FILES:
         path = tmp / name
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
@@ -146,35 +217,63 @@ def save_checkpoint(
         "files": files,
         "config": config.to_dict(),
     }
-    meta_tmp = tmp / (META_FILE + ".tmp")
-    meta_tmp.write_text(json.dumps(meta, indent=1))
-    with open(meta_tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    meta_tmp.replace(tmp / META_FILE)
+    atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
     _fsync_dir(tmp)
-
-    if final.exists():  # re-saving the same step (e.g. end of run right after an interval save)
-        trash = root / f".trash-{final.name}-{os.getpid()}"
-        final.replace(trash)
-        tmp.replace(final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.replace(final)
-    _fsync_dir(root)
-    return final
 
 
 def write_run_files(run_dir: Path, config: Config, tokenizer: Tokenizer) -> None:
-    """The run directory's `config.yaml` (written atomically) and `tokenizer.json`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(config.to_yaml())
-    tmp.replace(run_dir / "config.yaml")
-    tokenizer.save(run_dir / "tokenizer.json")
+    """The run directory's `config.yaml` and `tokenizer.json` (each written atomically)."""
+    make_dir(run_dir, CheckpointError, "run directory")
+    try:
+        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+        tokenizer.save(run_dir / "tokenizer.json")
+    except OSError as e:
+        raise CheckpointError(os_error_message(e, run_dir, "write the run files into")) from None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / META_FILE).read_text())
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def meta_problem(path: Path, meta: Any) -> str | None:
+    """None if `meta` (read from `path/meta.json`) has the shape this version writes, else why not."""
+    if not isinstance(meta, dict):
+        return f"meta.json holds a {type(meta).__name__}, not an object"
+    if not _is_count(meta.get("step")):
+        return f"meta.json: 'step' is {meta.get('step')!r}, not a step number"
+    match = CHECKPOINT_NAME.match(path.name)
+    if match and int(match.group(1)) != meta["step"]:
+        return f"meta.json says step {meta['step']}, the directory name says {int(match.group(1))}"
+    loss = meta.get("val_loss")
+    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+        return f"meta.json: 'val_loss' is {loss!r}, not a number"
+    if not isinstance(meta.get("config"), dict):
+        return "meta.json has no 'config' object"
+    aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        return "meta.json: 'aliases' must map tensor names to tensor names"
+    files = meta.get("files")
+    if not isinstance(files, dict) or not set(REQUIRED_FILES) <= set(files):
+        return f"meta.json must list {', '.join(REQUIRED_FILES)} under 'files'"
+    for name, info in files.items():
+        try:
+            confined(path, name, path / META_FILE)
+        except ValueError as e:
+            return str(e)
+        if not (
+            isinstance(info, dict)
+            and _is_count(info.get("bytes"))
+            and isinstance(info.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", info["sha256"])
+        ):
+            return f"meta.json: the entry for {name} needs 'bytes' and a hex 'sha256'"
+    return None
 
 
 def check_checkpoint(path: Path, verify_hashes: bool = True) -> str | None:
@@ -183,9 +282,11 @@ def check_checkpoint(path: Path, verify_hashes: bool = True) -> str | None:
         return "no meta.json (incomplete write)"
     try:
         meta = read_meta(path)
-    except (json.JSONDecodeError, OSError) as e:
+    except (ValueError, OSError) as e:
         return f"unreadable meta.json ({e})"
-    for name, info in meta.get("files", {}).items():
+    if problem := meta_problem(path, meta):
+        return problem
+    for name, info in meta["files"].items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
@@ -198,11 +299,23 @@ def check_checkpoint(path: Path, verify_hashes: bool = True) -> str | None:
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Checkpoint directories under `root`, oldest first (by step)."""
+    """Checkpoint directories under `root`, oldest first (by step).
+
+    Only names of the form `step_NNNNNNNN`; a look-alike (`step_00000060.bak`) is noted and left alone.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    dirs = []
+    for p in root.iterdir():
+        if not p.name.startswith(PREFIX):
+            continue
+        if CHECKPOINT_NAME.match(p.name) and p.is_dir():
+            dirs.append(p)
+        else:
+            _note(
+                f"ignoring {p}: not a checkpoint directory name tinylm writes (a copy or a backup?)"
+            )
     return sorted(dirs, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
@@ -221,7 +334,10 @@ def find_best(root: str | Path) -> Path | None:
     best, best_loss = None, float("inf")
     for path in list_checkpoints(root):
         if check_checkpoint(path, verify_hashes=False) is None:
-            loss = read_meta(path).get("val_loss")
+            try:
+                loss = read_meta(path).get("val_loss")
+            except OSError:  # deleted by the writer's rotation since the check
+                continue
             if loss is not None and loss < best_loss:
                 best, best_loss = path, loss
     return best
@@ -247,8 +363,9 @@ def rotate(root: str | Path, cfg: CheckpointConfig) -> list[Path]:
         deleted.append(path)
     # Leftovers of writes killed half-way (.tmp-*) or of a re-save killed between its renames
     # (.trash-*, the old copy of a step whose new copy is in place or was never finished).
-    for stray in [*root.glob(".tmp-*"), *root.glob(".trash-*")]:
-        if not stray.name.endswith(f"-{os.getpid()}"):
+    for stray in root.iterdir():
+        match = STRAY_NAME.match(stray.name)
+        if match and int(match.group(1)) != os.getpid():
             shutil.rmtree(stray, ignore_errors=True)
     return deleted
 
@@ -261,8 +378,65 @@ class LoadedCheckpoint:
     model_state: dict[str, torch.Tensor]
     tokenizer: Tokenizer
 
-    def train_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        return torch.load(self.path / STATE_FILE, map_location=map_location, weights_only=True)
+    def train_state(
+        self,
+        map_location: str | torch.device = "cpu",
+        loop_fields: Collection[str] | None = None,
+    ) -> dict[str, Any]:
+        """Optimizer, scaler, RNG and loop state, checked (`loop_fields`: the keys 'loop' may hold)."""
+        return read_train_state(self.path, self.meta["step"], map_location, loop_fields)
+
+
+def read_train_state(
+    path: Path,
+    step: int,
+    map_location: str | torch.device = "cpu",
+    loop_fields: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """`path/train_state.pt`, loaded with `weights_only=True` and checked against its schema."""
+    file = path / STATE_FILE
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise CheckpointError(os_error_message(e, file, "read")) from None
+    except Exception as e:  # torch raises many types for a foreign file
+        # torch's own message suggests `weights_only=False`, which would run whatever code the
+        # file holds: never pass that advice on. The file is simply not ours.
+        raise CheckpointError(
+            f"{file} is not a tinylm checkpoint's training state: it cannot be read as tensors "
+            f"and plain data ({type(e).__name__}), so it was not loaded. Resume from another "
+            "checkpoint, or start a new run"
+        ) from None
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{file}: {what}; it is not a training state this tinylm wrote. Resume from another "
+            "checkpoint, or start a new run"
+        )
+
+    if not isinstance(state, dict):
+        raise bad(f"holds a {type(state).__name__}, not a dict")
+    optimizer = state.get("optimizer")
+    if not (
+        isinstance(optimizer, dict)
+        and isinstance(optimizer.get("state"), dict)
+        and isinstance(optimizer.get("param_groups"), list)
+    ):
+        raise bad("no optimizer state ('optimizer' with 'state' and 'param_groups')")
+    if not isinstance(state.get("rng"), list) or not state["rng"]:
+        raise bad("no RNG states ('rng')")
+    if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+        raise bad("'scaler' is neither a grad-scaler state nor empty")
+    loop = state.get("loop")
+    if not isinstance(loop, dict) or not all(
+        v is None or isinstance(v, (int, float)) for v in loop.values()
+    ):
+        raise bad("'loop' must map names to numbers")
+    if loop_fields is not None and (unknown := set(loop) - set(loop_fields)):
+        raise bad(f"unknown loop-state keys {sorted(unknown)}")
+    if loop.get("step") != step:
+        raise bad(f"its loop state is at step {loop.get('step')!r}, the checkpoint at step {step}")
+    return state
 
 
 def resolve_checkpoint(target: str | Path, which: str = "latest") -> Path:
@@ -289,16 +463,90 @@ def resolve_checkpoint(target: str | Path, which: str = "latest") -> Path:
 
 
 def load_checkpoint(target: str | Path, which: str = "latest") -> LoadedCheckpoint:
-    """Load weights, config and tokenizer (not the optimizer) from a run or checkpoint dir."""
-    path = resolve_checkpoint(target, which)
+    """Load weights, config and tokenizer (not the optimizer) from a run or checkpoint dir.
+
+    Everything is checked against everything else before it is returned (see the module
+    docstring). A checkpoint rotated away by a training run between being found and being read
+    is resolved again: rotation deletes only after a newer checkpoint is complete.
+    """
+    for attempt in range(3):
+        path = resolve_checkpoint(target, which)
+        try:
+            return _load(path)
+        except (FileNotFoundError, CheckpointError):
+            if path.exists() or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _load(path: Path) -> LoadedCheckpoint:
     meta = read_meta(path)
-    config = config_from_dict(meta["config"])
-    validate(config)
-    state = load_file(path / MODEL_FILE)
+    try:
+        config = config_from_dict(meta["config"])
+        validate(config)
+    except ConfigError as e:
+        raise CheckpointError(
+            f"{path / META_FILE}: its config is not valid for this tinylm ({e})"
+        ) from None
+    try:
+        state = load_file(path / MODEL_FILE)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(
+            f"{path / MODEL_FILE}: not a readable safetensors file ({type(e).__name__}: {e})"
+        ) from None
     for alias, source in meta.get("aliases", {}).items():
+        if source not in state:
+            raise CheckpointError(
+                f"{path / META_FILE}: alias {alias!r} names {source!r}, which is not in {MODEL_FILE}"
+            )
         state[alias] = state[source]
-    tokenizer = tokenizer_from_file(path / TOKENIZER_FILE)
+    check_weights(path / MODEL_FILE, state, config)
+    try:
+        tokenizer = tokenizer_from_file(path / TOKENIZER_FILE)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise CheckpointError(
+            f"{path / TOKENIZER_FILE}: {tokenizer.vocab_size:,} tokens, more than the model's "
+            f"{config.model.vocab_size:,} (model.vocab_size in {path / META_FILE}): the tokenizer "
+            "is not the one this model was trained with"
+        )
     return LoadedCheckpoint(path, meta, config, state, tokenizer)
+
+
+def check_weights(file: Path, state: dict[str, torch.Tensor], config: Config) -> None:
+    """Refuse weights whose names or shapes differ from the model `config` describes."""
+    from tinylm.model import GPT
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = {k: tuple(v.shape) for k, v in GPT(config.model).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != expected[k]
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(
+                "shapes differ: " + ", ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else "")
+            )
+        if missing:
+            parts.append(
+                "missing: " + ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            )
+        if unexpected:
+            parts.append(
+                "unexpected: " + ", ".join(unexpected[:3]) + (" ..." if len(unexpected) > 3 else "")
+            )
+        raise CheckpointError(
+            f"{file}: the weights do not fit the model its config describes ({'; '.join(parts)}); "
+            "the files of this checkpoint do not belong together"
+        )
 
 
 def load_model(target: str | Path, which: str = "latest", device: str | torch.device = "cpu"):

@@ -1,18 +1,32 @@
-"""Run directories: where a new run goes, and resuming one from its latest intact checkpoint.
+"""Run directories: where a new run goes, who may use one, and resuming it from its latest checkpoint.
 
 A resumed run continues exactly only if every setting that changes what a step computes is the
 one it was started with; the keys that only change how it is observed or how long it lasts may
 change (`RESUME_SAFE_PREFIXES`). `--force` resumes anyway and says what changed.
+
+One `tinylm train` at a time per run directory (`run_lock`, a `locks.DirectoryLock` taken
+before anything is read or written): a second one, even started in the same second or with
+--resume, is refused at once with the first one's PID. A new run never overwrites files it did
+not write: a directory holding a `config.yaml`, `tokenizer.json` or `metrics.jsonl` that is not
+from a tinylm run is refused (`refuse_existing_run`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tinylm.config import Config, ConfigError, validate
+from tinylm.fileio import make_dir
+from tinylm.locks import DirectoryLock
 from tinylm.train import checkpoint
 from tinylm.train.optim import stable_until
+
+RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl")
 
 # Keys that may differ when a run is resumed without --force: they change when or how the run
 # is observed or how long it lasts, not what a given step computes.
@@ -195,8 +209,63 @@ def default_run_dir(cfg: Config, preset: str | None) -> Path:
 
 
 def refuse_existing_run(run_dir: Path) -> None:
-    """A new run must not overwrite one that has checkpoints (that one continues with --resume)."""
+    """A new run must not overwrite one that has checkpoints (that one continues with --resume),
+    nor files of the same names that no tinylm run wrote."""
     if checkpoint.list_checkpoints(run_dir / "checkpoints"):
         raise ConfigError(
             f"{run_dir} already has checkpoints: continue it with --resume, or choose another run_name=..."
         )
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if present and not _written_by_a_run(run_dir):
+        raise ConfigError(
+            f"{run_dir} holds {', '.join(present)} that no tinylm run wrote, and a new run would "
+            "overwrite them: choose another run_name=... (or out_dir=...)"
+        )
+
+
+def _written_by_a_run(run_dir: Path) -> bool:
+    """True if `run_dir` holds a tinylm run's metrics (a `start` event) or its saved config."""
+    try:
+        with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if isinstance(record, dict) and record.get("event") == "start":
+                        return True
+    except OSError:
+        pass
+    try:
+        import yaml
+
+        from tinylm.config import config_from_dict
+
+        config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        return True
+    except Exception:  # anything unreadable as our config is not ours
+        return False
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock (main process only; see the module docstring).
+
+    A run directory this call created is removed again if the run left nothing in it (a
+    refused config, an interrupted set-up): never a directory that holds anything.
+    """
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 holds it for all
+        yield
+        return
+    created = not run_dir.exists()
+    make_dir(run_dir, ConfigError, "run directory")
+    try:
+        with DirectoryLock(run_dir, "train a run", wait=False, error=ConfigError) as lock:
+            if lock.stale.get("pid"):
+                print(
+                    f"note: {run_dir}: the previous run (PID {lock.stale['pid']}) ended without "
+                    "releasing its lock (killed?); continuing",
+                )
+            yield
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only succeeds when empty

@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
+from tinylm import interrupts
 from tinylm.config import Config, ConfigError
 from tinylm.eval.evaluate import OVERALL
 from tinylm.train import checkpoint, distributed, optim, runtime, signals, sinks
 from tinylm.train.monitor import TrainMonitor
-from tinylm.train.resume import open_for_resume, refuse_existing_run, stop_message
+from tinylm.train.resume import open_for_resume, refuse_existing_run, run_lock, stop_message
 from tinylm.train.validation import Validator
 
 
@@ -41,6 +42,9 @@ class LoopState:
     evals_since_best: int = 0
     elapsed_seconds: float = 0.0
     last_val_loss: float | None = None
+    # The evaluation of this step was abandoned by a stop: the resumed run redoes it first, so
+    # its metrics hold the same evaluations as an uninterrupted run's.
+    eval_pending: bool = False
 
 
 @dataclass
@@ -161,7 +165,7 @@ class Trainer:
 
     def _restore(self, loaded: checkpoint.LoadedCheckpoint) -> None:
         """Optimizer, grad scaler, loop state and RNG streams (the weights are already in)."""
-        state = loaded.train_state(map_location="cpu")
+        state = loaded.train_state(map_location="cpu", loop_fields=LoopState.__dataclass_fields__)
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -279,6 +283,10 @@ class Trainer:
         )
         last_eval_step, nonfinite_stop = -1, False
         run_start = time.perf_counter() - state.elapsed_seconds
+        if state.eval_pending:  # abandoned by the stop that ended the last session: redo it
+            self._validate(monitor.last_loss)
+            last_eval_step = state.step
+            self._save()  # with its val loss, and no longer pending
         self.model.train()
 
         with self.loader:
@@ -357,6 +365,7 @@ class Trainer:
         """
         cfg, state = self.cfg, self.state
         results = self.validator.evaluate(self.model, state.step)
+        state.eval_pending = results is None and bool(self.validator.val)  # interrupted
         if results is None:
             return False
         val_loss = results[OVERALL].loss
@@ -417,21 +426,23 @@ def train(
 ) -> TrainResult:
     """Train `cfg` in `run_dir` (continuing its latest checkpoint when `resume`)."""
     run_dir = Path(run_dir)
-    if not resume:
-        refuse_existing_run(run_dir)
-    try:
-        trainer = Trainer(cfg, run_dir, resume=resume, force=force)
-    except KeyboardInterrupt:
-        # Setting up (data preparation, model build) holds nothing worth saving, and
-        # preparation keeps its finished chunks, so the same command continues from there.
-        return TrainResult(
-            run_dir,
-            0,
-            "interrupted while setting up, before the first step (nothing to save); "
-            "run the same command again",
-            math.inf,
-            None,
-            None,
-            checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False),
-        )
-    return trainer.fit()
+    with run_lock(run_dir):  # a second `train` on this directory is refused with our PID
+        if not resume:
+            refuse_existing_run(run_dir)
+        try:
+            with interrupts.term_as_interrupt():  # SIGTERM unwinds set-up like Ctrl+C
+                trainer = Trainer(cfg, run_dir, resume=resume, force=force)
+        except KeyboardInterrupt as e:
+            # Setting up (data preparation, model build) holds nothing worth saving, and
+            # preparation keeps its finished chunks, so the same command continues from there.
+            return TrainResult(
+                run_dir,
+                0,
+                f"interrupted ({interrupts.signal_name(e)}) while setting up, before the first "
+                "step (nothing to save); run the same command again",
+                math.inf,
+                None,
+                None,
+                checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False),
+            )
+        return trainer.fit()

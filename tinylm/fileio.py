@@ -1,0 +1,126 @@
+"""Writing and naming files safely: atomic writes, names confined to a directory, OS errors in words.
+
+Every file tinylm writes goes through `atomic_write` (a temporary name unique to the writing
+process and thread, fsync, rename), so a name on disk only ever holds complete content, even
+when two processes write the same cache entry at once or one is killed mid-write; a write that
+fails (disk full, permission denied) removes its temporary file and leaves the old content.
+
+`os_error_message(e, path, doing)` turns an `OSError` into one sentence that names the path and
+what to do (free space, check permissions, choose another directory); callers raise it as their
+own user-facing error type (DataError, CheckpointError, TokenizerError), so the CLI prints it
+without a traceback. `confined(directory, name, source)` refuses file names read from our own
+metadata that would leave their directory (`..`, absolute paths, separators).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+_HINTS = {
+    errno.ENOSPC: "no space left on the device: free some space (or choose another directory) and run the same command again",
+    errno.EDQUOT: "disk quota exceeded: free some space (or choose another directory) and run the same command again",
+    errno.EROFS: "the file system is read-only: choose a writable directory",
+    errno.EACCES: "permission denied: check the directory's permissions or choose another directory",
+    errno.EPERM: "operation not permitted: check the permissions or choose another directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+    errno.EEXIST: "it exists and is a file, not a directory: choose another path",
+    errno.EISDIR: "it is a directory, not a file: choose another path",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter path",
+}
+
+
+def os_error_message(e: OSError, path: str | Path, doing: str) -> str:
+    """`cannot <doing> '<path>': <what it means and what to do>` for an OSError."""
+    hint = _HINTS.get(e.errno or 0) or (e.strerror or str(e))
+    where = e.filename if e.filename and str(e.filename) != str(path) else None
+    return f"cannot {doing} '{path}'" + (f" ({where})" if where else "") + f": {hint}"
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def make_dir(path: str | Path, error: Callable[[str], Exception], what: str = "directory") -> Path:
+    """`mkdir -p path`, with a failure raised as `error(message naming the path)`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"'{path}' exists and is a file, not a {what}: choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(os_error_message(e, path, f"create the {what}")) from None
+    return path
+
+
+def temp_name(path: Path) -> Path:
+    """A temporary name next to `path`, unique to this process and thread (never shared)."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident() % 100000}.tmp")
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Write `path` through `write(file)` on a unique temporary file, fsync, rename.
+
+    On any failure the temporary file is removed and the exception propagates; the old content
+    of `path` (if any) is untouched.
+    """
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
+    """`atomic_write` of a bytes-like object."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write` of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the names `temp_name` (and older versions' `NAME.tmp`) produce."""
+    return name.endswith(".tmp")
+
+
+def confined(
+    directory: str | Path,
+    name: object,
+    source: str | Path,
+    error: Callable[[str], Exception] = ValueError,
+) -> Path:
+    """`directory/name` for a plain file name read from `source`; else `error(message)` is raised.
+
+    Names in our metadata (checkpoint file lists, shard lists) are single path components: a
+    name with a separator, `..`, or an absolute path could make a reader open, hash or map a
+    file outside the directory, so it is refused before any file is touched.
+    """
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or os.path.isabs(name)
+    ):
+        raise error(
+            f"{source}: file name {name!r} is not a plain file name inside '{directory}' "
+            "(a path outside the directory, or not a name at all): the file was edited or is not "
+            "tinylm's; refusing to open it"
+        )
+    return Path(directory) / name

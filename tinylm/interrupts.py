@@ -1,0 +1,69 @@
+"""Signals outside the training loop: set-up, data preparation and their worker processes.
+
+Inside the loop `train/signals.py` turns SIGINT/SIGTERM into a polled flag. Before it (data
+preparation, tokenizer fitting, model build) and in `tinylm prepare`, the work is made of steps
+that are either finished and kept (a prepared chunk, a cached tokenizer) or thrown away, so the
+simplest clean stop is an exception: `term_as_interrupt()` makes SIGTERM raise
+`KeyboardInterrupt` as Ctrl+C does, so both unwind through the same `finally` blocks (worker
+pools terminated and reaped, temporary files removed) and end with one message instead of a
+silent death that orphans the workers.
+
+A terminal's Ctrl+C goes to every process in the foreground group, worker processes included,
+and each would print its own KeyboardInterrupt traceback. `workers_ignore_sigint()` is held
+while workers start: an ignored signal stays ignored across fork and exec, so the workers never
+see Ctrl+C at all (not even while importing), and the parent, which does, stops them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+
+class Interrupted(KeyboardInterrupt):
+    """KeyboardInterrupt raised for a SIGTERM; `str()` names the signal."""
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def term_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Interrupted` (a KeyboardInterrupt) in the main thread while inside."""
+    if not _in_main_thread():  # handlers can only be installed there
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def workers_ignore_sigint() -> Iterator[None]:
+    """Processes started inside ignore SIGINT for life (see the module docstring).
+
+    The parent ignores it too for those milliseconds; it keeps its own handler otherwise.
+    """
+    if not _in_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def signal_name(e: KeyboardInterrupt) -> str:
+    """`SIGTERM` for an `Interrupted`, `SIGINT` (Ctrl+C) for a plain KeyboardInterrupt."""
+    return str(e) if isinstance(e, Interrupted) and str(e) else "SIGINT"
