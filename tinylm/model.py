@@ -150,10 +150,7 @@ class KVCache:
         decoding together, see `GPT.forward(positions=...)`); then keys/values up to the
         furthest row's position are returned and the caller masks each row's unused slots.
         """
-        if isinstance(start, Tensor):
-            end = int(start.max()) + 1
-        else:
-            end = start + k.shape[2]
+        end = int(start.max()) + 1 if isinstance(start, Tensor) else start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to fill up to {end}")
         if isinstance(start, Tensor):

@@ -83,11 +83,19 @@ def serve_root(tmp_path_factory, corpus) -> Path:
         mp.setenv("TINYLM_CACHE", str(root.parent / "cache"))
         assert (
             run_cli(
-                "train", "tiny", "run_name=alpha", "train.max_steps=30",
-                "checkpoint.interval=15", "checkpoint.keep_last=5", *common,
+                "train",
+                "tiny",
+                "run_name=alpha",
+                "train.max_steps=30",
+                "checkpoint.interval=15",
+                "checkpoint.keep_last=5",
+                *common,
             )
             == 0
         )
-        assert run_cli("train", "tiny", "run_name=beta", "train.max_steps=10", "train.seed=3", *common) == 0
+        assert (
+            run_cli("train", "tiny", "run_name=beta", "train.max_steps=10", "train.seed=3", *common)
+            == 0
+        )
     torch.set_num_threads(threads)
     return root

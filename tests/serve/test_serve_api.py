@@ -44,7 +44,11 @@ def test_models_health_and_api_key(server, client):
     assert client.get("/v1/models/alpha/step_00000015").json()["checkpoint"] == "step_00000015"
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # no key needed
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
-        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/api/runs")):
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("POST", "/v1/completions"),
+            ("GET", "/api/runs"),
+        ):
             r = httpx.request(method, server.url + path, headers=headers, json={})
             assert r.status_code == 401, (path, headers)
             assert r.json()["error"]["code"] == "invalid_api_key"
@@ -65,7 +69,9 @@ def test_completion_matches_generate_with_usage(serve_root, client):
         "completion_tokens": len(expected),
         "total_tokens": len(ids) + len(expected),
     }
-    echoed = _complete(client, model="alpha", prompt=prompt, max_tokens=20, temperature=0, echo=True)
+    echoed = _complete(
+        client, model="alpha", prompt=prompt, max_tokens=20, temperature=0, echo=True
+    )
     assert echoed["choices"][0]["text"] == prompt + choice["text"]
 
 
@@ -80,8 +86,14 @@ def test_seed_n_stop_and_pinned_checkpoint(client):
     greedy = _complete(client, model="alpha", prompt="BORIS:", max_tokens=24, temperature=0)
     text = greedy["choices"][0]["text"]
     stop = text[6:9]
-    cut = _complete(client, model="alpha", prompt="BORIS:", max_tokens=24, temperature=0, stop=[stop])
-    assert cut["choices"][0] == {**cut["choices"][0], "text": text[: text.find(stop)], "finish_reason": "stop"}
+    cut = _complete(
+        client, model="alpha", prompt="BORIS:", max_tokens=24, temperature=0, stop=[stop]
+    )
+    assert cut["choices"][0] == {
+        **cut["choices"][0],
+        "text": text[: text.find(stop)],
+        "finish_reason": "stop",
+    }
     early = _complete(
         client, model="alpha/step_00000015", prompt="BORIS:", max_tokens=24, temperature=0
     )
@@ -93,7 +105,9 @@ def test_streaming_sse_matches_non_streaming(client):
     whole = _complete(client, **body)["choices"][0]["text"]
     chunks = []
     with client.stream(
-        "POST", "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+        "POST",
+        "/v1/completions",
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
     ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
@@ -174,7 +188,9 @@ def test_eight_concurrent_requests_correct_and_faster(client):
     for s, c in zip(sequential, concurrent, strict=True):
         assert c["choices"][0]["text"] == s["choices"][0]["text"]
     tokens = sum(r["usage"]["completion_tokens"] for r in concurrent)
-    print(f"8 requests: sequential {tokens / t_seq:.0f} tok/s, concurrent {tokens / t_con:.0f} tok/s")
+    print(
+        f"8 requests: sequential {tokens / t_seq:.0f} tok/s, concurrent {tokens / t_con:.0f} tok/s"
+    )
     assert t_con < t_seq
 
 
@@ -200,12 +216,16 @@ def test_dashboard_routes_and_reload(serve_root, client):
 
 def test_metrics_are_read_incrementally(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"kind": "train", "step": s, "tokens": 64 * s, "loss": 3.0 / s}) for s in (1, 2)]
+    lines = [
+        json.dumps({"kind": "train", "step": s, "tokens": 64 * s, "loss": 3.0 / s}) for s in (1, 2)
+    ]
     path.write_text(lines[0] + "\n" + lines[1][:10])  # the second line is still being written
     a = read_new_records(path, 0, "")
     assert [r["step"] for r in a["records"]] == [1] and a["offset"] == len(lines[0]) + 1
     with path.open("a") as f:
-        f.write(lines[1][10:] + "\n" + json.dumps({"kind": "eval", "step": 2, "val/loss": 1.5}) + "\n")
+        f.write(
+            lines[1][10:] + "\n" + json.dumps({"kind": "eval", "step": 2, "val/loss": 1.5}) + "\n"
+        )
     b = read_new_records(path, a["offset"], a["file"])
     assert [(r["kind"], r["step"]) for r in b["records"]] == [("train", 2), ("eval", 2)]
     assert not b["reset"]

@@ -76,9 +76,7 @@ def test_engine_batches_ragged_prompts_like_generate():
     engine = BatchEngine(model, max_batch=4)
     prompts = [[1, 2, 3], [5] * 12, [7, 8, 9, 10, 11, 12, 13], [4], [9, 9], [3, 1, 4, 1, 5]]
     # six requests, four rows: the last two wait and join when rows free up
-    runs = [
-        _run(engine, p, max_tokens=10 + 3 * i, temperature=0.0) for i, p in enumerate(prompts)
-    ]
+    runs = [_run(engine, p, max_tokens=10 + 3 * i, temperature=0.0) for i, p in enumerate(prompts)]
     for i, (out, result, done, _) in enumerate(runs):
         assert done.wait(30)
         expected = generate(model, prompts[i], max_new_tokens=10 + 3 * i, temperature=0.0)

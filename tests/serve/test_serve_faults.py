@@ -79,7 +79,9 @@ def test_malformed_and_huge_bodies(slow_server):
         yield b'"}'
 
     try:
-        r = httpx.post(url, content=chunks(), headers={"Content-Type": "application/json"}, timeout=30)
+        r = httpx.post(
+            url, content=chunks(), headers={"Content-Type": "application/json"}, timeout=30
+        )
         assert r.status_code == 413
     except httpx.TransportError:
         pass  # the server may answer and close before the client finished sending

@@ -15,9 +15,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "(/v1/models, /v1/completions), /health, and a page at / with a live runs dashboard "
         "and a playground. Needs the 'serve' extra: pip install 'tinylm[serve]'.",
     )
-    p.add_argument("path", nargs="?", default="runs", help="runs directory or one run (default: runs)")
     p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+        "path", nargs="?", default="runs", help="runs directory or one run (default: runs)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only)",
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(

@@ -167,7 +167,7 @@ async def create_completion(request: Request, req: CompletionRequest):
         loop.call_soon_threadsafe(events.put_nowait, item)
 
     choices: list[Choice] = []
-    for p_index, ids in enumerate(prompts):
+    for ids in prompts:
         for j in range(req.n):
             index = len(choices)
             job = GenerationRequest(

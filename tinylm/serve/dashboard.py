@@ -87,8 +87,8 @@ def read_new_records(path: Path, offset: int, known_file: str) -> dict[str, Any]
     """Records of complete lines after `offset` (see the module docstring)."""
     fid = file_id(path)
     size = path.stat().st_size
-    reset = bool(known_file) and known_file != fid or offset > size
-    if reset or not known_file:
+    reset = (bool(known_file) and known_file != fid) or offset > size
+    if reset:
         offset = 0
     with path.open("rb") as f:
         f.seek(offset)

@@ -24,6 +24,7 @@ Results go back through callbacks called on the engine thread (`on_token(id)`, t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import queue
@@ -178,9 +179,7 @@ class BatchEngine:
             time.sleep(self._slow)
         idx = torch.tensor([[r.last] for r in active], dtype=torch.long, device=self.device)
         positions = torch.tensor([r.length for r in active], dtype=torch.long, device=self.device)
-        logits, _ = self.model(
-            idx, kv_cache=_rows(self.cache, 0, len(active)), positions=positions
-        )
+        logits, _ = self.model(idx, kv_cache=_rows(self.cache, 0, len(active)), positions=positions)
         for r in active:
             r.length += 1
         self.stats.steps += 1
@@ -249,7 +248,5 @@ class BatchEngine:
             self.stats.failed += 1
         else:
             self.stats.completed += 1
-        try:
+        with contextlib.suppress(Exception):  # nobody is listening any more
             r.on_done(reason, error)
-        except Exception:
-            pass  # nobody is listening any more
