@@ -18,4 +18,15 @@ if ! $py -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing tinylm$extras"
 $py -m pip install -q --disable-pip-version-check -e ".$extras" 2>&1 | grep -v "^WARNING: Location" || true
+# The serve browser tests drive Debian's chromium through selenium (no browser download needed).
+if [[ -n "$extras" ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  sudo=""; [[ $(id -u) == 0 ]] || sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium and chromium-driver (browser tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "setup: chromium and chromedriver are missing (needed by tests/serve/test_serve_browser.py)"
+  fi
+fi
 $py -c "import tinylm, torch; print(f'setup: tinylm {tinylm.__version__} with torch {torch.__version__} ready in .venv')"

@@ -19,6 +19,7 @@ COMMAND_PROVIDERS = [
     "tinylm.data.cli",  # prepare, datasets
     "tinylm.estimate",  # estimate
     "tinylm.runs",  # runs, plot
+    "tinylm.serve.cli",  # serve
 ]
 
 

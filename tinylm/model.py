@@ -140,14 +140,27 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
 
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(
+        self, layer: int, start: int | Tensor, k: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Write k, v [B, n_kv_head, T, D] at positions start..start+T-1; return all keys/values
-        for positions 0..start+T-1."""
-        end = start + k.shape[2]
+        for positions 0..start+T-1.
+
+        `start` may be an int64 [B, T] tensor of per-row positions (rows of different lengths
+        decoding together, see `GPT.forward(positions=...)`); then keys/values up to the
+        furthest row's position are returned and the caller masks each row's unused slots.
+        """
+        end = int(start.max()) + 1 if isinstance(start, Tensor) else start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to fill up to {end}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+        if isinstance(start, Tensor):
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            # Advanced indices on dims 0 and 2 put [B, T] first: values are [B, T, KV, D].
+            self.k[layer][rows, :, start] = k.transpose(1, 2)
+            self.v[layer][rows, :, start] = v.transpose(1, 2)
+        else:
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -169,9 +182,10 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: Tensor, rope: Rope | None, cache: KVCache | None, start_pos: int
+        self, x: Tensor, rope: Rope | None, cache: KVCache | None, start_pos: int | Tensor
     ) -> Tensor:
         B, T, C = x.shape
+        per_row = isinstance(start_pos, Tensor)  # [B, T] positions (see GPT.forward)
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([C, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -184,7 +198,7 @@ class Attention(nn.Module):
 
         if cache is not None:
             k, v = cache.update(self.layer, start_pos, k, v)
-            if T == 1 and self.window is not None:
+            if T == 1 and self.window is not None and not per_row:
                 # One new token sees only the last `window` keys: slice instead of masking.
                 k, v = k[:, :, -self.window :], v[:, :, -self.window :]
             # A cache kept in another dtype than the activations (fp32 cache under autocast).
@@ -192,7 +206,15 @@ class Attention(nn.Module):
         k_len = k.shape[2]
 
         mask, is_causal = None, False
-        if T == 1:
+        if per_row:
+            # Each row sees its own keys 0..its position (and within the window); slots past a
+            # row's position hold another row's (or an old request's) keys and stay hidden.
+            q_pos = start_pos[:, None, :, None]  # [B, 1, T, 1]
+            k_pos = torch.arange(k_len, device=x.device)
+            mask = k_pos <= q_pos
+            if self.window is not None:
+                mask = mask & (q_pos - k_pos < self.window)
+        elif T == 1:
             pass  # one new token may see every key it is given (see the slice above)
         elif k_len == T and self.window is None:
             is_causal = True  # the training path: fused kernel, no mask
@@ -250,7 +272,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: Tensor, rope: Rope | None, cache: KVCache | None, start_pos: int
+        self, x: Tensor, rope: Rope | None, cache: KVCache | None, start_pos: int | Tensor
     ) -> Tensor:
         x = x + self.attn(self.norm1(x), rope, cache, start_pos)
         return x + self.mlp(self.norm2(x))
@@ -340,6 +362,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int | None = None,
         last_only: bool = False,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits [B, T, vocab_size] (or [B, 1, vocab_size] with `last_only`) and the loss.
 
@@ -350,8 +373,13 @@ class GPT(nn.Module):
         start_pos: position of idx[:, 0]; defaults to `kv_cache.pos` (0 without a cache).
         last_only: compute logits for the last position only (skips the full vocabulary
             projection over the prompt during prefill); not allowed with targets.
+        positions: int64 [B], the position of idx[b, 0] for each row (instead of `start_pos`):
+            rows of different lengths decode together from one cache, each writing and seeing
+            only its own positions (the serving engine's batched decode).
         """
         T = idx.shape[1]
+        if positions is not None:
+            return self._forward_rows(idx, positions, kv_cache, last_only)
         if start_pos is None:
             start_pos = kv_cache.pos if kv_cache is not None else 0
         if start_pos + T > self.cfg.context_length:
@@ -386,6 +414,29 @@ class GPT(nn.Module):
             # fp32 loss: log-softmax over a large vocabulary in bf16 loses the small probabilities.
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    def _forward_rows(
+        self, idx: Tensor, positions: Tensor, kv_cache: KVCache | None, last_only: bool
+    ) -> tuple[Tensor, None]:
+        """`forward` with per-row start positions (see its `positions` argument)."""
+        pos = positions[:, None] + torch.arange(idx.shape[1], device=idx.device)  # [B, T]
+        if int(pos.max()) >= self.cfg.context_length:
+            raise ValueError(f"positions exceed the context length {self.cfg.context_length}")
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        x = self.dropout(x)
+        rope = None
+        if self.cfg.pos_emb == "rope":  # [B, 1, T, D/2]: broadcasts over the heads
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
+        for block in self.blocks:
+            x = block(x, rope, kv_cache, pos)
+        if kv_cache is not None:
+            kv_cache.pos = int(pos.max()) + 1
+        x = self.norm_f(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)[..., : self.vocab_size], None
 
     def make_kv_cache(
         self,

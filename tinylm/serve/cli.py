@@ -1,0 +1,88 @@
+"""`tinylm serve`: argument parsing around `tinylm.serve.app` and uvicorn (imported lazily)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `tinylm serve`."""
+    p = sub.add_parser(
+        "serve",
+        help="HTTP server: OpenAI-compatible completions, runs dashboard and playground",
+        description="Serve the runs under PATH (or the run PATH): an OpenAI-compatible API "
+        "(/v1/models, /v1/completions), /health, and a page at / with a live runs dashboard "
+        "and a playground. Needs the 'serve' extra: pip install 'tinylm[serve]'.",
+    )
+    p.add_argument(
+        "path", nargs="?", default="runs", help="runs directory or one run (default: runs)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only)",
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TINYLM_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1 and /api routes (default: $TINYLM_API_KEY)",
+    )
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut prompts too long for the context from the left instead of refusing them (400)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=16, help="requests decoded together per model (default 16)"
+    )
+    p.add_argument(
+        "--no-auto-reload",
+        action="store_true",
+        help="keep serving the checkpoint first loaded for a run (POST /api/reload still switches)",
+    )
+    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body (KiB)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tinylm.config import ConfigError
+
+    if not 1 <= args.max_batch <= 256:
+        raise ConfigError(f"--max-batch must be in 1..256, got {args.max_batch}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_body_kb < 1:
+        raise ConfigError(f"--max-body-kb must be >= 1, got {args.max_body_kb}")
+    if not Path(args.path).exists():
+        raise FileNotFoundError(f"{args.path}: no such run or runs directory")
+    try:
+        import uvicorn
+
+        from tinylm.serve.app import ServeSettings, create_app
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"tinylm serve needs the 'serve' extra ({e.name} is missing): "
+            "pip install 'tinylm[serve]'"
+        ) from e
+    from tinylm.train import runtime
+
+    device, _ = runtime.select_device(args.device)
+    settings = ServeSettings(
+        root=Path(args.path),
+        api_key=args.api_key,
+        truncate=args.truncate,
+        max_body_bytes=args.max_body_kb * 1024,
+        max_batch=args.max_batch,
+        auto_reload=not args.no_auto_reload,
+        device=str(device),
+    )
+    app = create_app(settings)
+    print(f"tinylm serve: {settings.root} at http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
