@@ -1,11 +1,19 @@
-"""Helpers shared by the end-to-end tests: small-model overrides and CLI/metrics shortcuts."""
+"""Helpers shared by the end-to-end tests: small-model overrides, CLI/metrics shortcuts, and a
+`tinylm` command in a subprocess (for signals, kills and concurrent runs)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tinylm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A model small enough that a step takes milliseconds on one core.
 SMALL = [
@@ -29,3 +37,81 @@ def run_cli(*args: object) -> int:
 def read_metrics(run: Path, kind: str) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    """metrics.jsonl records of `kind`, tolerating a line being written right now."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == kind:
+            out.append(record)
+    return out
+
+
+def trained_to(run: Path, step: int) -> Callable[[], bool]:
+    return lambda: any(r["step"] >= step for r in records(run, "train"))
+
+
+class CliProcess:
+    """`tinylm ARGS...` in a subprocess, with its output in a file (no pipe to fill up).
+
+    `new_session=True` puts it in its own process group, so a test can signal the group as a
+    terminal's Ctrl+C does. Output is unbuffered, so a test can wait for a line.
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        *args: object,
+        env: dict[str, str] | None = None,
+        new_session: bool = False,
+        prefix: list[str] | None = None,
+    ) -> None:
+        self.log_path = tmp_path / f"proc-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in wait())
+        self.proc = subprocess.Popen(
+            [*(prefix or [sys.executable, "-m", "tinylm.cli"]), *map(str, args)],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=new_session,
+        )
+        self.pid = self.proc.pid
+
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"exited ({self.proc.returncode}) before {what}:\n{self.output}"
+                )
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"timed out waiting for {what}:\n{self.output}")
+            time.sleep(0.02)
+
+    def send(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        """Exit status within `timeout` seconds (the process is killed and the test fails if not)."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"did not exit within {timeout} s:\n{self.output}") from None
+        finally:
+            self._log.close()
+        return code
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text()

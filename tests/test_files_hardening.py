@@ -178,7 +178,7 @@ def test_prepared_meta_schema_is_checked_before_use(tmp_path, case, monkeypatch)
     _edit_meta(ds.directory, edit)
     mapped = []
     monkeypatch.setattr(np, "memmap", lambda *a, **k: mapped.append(a) or None)
-    with pytest.raises(DataError, match="meta.json") as info:
+    with pytest.raises(DataError, match=r"meta\.json") as info:
         PreparedDataset.open(ds.directory)
     assert expected in str(info.value)
     assert mapped == []  # refused before anything was mapped
@@ -237,7 +237,7 @@ def test_tokenizer_file_field_types_are_checked(tmp_path, fields, expected):
 # ------------------------------------------------------------------ checkpoints
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished tiny run with checkpoints at steps 3 and 6 (copied per test)."""
     base = tmp_path_factory.mktemp("trained")

@@ -8,91 +8,27 @@ interpreter start-up.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL, read_metrics, run_cli
+from helpers import SMALL, CliProcess, read_metrics, records, run_cli, trained_to
 
 from tinylm.config import load_config
 from tinylm.train import checkpoint
 from tinylm.train.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-class TrainProcess:
-    """`tinylm train ...` in a subprocess, with its output in files (no pipe to fill up)."""
+class TrainProcess(CliProcess):
+    """`tinylm train ...` in a subprocess."""
 
     def __init__(self, tmp_path: Path, *args: object, env: dict[str, str] | None = None) -> None:
-        self.log_path = tmp_path / f"proc-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in wait())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tinylm.cli", "train", *map(str, args)],
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-        )
-
-    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"exited ({self.proc.returncode}) before {what}:\n{self.output}"
-                )
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"timed out waiting for {what}:\n{self.output}")
-            time.sleep(0.02)
-
-    def send(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        """Exit status within `timeout` seconds (the process is killed and the test fails if not)."""
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"did not exit within {timeout} s:\n{self.output}") from None
-        finally:
-            self._log.close()
-        return code
-
-    @property
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-
-def records(run: Path, kind: str) -> list[dict]:
-    """metrics.jsonl records of `kind`, tolerating a line being written right now."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("kind") == kind:
-            out.append(record)
-    return out
-
-
-def trained_to(run: Path, step: int) -> Callable[[], bool]:
-    return lambda: any(r["step"] >= step for r in records(run, "train"))
+        super().__init__(tmp_path, "train", *args, env=env)
 
 
 def assert_loadable(path: Path) -> None:
@@ -376,7 +312,7 @@ def test_interrupt_while_setting_up_is_a_clean_stop(tmp_path, corpus, monkeypatc
     monkeypatch.setattr(tinylm.data, "resolve_data", interrupted)
     assert run_cli("train", "tiny", *common(tmp_path, corpus, "train.max_steps=5")) == 0
     err = capsys.readouterr().err
-    assert "interrupted while setting up" in err and "run the same command again" in err
+    assert "interrupted (SIGINT) while setting up" in err and "run the same command again" in err
 
 
 def test_forwarded_signal_within_grace_is_the_same_stop(monkeypatch):

@@ -470,12 +470,17 @@ def load_checkpoint(target: str | Path, which: str = "latest") -> LoadedCheckpoi
     is resolved again: rotation deletes only after a newer checkpoint is complete.
     """
     for attempt in range(3):
-        path = resolve_checkpoint(target, which)
+        path = None
         try:
+            path = resolve_checkpoint(target, which)
             return _load(path)
         except (FileNotFoundError, CheckpointError):
-            if path.exists() or attempt == 2:
+            # Rotation removes a checkpoint's files one by one: gone, or going, means "look
+            # again" (the newer one it made room for is complete by then).
+            vanishing = path is None or not path.exists() or check_checkpoint(path, False)
+            if not vanishing or attempt == 2:
                 raise
+            time.sleep(0.05)
     raise AssertionError("unreachable")
 
 

@@ -10,6 +10,7 @@ run as it continues; a run started afresh (step 0) starts a fresh file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from tinylm.config import LogConfig
+from tinylm.fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -47,9 +49,8 @@ def truncate_metrics(path: Path, after_step: int) -> None:
             continue  # a line cut short by a kill
         if record.get("step", 0) <= after_step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    tmp.replace(path)
+    # Atomic: a kill during the rewrite leaves the old file, which the next resume cuts again.
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 class RunLogger:
@@ -107,7 +108,7 @@ class RunLogger:
             return
         record = {"kind": kind, "step": step, "time": round(time.time(), 3)}
         record.update({k: _clean(v) for k, v in metrics.items()})
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._write_line(json.dumps(record))
         scalars = {
             k: v
             for k, v in metrics.items()
@@ -125,9 +126,7 @@ class RunLogger:
         """Record a generated sample (or any text) for `step`."""
         if not self.enabled:
             return
-        self._jsonl.write(
-            json.dumps({"kind": "sample", "step": step, "tag": tag, "text": text}) + "\n"
-        )
+        self._write_line(json.dumps({"kind": "sample", "step": step, "tag": tag, "text": text}))
         if self._tb is not None:
             self._tb.add_text(tag, f"```\n{text}\n```", step)
         if self._wandb is not None:
@@ -138,8 +137,28 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"kind": "event", "time": round(time.time(), 3), "message": message, **fields}
-        self._jsonl.write(json.dumps(record, default=str) + "\n")
+        self._write_line(json.dumps(record, default=str))
         self.print(message)
+
+    def _write_line(self, line: str) -> None:
+        """One metrics line; a failed write (disk full) stops the run with a clear error once,
+        and later lines (the "failed" event) are dropped instead of failing again."""
+        if self._jsonl is None:
+            return
+        try:
+            self._jsonl.write(line + "\n")
+        except OSError as e:
+            from tinylm.fileio import os_error_message
+            from tinylm.train.checkpoint import CheckpointError
+
+            path = self._jsonl.name
+            with contextlib.suppress(OSError):
+                self._jsonl.close()
+            self._jsonl = None
+            raise CheckpointError(
+                os_error_message(e, path, "write the metrics file")
+                + "; the run stops here and resumes from its last checkpoint once that is fixed"
+            ) from None
 
     def advance(self, step: int, postfix: str = "") -> None:
         if self._bar is not None:
@@ -156,7 +175,8 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
         if self._jsonl is not None:
-            self._jsonl.close()
+            with contextlib.suppress(OSError):  # a full disk: the error was raised already
+                self._jsonl.close()
         self._bar = self._tb = self._wandb = self._jsonl = None
 
 
