@@ -10,7 +10,7 @@ silent death that orphans the workers.
 
 A terminal's Ctrl+C goes to every process in the foreground group, worker processes included,
 and each would print its own KeyboardInterrupt traceback. `workers_ignore_sigint()` is held
-while workers start: an ignored signal stays ignored across fork and exec, so the workers never
+while workers start: a blocked signal stays blocked across fork and exec, so the workers never
 see Ctrl+C at all (not even while importing), and the parent, which does, stops them.
 """
 
@@ -50,18 +50,20 @@ def term_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def workers_ignore_sigint() -> Iterator[None]:
-    """Processes started inside ignore SIGINT for life (see the module docstring).
+    """Processes started inside never receive SIGINT (see the module docstring).
 
-    The parent ignores it too for those milliseconds; it keeps its own handler otherwise.
+    SIGINT is blocked, not ignored, in the parent for those milliseconds: a blocked signal is
+    held and delivered when the block ends, so a Ctrl+C during worker start-up still stops the
+    parent; the signal mask is inherited across fork and exec, so the workers keep it blocked.
     """
-    if not _in_main_thread():
+    if not _in_main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def signal_name(e: KeyboardInterrupt) -> str:

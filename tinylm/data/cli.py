@@ -6,6 +6,7 @@ Heavy imports happen inside the command functions so that `tinylm --help` stays 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 EOT = "<|endoftext|>"  # repeated here (not imported) to keep `tinylm --help` free of numpy
 
@@ -50,7 +51,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--chunk-mb", type=float, default=4.0, help="characters per shard chunk, in millions"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_prepare)
+    p.set_defaults(func=_term_as_interrupt(cmd_prepare))
 
     d = sub.add_parser(
         "datasets",
@@ -64,6 +65,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--out", help="write: the text file to create (documents separated by <|endoftext|>)"
     )
     d.set_defaults(func=cmd_datasets)
+
+
+def _term_as_interrupt(command: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """`command` with SIGTERM unwinding like Ctrl+C: workers stopped and reaped, chunks kept."""
+
+    def run(args: argparse.Namespace) -> int:
+        from tinylm.interrupts import term_as_interrupt
+
+        with term_as_interrupt():
+            return command(args)
+
+    return run
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
