@@ -455,9 +455,22 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 
 def load_config_file(path: str | Path) -> Config:
-    """Read a resolved config written into a run directory."""
-    cfg = config_from_dict(yaml.safe_load(Path(path).read_text()) or {})
-    validate(cfg)
+    """Read a resolved config written into a run directory; every error names the file."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{path}: not a readable YAML config ({type(e).__name__}); it was edited or damaged: "
+            "restore it (the checkpoints' meta.json holds a copy under 'config')"
+        ) from None
+    if not isinstance(tree, (dict, type(None))):
+        raise ConfigError(f"{path}: holds a {type(tree).__name__}, not a config mapping")
+    try:
+        cfg = config_from_dict(tree or {})
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return cfg
 
 

@@ -37,7 +37,10 @@ _HINTS = {
 def os_error_message(e: OSError, path: str | Path, doing: str) -> str:
     """`cannot <doing> '<path>': <what it means and what to do>` for an OSError."""
     hint = _HINTS.get(e.errno or 0) or (e.strerror or str(e))
+    # The file at fault when it is not `path` itself (but not our temporary name: noise).
     where = e.filename if e.filename and str(e.filename) != str(path) else None
+    if where is not None and is_temp_name(str(where)):
+        where = None
     return f"cannot {doing} '{path}'" + (f" ({where})" if where else "") + f": {hint}"
 
 

@@ -96,7 +96,12 @@ def check_meta(directory: Path, meta: Any) -> None:
 
     if not isinstance(meta, dict):
         raise bad(f"expected a JSON object, found {type(meta).__name__}")
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if meta.get("format") != FORMAT:
+        raise DataError(
+            f'{path}: not a tinylm prepared dataset (no "format": "{FORMAT}"); point at a '
+            "directory made by `tinylm prepare`, or choose another output directory"
+        )
+    if meta.get("version") != VERSION:
         raise DataError(
             f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, this tinylm "
             f"reads {FORMAT!r} version {VERSION}; prepare the dataset again with this version"
