@@ -406,6 +406,12 @@ def test_outputs_that_exist_as_files_are_clear_errors(tmp_path, capsys):
     err = _cli_error(capsys, "train", "tiny", f"data.train={src}", f"out_dir={blocker}", *SMALL)
     assert str(blocker) in err and "file" in err
     assert blocker.read_text() == "a file"
+    args = ["tokenizer", "train", "--input", src, "--vocab-size", "262", "--workers", "1"]
+    err = _cli_error(capsys, *args, "--out", blocker)
+    assert f"'{blocker}' exists and is not a tinylm tokenizer file" in err
+    assert blocker.read_text() == "a file"
+    assert run_cli(*args, "--out", tmp_path / "tok.json") == 0
+    assert run_cli(*args, "--out", tmp_path / "tok.json") == 0  # our own file: replaced
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,7 @@ def test_ctrl_c_during_worker_start_up_prints_no_worker_tracebacks(tmp_path):
 
 
 def test_sigterm_during_training_set_up_is_a_clean_stop_that_resumes(tmp_path):
-    src = _stories(tmp_path, 12000)  # ~3 MB: fitting and preparing take a moment
+    src = _stories(tmp_path, 6000)  # ~1.5 MB: fitting and preparing take a moment
     args = ["tiny", f"data.train={src}", f"out_dir={tmp_path}", "run_name=r", *SMALL]
     proc = CliProcess(tmp_path, "train", *args, "train.max_steps=2")
     proc.wait_until(lambda: "data: " in proc.output, "set-up")

@@ -39,9 +39,10 @@ SYNTHETIC = "synthetic-stories"
 READ_BYTES = 1 << 20
 MAX_PIECE_CHARS = 4 << 20  # longer documents are cut into pieces of about this size
 SNIFF_BYTES = 64 << 10
-# Share of a text file's first bytes that may be invalid UTF-8 before it is called binary.
-# Random or compressed bytes give ~0.45 invalid sequences per byte; Latin-1 / cp1252 prose
-# (a text file in the wrong encoding, which we keep with replacement) stays well below 0.15.
+# Invalid UTF-8 sequences per byte (in the first SNIFF_BYTES) above which a file is called binary.
+# Measured on 64 KiB: random bytes 0.42 (0.62 when every byte is >= 0x80), gzip output 0.42;
+# Latin-1/cp1252 prose, a text file in the wrong encoding that we keep with replacement,
+# 0.12 (French) to 0.16 (German, dense in umlauts).
 BINARY_INVALID_RATIO = 0.3
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw", ""}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}

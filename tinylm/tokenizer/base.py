@@ -145,10 +145,29 @@ class Tokenizer(ABC):
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:
-    """`tokenizer.save(path)` for commands: a failed write is a TokenizerError naming the path."""
+    """`tokenizer.save(path)` for commands: a failed write is a TokenizerError naming the path.
+
+    An existing file is replaced only if it is a tinylm tokenizer file (re-training one): a
+    file of anything else named by mistake is refused, not overwritten.
+    """
     from tinylm.fileio import os_error_message
 
+    path = Path(path)
+    if path.is_file() and not _is_tokenizer_file(path):
+        raise TokenizerError(
+            f"'{path}' exists and is not a tinylm tokenizer file; refusing to overwrite it: "
+            "choose another --out path (or remove that file)"
+        )
     try:
         return tokenizer.save(path)
     except OSError as e:
         raise TokenizerError(os_error_message(e, path, "write the tokenizer file")) from None
+
+
+def _is_tokenizer_file(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return f'"format": "{FILE_FORMAT}"' in head
