@@ -95,7 +95,8 @@ def main() -> int:
         named = str(work) in text
         clean = "Traceback" not in text
         ok = code == expect and clean and (expect == 0 or named)
-        rows.append((name, first.replace("|", "/")[:220], code, clean, ok))
+        first = " ".join(first.split()).replace("|", "/")  # one table cell
+        rows.append((name, first[:220], code, clean, ok))
 
     def ck(w: Path) -> Path:
         return w / "run" / "checkpoints" / "step_00000004"
