@@ -143,6 +143,30 @@ def generate_stream(
             yield token
 
 
+def generate_steps(
+    model: GPT,
+    rows: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[list[int]]:
+    """The next id of every row, step by step, for callers that decide themselves when to stop
+    (e.g. on a stop string). Rows must have equal lengths; end-of-text is not special here.
+    Close the iterator (`contextlib.closing`) when stopping early."""
+    rows, device, generator = _prepare(model, rows, seed)
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError("generate_steps needs prompts of equal length (padding shifts positions)")
+    idx = torch.tensor(rows, dtype=torch.long, device=device)
+    sample_kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    with closing(_steps(model, idx, max_new_tokens, sample_kwargs, use_cache)) as steps:
+        for nxt in steps:
+            yield nxt.tolist()
+
+
 def generate(
     model: GPT,
     prompt_ids: Sequence[int] | Sequence[Sequence[int]],

@@ -70,6 +70,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--tasks",
+        default="",
+        help="comma-separated lm-evaluation-harness tasks (e.g. hellaswag,arc_easy,lambada_openai) "
+        "instead of validation loss; needs tinylm[eval]",
+    )
+    p.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: few-shot examples")
+    p.add_argument(
+        "--limit", default=None, help="with --tasks: examples per task (N, or a fraction < 1)"
+    )
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="with --tasks: a directory of your own task YAML files (repeatable)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a trained run")
@@ -170,6 +187,22 @@ def _as_overrides(tree: dict, prefix: str = "") -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        from tinylm.eval.harness_run import parse_limit, run_harness
+
+        result = run_harness(
+            args.run,
+            [t.strip() for t in args.tasks.split(",") if t.strip()],
+            checkpoint=args.checkpoint,
+            num_fewshot=args.num_fewshot,
+            limit=parse_limit(args.limit),
+            batch_size=args.batch_size,
+            device=args.device,
+            include_path=args.include_path,
+        )
+        print(result.table)
+        print(f"results: {result.path}")
+        return 0
     import torch
 
     from tinylm.data import resolve_data
