@@ -190,6 +190,7 @@ def _as_overrides(tree: dict, prefix: str = "") -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from tinylm.config import ConfigError
     from tinylm.data import resolve_data
     from tinylm.eval.evaluate import evaluate_sets
     from tinylm.train import runtime
@@ -209,6 +210,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         raise DataError(
             "this run has no validation split (data.val_fraction=0); pass --data SOURCE"
+        )
+    if args.stride and not 1 <= args.stride <= cfg.model.context_length:
+        raise ConfigError(
+            f"--stride {args.stride}: must be between 1 and the model's context length "
+            f"({cfg.model.context_length})"
         )
     print(f"checkpoint: {path} (step {int(path.name.split('_')[-1])})")
     batch_size = args.batch_size or cfg.eval.batch_size or cfg.train.batch_size

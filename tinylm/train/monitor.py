@@ -11,7 +11,10 @@ The console line ends with an ETA (the session's wall time per step so far, eval
 checkpoints included, times the steps left). A line that averages fewer steps than `log.interval`
 (the first after a resume, the last of a run) says how many. On a CPU, when the process got less
 than `SLOW_CPU_SHARE` of the CPU time its threads could use (other processes hold the cores), one
-`slow` event says so with the figures, so a run that takes 10x the README's time says why.
+`slow` event says so with the figures, so a run that takes 10x the README's time says why, and
+the process drops to the threads it actually gets: OpenMP threads that wait for each other lose
+whole time slices when the cores are shared (tiny preset, 2 cores, load average 19.5: 18.3 s per
+step with 2 threads, 2.6 s with 1; `bench/bench_cpu_threads.py`, notes/issue-11-first-hour.md).
 """
 
 from __future__ import annotations
@@ -30,9 +33,14 @@ from tinylm.config import Config
 from tinylm.train import distributed, runtime
 from tinylm.train.sinks import RunLogger
 
-# Below this share of its threads' CPU time the process is starved: on the shared 2-core machine
-# a tiny run alone gets 0.95-1.0 of it; with 8 other busy processes ~0.25 and steps ~4x slower.
+# Below this share of its threads' CPU time the process is starved (a run alone on its cores
+# gets close to all of it): with ~20 busy processes on 2 cores, a 1-thread tiny run got 8-20%.
 SLOW_CPU_SHARE = 0.5
+
+
+def threads_to_use(threads: int, share: float) -> int:
+    """The torch threads a starved process should keep: the cores' worth of CPU time it gets."""
+    return max(1, min(threads, int(threads * share)))
 
 
 def format_eta(seconds: float) -> str:
@@ -63,11 +71,18 @@ def slow_cpu_message(
     cores = psutil.cpu_count() or threads
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     gflops = flops_per_token * tokens_per_second / 1e9
+    fewer = threads_to_use(threads, share)
+    action = (
+        f" Using {fewer} thread(s) from now on (threads that wait for each other lose their time "
+        "slices on busy cores)."
+        if fewer < threads
+        else ""
+    )
     return (
         f"step {step}: slow: {tokens_per_second:,.0f} tokens/s ({gflops:.2f} GFLOP/s of model "
         f"compute). This process got {share:.0%} of the CPU time its {threads} thread(s) could use "
         f"(load average {load:.1f} on {cores} cores): other processes hold the cores. Alone on "
-        f"this machine it would run about {1 / max(share, 1e-3):.1f}x faster."
+        f"this machine it would run about {1 / max(share, 1e-3):.1f}x faster.{action}"
     )
 
 
@@ -202,17 +217,19 @@ class TrainMonitor:
         """One `slow` event per session when other processes starve this one of CPU time."""
         if self.slow_reported or self.device.type != "cpu":
             return
+        threads, cpu_seconds = torch.get_num_threads(), self._cpu_seconds() - self.interval_cpu
         message = slow_cpu_message(
             step,
-            cpu_seconds=self._cpu_seconds() - self.interval_cpu,
+            cpu_seconds=cpu_seconds,
             wall_seconds=elapsed,
-            threads=torch.get_num_threads(),
+            threads=threads,
             tokens_per_second=tokens_per_second,
             flops_per_token=self.flops_per_token,
         )
         if message:
             self.slow_reported = True
             self.log.event(message, event="slow", step=step)
+            torch.set_num_threads(threads_to_use(threads, cpu_seconds / (elapsed * threads)))
 
     def nonfinite_stop_reason(self, step: int) -> str | None:
         """Why the run must stop after `train.max_nonfinite_steps` non-finite steps in a row.
