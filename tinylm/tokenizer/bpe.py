@@ -23,10 +23,6 @@ from typing import Any
 
 import numpy as np
 
-<<<<<<< HEAD
-from tinylm.tokenizer.base import EOT, Tokenizer, TokenizerError
-from tinylm.tokenizer.pretokenize import GPT2_PATTERN, last_safe_cut
-=======
 from tinylm.interrupts import workers_ignore_sigint
 from tinylm.tokenizer.base import (
     EOT,
@@ -35,8 +31,7 @@ from tinylm.tokenizer.base import (
     check_fields,
     check_special_tokens,
 )
-from tinylm.tokenizer.bpe_train import GPT2_PATTERN, last_safe_cut
->>>>>>> 038ad90da06de9374355d12969c55dd1cbc0f2d3
+from tinylm.tokenizer.pretokenize import GPT2_PATTERN, last_safe_cut
 
 BYTE_ENCODING = "gpt2-unicode"
 
