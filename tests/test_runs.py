@@ -90,7 +90,7 @@ def test_plot_writes_a_png_for_two_runs(two_runs, tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    assert (width, height) == (1200, 800) and len(data) > 20_000
+    assert (width, height) == (1600, 800) and len(data) > 20_000
 
 
 def test_plot_refuses_a_directory_without_metrics(tmp_path, capsys):

@@ -16,6 +16,10 @@ Memory during training, per process (no sharding):
 Allocator slack, transient buffers (the logits themselves, the fp32 copy for the loss) and the
 CUDA context are not included: leave ~10-20% headroom.
 
+With N devices (`--devices N`, torchrun): each device holds the above under DDP; FSDP shards the
+weights, gradients and AdamW state N ways (activations stay per device). The run's default token
+budget and the throughput grow N-fold (train.batch_size is per device).
+
 This module imports no torch at import time (it registers a CLI command).
 """
 
@@ -87,6 +91,13 @@ class Estimate:
     tokens: int
     seconds_at_throughput: float | None
     seconds_at_peak: float | None
+    devices: int = 1
+
+    @property
+    def fsdp_memory(self) -> int:
+        """Per device under FSDP: parameters, gradients and AdamW state sharded over the devices."""
+        sharded = (self.weights + self.gradients + self.optimizer) // self.devices
+        return sharded + self.activations + self.weight_copies
 
     @property
     def total_memory(self) -> int:
@@ -107,6 +118,8 @@ def resolve_vocab(cfg: Config) -> tuple[int, str]:
             f"assumed {CHAR_VOCAB_GUESS}: a char tokenizer's size is its corpus's distinct "
             "characters; set model.vocab_size=N for the exact figure"
         )
+    if spec.startswith("bpe:") and spec[4:].isdigit():  # trained on the data by the run
+        return int(spec[4:]), f"from data.tokenizer={spec}"
     from tinylm.tokenizer import load_tokenizer
 
     return load_tokenizer(spec).vocab_size, f"from {spec}"
@@ -119,11 +132,13 @@ def estimate(
     tokens_per_second: float | None = None,
     peak_tflops: float | None = None,
     mfu: float = 0.4,
+    devices: int = 1,
 ) -> Estimate:
     """Parameters, FLOPs, memory and time for `cfg` (see the module docstring).
 
-    tokens defaults to the run's budget: max_steps x batch_size x grad_accum x context_length.
-    Time is given at `tokens_per_second`, and/or at `peak_tflops` (per second) x `mfu`.
+    tokens defaults to the run's budget: max_steps x batch_size x grad_accum x context_length x
+    devices. Time is given at `tokens_per_second` and/or `peak_tflops` (per second) x `mfu`,
+    both per device, times `devices`.
     """
     import dataclasses
 
@@ -146,7 +161,7 @@ def estimate(
     t = cfg.train
     batch_tokens = t.batch_size * m.context_length
     if tokens is None:
-        tokens = t.max_steps * t.grad_accum * batch_tokens
+        tokens = t.max_steps * t.grad_accum * batch_tokens * devices
     return Estimate(
         vocab_size=vocab,
         vocab_note=vocab_note,
@@ -164,8 +179,11 @@ def estimate(
         activations=batch_tokens * activation_bytes_per_token(m, vocab, precision),
         weight_copies=0 if precision == "fp32" else ACT_BYTES[precision] * matmul_weights,
         tokens=tokens,
-        seconds_at_throughput=tokens / tokens_per_second if tokens_per_second else None,
-        seconds_at_peak=tokens * flops / (peak_tflops * 1e12 * mfu) if peak_tflops else None,
+        seconds_at_throughput=tokens / (tokens_per_second * devices) if tokens_per_second else None,
+        seconds_at_peak=(
+            tokens * flops / (peak_tflops * 1e12 * mfu * devices) if peak_tflops else None
+        ),
+        devices=devices,
     )
 
 
@@ -228,16 +246,26 @@ def format_estimate(
             if e.weight_copies
             else []
         ),
-        f"  total           {_bytes(e.total_memory)} (+10-20% allocator and workspace)",
-        f"time for {_si(e.tokens)} tokens ({_si(e.tokens * e.flops_per_token, 'FLOP')}):",
+        f"  total           {_bytes(e.total_memory)} (+10-20% allocator and workspace)"
+        + (" per device with DDP" if e.devices > 1 else ""),
+        *(
+            [
+                f"  with FSDP       {_bytes(e.fsdp_memory)} per device (state sharded {e.devices} ways)"
+            ]
+            if e.devices > 1
+            else []
+        ),
+        f"time for {_si(e.tokens)} tokens ({_si(e.tokens * e.flops_per_token, 'FLOP')})"
+        + (f" on {e.devices} devices:" if e.devices > 1 else ":"),
     ]
+    each = " per device" if e.devices > 1 else ""
     if e.seconds_at_throughput is not None:
         lines.append(
-            f"  at {tokens_per_second:,.0f} tokens/s: {_duration(e.seconds_at_throughput)}"
+            f"  at {tokens_per_second:,.0f} tokens/s{each}: {_duration(e.seconds_at_throughput)}"
         )
     if e.seconds_at_peak is not None:
         lines.append(
-            f"  at {peak_tflops:g} TFLOP/s peak x MFU {mfu:g}: {_duration(e.seconds_at_peak)}"
+            f"  at {peak_tflops:g} TFLOP/s peak{each} x MFU {mfu:g}: {_duration(e.seconds_at_peak)}"
         )
     if e.seconds_at_throughput is None and e.seconds_at_peak is None:
         lines.append("  (give --tokens-per-second X, or --peak-tflops P [--mfu M])")
@@ -257,6 +285,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
+    if args.devices < 1:
+        raise ConfigError(f"--devices must be at least 1, got {args.devices}")
     cfg = load_config(args.config, args.overrides)
     tokens = int(args.tokens) if args.tokens is not None else None
     e = estimate(
@@ -265,6 +295,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         tokens_per_second=args.tokens_per_second,
         peak_tflops=args.peak_tflops,
         mfu=args.mfu,
+        devices=args.devices,
     )
     print(f"tinylm estimate: {args.config}")
     print(
@@ -294,4 +325,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens-per-second", type=_positive, help="measured training throughput")
     p.add_argument("--peak-tflops", type=_positive, help="hardware peak TFLOP/s for the precision")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="number of devices (GPUs) training together: time divides, FSDP memory is shown",
+    )
     p.set_defaults(func=cmd_estimate)

@@ -105,13 +105,51 @@ def _max_steps(run_dir: Path, records: list[dict[str, Any]]) -> int | None:
     return None
 
 
+def checkpoint_loop_state(path: Path) -> dict[str, Any] | None:
+    """The loop state (step, tokens_seen, ...) saved in a checkpoint, or None if unreadable.
+
+    From meta.json; checkpoints written before it held the loop state fall back to
+    train_state.pt, memory-mapped so the optimizer state is not read.
+    """
+    from tinylm.train import checkpoint
+
+    try:
+        meta = checkpoint.read_meta(path)
+    except (OSError, ValueError):
+        return None
+    if isinstance(meta.get("loop"), dict):
+        return meta["loop"]
+    import torch
+
+    try:
+        state = torch.load(
+            path / checkpoint.STATE_FILE, map_location="cpu", mmap=True, weights_only=False
+        )
+    except Exception:  # a checkpoint we cannot read says nothing about progress
+        return None
+    return state.get("loop") if isinstance(state, dict) else None
+
+
 def summarize(run_dir: str | Path) -> RunSummary:
-    """Status, progress and headline figures of one run directory."""
+    """Status, progress and headline figures of one run directory.
+
+    Steps and tokens come from the latest checkpoint's loop state (what a resume continues from),
+    not from the last log line, which lags a stop between log intervals; a live run logged
+    past its latest checkpoint shows its logged progress.
+    """
     from tinylm.train import checkpoint
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     train = [r for r in records if r.get("kind") == "train"]
+    # The furthest step any line names: a stop is logged at its step even between log lines.
+    logged_step = max((int(r["step"]) for r in records if "step" in r), default=0)
+    latest = checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False)
+    state = checkpoint_loop_state(latest) if latest is not None else None
+    if state is not None and int(state.get("step", 0)) >= logged_step:
+        step, tokens = int(state["step"]), int(state.get("tokens_seen", 0))
+    else:
+        step, tokens = logged_step, int(train[-1].get("tokens", 0)) if train else 0
     val_losses = [
         v
         for r in records
@@ -119,14 +157,12 @@ def summarize(run_dir: str | Path) -> RunSummary:
         if (v := _number(r.get("val/loss"))) is not None
     ]
     finite_val = [v for v in val_losses if math.isfinite(v)]
-    latest = checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False)
     return RunSummary(
         path=run_dir,
         status=run_status(records, (run_dir / METRICS_FILE).stat().st_mtime),
-        # The furthest step any line names: a stop is logged at its step even between log lines.
-        step=max((int(r["step"]) for r in records if "step" in r), default=0),
+        step=step,
         max_steps=_max_steps(run_dir, records),
-        tokens=int(train[-1].get("tokens", 0)) if train else 0,
+        tokens=tokens,
         best_val_loss=min(finite_val) if finite_val else None,
         last_train_loss=_number(train[-1].get("loss")) if train else None,
         last_checkpoint=latest.name if latest is not None else None,
@@ -178,21 +214,47 @@ def format_table(summaries: list[RunSummary]) -> str:
     )
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Write a PNG comparing runs: loss vs steps and vs tokens (train solid, val dashed),
-    learning rate and tokens/s vs steps. Returns the path written."""
+def run_label(run_dir: str | Path, name: str) -> str:
+    """'name (data, tokenizer)' from the run's config.yaml: the legend says what each curve is."""
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        return name
+    import yaml
+
+    data = (yaml.safe_load(config.read_text()) or {}).get("data", {})
+    mix = data.get("mix") or []
+    sources = [m.get("name") or Path(str(m.get("path", ""))).name for m in mix] or [
+        Path(str(data.get("train", ""))).name or "?"
+    ]
+    return f"{name} ({'+'.join(sources)}, {data.get('tokenizer', '?')})"
+
+
+def _style(n_points: int) -> dict[str, Any]:
+    """A run with too few logged points for a line is drawn with markers, so it is visible."""
+    return {"marker": "o", "markersize": 4} if n_points < 3 else {}
+
+
+def make_figure(run_dirs: list[str | Path]):
+    """A matplotlib Figure comparing runs (see `plot_runs`); the caller saves or inspects it.
+
+    Panels: loss vs steps, loss vs tokens (train solid, val dashed), validation bits per byte vs
+    steps (the measure that compares across tokenizers: loss per token does not), learning rate
+    and tokens/s vs steps. Each run is labeled with its data and tokenizer.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, and no GUI toolkit imported
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    (ax_step, ax_tok), (ax_lr, ax_tps) = axes
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    (ax_step, ax_tok, ax_bpb), (ax_lr, ax_tps, ax_unused) = axes
+    ax_unused.remove()
     names = [Path(r).name for r in run_dirs]
     if len(set(names)) < len(names):  # same run name in two directories: show the paths
         names = [str(r) for r in run_dirs]
     for name, run_dir in zip(names, run_dirs, strict=True):
+        label = run_label(run_dir, name)
         records = read_metrics(run_dir)
         train = [r for r in records if r.get("kind") == "train"]
         evals = [r for r in records if r.get("kind") == "eval" and "val/loss" in r]
@@ -200,26 +262,45 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         per_step = train[-1]["tokens"] / train[-1]["step"] if train else 0.0
         steps = [r["step"] for r in train]
         losses = [_number(r.get("loss")) for r in train]
-        (line,) = ax_step.plot(steps, losses, label=f"{name} train")
+        (line,) = ax_step.plot(steps, losses, label=f"{label} train", **_style(len(steps)))
         color = line.get_color()
-        ax_tok.plot([r["tokens"] for r in train], losses, color=color, label=f"{name} train")
+        ax_tok.plot(
+            [r["tokens"] for r in train],
+            losses,
+            color=color,
+            label=f"{label} train",
+            **_style(len(steps)),
+        )
         if evals:
             vsteps = [r["step"] for r in evals]
             vloss = [_number(r["val/loss"]) for r in evals]
-            ax_step.plot(vsteps, vloss, "--o", color=color, markersize=3, label=f"{name} val")
+            ax_step.plot(vsteps, vloss, "--o", color=color, markersize=3, label=f"{label} val")
             ax_tok.plot(
                 [s * per_step for s in vsteps],
                 vloss,
                 "--o",
                 color=color,
                 markersize=3,
-                label=f"{name} val",
+                label=f"{label} val",
             )
-        ax_lr.plot(steps, [r.get("lr") for r in train], color=color, label=name)
-        ax_tps.plot(steps, [r.get("tokens_per_second") for r in train], color=color, label=name)
+            bpb = [(r["step"], _number(r.get("val/bits_per_byte"))) for r in evals]
+            bpb = [(s, b) for s, b in bpb if b is not None]
+            if bpb:
+                ax_bpb.plot(*zip(*bpb, strict=True), "--o", color=color, markersize=3, label=label)
+        ax_lr.plot(
+            steps, [r.get("lr") for r in train], color=color, label=label, **_style(len(steps))
+        )
+        ax_tps.plot(
+            steps,
+            [r.get("tokens_per_second") for r in train],
+            color=color,
+            label=label,
+            **_style(len(steps)),
+        )
     for ax, title, xlabel, ylabel in (
-        (ax_step, "loss vs steps", "step", "loss"),
-        (ax_tok, "loss vs tokens", "tokens", "loss"),
+        (ax_step, "loss vs steps", "step", "loss (nats/token)"),
+        (ax_tok, "loss vs tokens", "tokens", "loss (nats/token)"),
+        (ax_bpb, "validation bits per byte (compares across tokenizers)", "step", "bits/byte"),
         (ax_lr, "learning rate", "step", "lr"),
         (ax_tps, "throughput", "step", "tokens/s"),
     ):
@@ -227,7 +308,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     for ax in (ax_step, ax_tok):
         ax.set_yscale("log")  # loss falls by orders of magnitude early, then slowly
         # Plain numbers at 1, 2, 3, 5 per decade (0.3, 2) rather than 3x10^-1 or no label at all.
@@ -235,7 +317,16 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
         ax.yaxis.set_minor_formatter(plain)
+    fig.suptitle(f"tinylm: {len(names)} run(s) compared: {', '.join(names)}")
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Write a PNG comparing runs (the panels of `make_figure`). Returns the path written."""
+    fig = make_figure(run_dirs)  # first: it selects the file-only backend
+    import matplotlib.pyplot as plt
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -257,7 +348,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "plot",
-        help="PNG comparing runs: loss vs steps and tokens, learning rate, tokens/s",
+        help="PNG comparing runs: loss vs steps and tokens, bits per byte, learning rate, tokens/s",
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     p.add_argument("--out", default="runs.png", help="PNG to write (default: runs.png)")

@@ -127,8 +127,39 @@ def _bpe_vocab_size(spec: str) -> int:
 def _train_bpe_on(
     specs: list[str], vocab_size: int, cfg: DataConfig, log: Callable[[str], None]
 ) -> Tokenizer:
-    """Our BPE trainer on the sources: plain-text files are streamed from disk by its workers;
-    other formats (jsonl, parquet, synthetic, HF) are streamed as documents."""
+    """Our BPE trainer on the training sources (see `train_bpe_on_sources`)."""
+    from tinylm.tokenizer import EOT
+
+    result = train_bpe_on_sources(
+        specs,
+        vocab_size,
+        [EOT],
+        text_field=cfg.text_field,
+        delimiter=cfg.doc_delimiter,
+        num_workers=cfg.num_workers or None,
+    )
+    t = result.timings
+    log(f"data: trained a {vocab_size}-token BPE in {t['total_s']:.1f} s ({result.engine} merges)")
+    return result.tokenizer()
+
+
+def train_bpe_on_sources(
+    specs: list[str],
+    vocab_size: int,
+    special_tokens: list[str],
+    *,
+    text_field: str = "text",
+    delimiter: str = "<|endoftext|>",
+    num_workers: int | None = None,
+    progress: bool = False,
+    native: bool | None = None,
+):
+    """Train our byte-level BPE on data sources (files, directories, globs, any format).
+
+    Plain-text files are streamed from disk by the trainer's workers; other formats (jsonl,
+    parquet, compressed, synthetic, HF) and other document delimiters are streamed as documents.
+    Returns the `BPETrainResult`.
+    """
     from tinylm.data.sources import expand_files, is_synthetic, iter_pieces
     from tinylm.tokenizer import EOT
     from tinylm.tokenizer.bpe_train import train_bpe
@@ -140,25 +171,29 @@ def _train_bpe_on(
         return files if all(f.suffix in (".txt", "") for f in files) else None
 
     file_lists = [plain_text_files(s) for s in specs]
-    use_files = cfg.doc_delimiter == EOT and all(f is not None for f in file_lists)
-    if use_files:
+    if delimiter == EOT and all(f is not None for f in file_lists):
         inputs = [f for files in file_lists for f in files]
-        result = train_bpe(inputs, vocab_size, [EOT], num_workers=cfg.num_workers or None)
-    else:
-        texts = (
-            text
-            for spec in specs
-            for text, _ in iter_pieces(spec, text_field=cfg.text_field, delimiter=cfg.doc_delimiter)
+        return train_bpe(
+            inputs,
+            vocab_size,
+            special_tokens,
+            num_workers=num_workers,
+            native=native,
+            progress=progress,
         )
-        result = train_bpe(
-            texts=texts,
-            vocab_size=vocab_size,
-            special_tokens=[EOT],
-            num_workers=cfg.num_workers or None,
-        )
-    t = result.timings
-    log(f"data: trained a {vocab_size}-token BPE in {t['total_s']:.1f} s ({result.engine} merges)")
-    return result.tokenizer()
+    texts = (
+        text
+        for spec in specs
+        for text, _ in iter_pieces(spec, text_field=text_field, delimiter=delimiter)
+    )
+    return train_bpe(
+        texts=texts,
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        num_workers=num_workers,
+        native=native,
+        progress=progress,
+    )
 
 
 def _choose_tokenizer(
@@ -243,8 +278,12 @@ def resolve_data(
     context_length: int,
     *,
     log: Callable[[str], None] = print,
+    train_label: str = "train",
 ) -> ResolvedData:
     """Prepare (or reuse) every configured source and return the tokenizer and token arrays.
+
+    `train_label` names the training sources' role in messages ("eval data" for `tinylm eval
+    --data`, which scores them).
 
     `tokenizer=None` builds the one `cfg.tokenizer` names (char is fitted on the training
     sources, streamed); a resumed run passes its saved tokenizer, and a prepared dataset made
@@ -298,14 +337,27 @@ def resolve_data(
         for note in s.prepared.notes() if s.prepared is not None else []:
             log(f"data: {s.name}: {note}")
     for name, tokens, _ in train:
-        _check_size(name, "train", tokens, context_length, cfg)
+        _check_size(name, train_label, tokens, context_length, cfg)
+        weight = f", weight {_w(sources, name)}" if train_label == "train" else ""
         log(
-            f"data: {name}: train {len(tokens):,} tokens ({tokens.num_documents:,} documents), weight {_w(sources, name)}"
+            f"data: {name}: {train_label} {len(tokens):,} tokens ({tokens.num_documents:,} documents){weight}"
         )
+        _report_unknown(tokenizer, tokens, f"data: {name}: {train_label}", log)
     for name, tokens in val.items():
         _check_size(name, "val", tokens, context_length, cfg)
         log(f"data: {name}: val {len(tokens):,} tokens ({tokens.num_documents:,} documents)")
+        _report_unknown(tokenizer, tokens, f"data: {name}: val", log)
     return ResolvedData(tokenizer, train, val, datasets)
+
+
+def _report_unknown(
+    tokenizer: Tokenizer, tokens: TokenArray, where: str, log: Callable[[str], None]
+) -> None:
+    """Say how many characters a char tokenizer replaced by <|unk|> in this split (if any)."""
+    from tinylm.tokenizer.char import CharTokenizer, replaced_note
+
+    if isinstance(tokenizer, CharTokenizer) and (n := tokens.count(tokenizer.unk_id)):
+        log(replaced_note(n, len(tokens) - tokens.num_documents, where))
 
 
 def _w(sources: list[_Source], name: str) -> float:

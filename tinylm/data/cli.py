@@ -133,24 +133,31 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_datasets(args: argparse.Namespace) -> int:
     from tinylm.data.errors import DataError
-    from tinylm.data.registry import REGISTRY, env_var, local_path, lookup, resolve_named
+    from tinylm.data.registry import (
+        REGISTRY,
+        PackagedFile,
+        env_var,
+        local_path,
+        lookup,
+        resolve_named,
+    )
     from tinylm.paths import cache_dir
 
     cache = cache_dir()
     if args.action == "list":
         for ds in REGISTRY.values():
             files = [*ds.train, *ds.val]
-            state = (
-                "generated"
-                if not files
-                else (
-                    "cached"
-                    if all(local_path(ds, f, cache).is_file() for f in files)
-                    else "not downloaded"
-                )
-            )
+            shipped = bool(files) and all(isinstance(f, PackagedFile) for f in files)
+            if not files:
+                state = "generated"
+            elif shipped:
+                state = "shipped"
+            elif all(local_path(ds, f, cache).is_file() for f in files):
+                state = "cached"
+            else:
+                state = "not downloaded"
             print(f"{ds.name:<18} {state:<15} {ds.description}")
-            if files:
+            if files and not shipped:
                 print(f"{'':<18} {'':<15} local copy: {env_var(ds.name)}=PATH")
         return 0
     if not args.name or lookup(args.name) is None:

@@ -4,7 +4,8 @@
 `<cache>/downloads/<name>/`, with a progress bar, a checksum where one is known, and an atomic
 rename) and returns `(train_specs, val_specs)`; any other spec is returned unchanged. A user can
 skip the download by setting `TINYLM_DATA_<NAME>` to the file (or to a directory holding the
-dataset's files) or by pointing `data.train` at a local copy.
+dataset's files) or by pointing `data.train` at a local copy. A dataset can also be shipped inside
+the package (`PackagedFile`, see `tinylm/data/corpora/README.md`): it is always offline.
 """
 
 from __future__ import annotations
@@ -29,17 +30,38 @@ class RemoteFile:
 
 
 @dataclass(frozen=True)
+class PackagedFile:
+    """A file shipped in tinylm/data/corpora/ (small, public domain): no download, ever."""
+
+    filename: str
+
+    @property
+    def path(self) -> Path:
+        return CORPORA_DIR / self.filename
+
+
+CORPORA_DIR = Path(__file__).parent / "corpora"
+
+
+@dataclass(frozen=True)
 class NamedDataset:
     name: str
     description: str
-    train: tuple[RemoteFile, ...] = ()
-    val: tuple[RemoteFile, ...] = ()  # a published validation file; empty = split from train
+    train: tuple[RemoteFile | PackagedFile, ...] = ()
+    val: tuple[RemoteFile | PackagedFile, ...] = ()  # published validation files; empty = split
 
 
 _HF_TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 REGISTRY: dict[str, NamedDataset] = {
     d.name: d
     for d in (
+        NamedDataset(
+            "shakespeare",
+            "eight Shakespeare plays to train on (1.05 MB) and The Tempest held out for validation "
+            "(98 KB); Project Gutenberg texts, public domain, shipped with tinylm (no download)",
+            train=(PackagedFile("shakespeare-train.txt.gz"),),
+            val=(PackagedFile("shakespeare-val.txt.gz"),),
+        ),
         NamedDataset(
             "tinyshakespeare",
             "Tiny Shakespeare: 40k lines of plays, one 1.1 MB file (char-rnn's input.txt)",
@@ -85,8 +107,10 @@ def env_var(name: str) -> str:
     return "TINYLM_DATA_" + re.sub(r"[^A-Z0-9]", "_", name.upper())
 
 
-def local_path(dataset: NamedDataset, remote: RemoteFile, cache: Path) -> Path:
-    """Where a dataset file is read from: $TINYLM_DATA_<NAME> if set, else the download cache."""
+def local_path(dataset: NamedDataset, remote: RemoteFile | PackagedFile, cache: Path) -> Path:
+    """Where a dataset file is read from: in the package, $TINYLM_DATA_<NAME>, or the cache."""
+    if isinstance(remote, PackagedFile):
+        return remote.path
     override = os.environ.get(env_var(dataset.name))
     if override:
         p = Path(override).expanduser()
@@ -121,11 +145,18 @@ def download(url: str, dest: Path, sha256: str | None = None) -> None:
 
 def ensure_file(
     dataset: NamedDataset,
-    remote: RemoteFile,
+    remote: RemoteFile | PackagedFile,
     cache: Path,
     fetch: Callable[[str, Path, str | None], None] | None = None,
 ) -> Path:
     """The local path of one dataset file, downloading it first if needed (offline: a clear error)."""
+    if isinstance(remote, PackagedFile):
+        if not remote.path.is_file():  # an install that left out the package data
+            raise DataError(
+                f"{remote.path} is missing from this tinylm install; reinstall tinylm "
+                "(pip install -e . from the repository) or point data.train at a local file"
+            )
+        return remote.path
     fetch = fetch or download  # looked up per call, so tests can replace the module's download
     path = local_path(dataset, remote, cache)
     if path.is_file():

@@ -164,6 +164,13 @@ class TokenArray:
     def __len__(self) -> int:
         return self._starts[-1]
 
+    def count(self, token_id: int, chunk: int = 1 << 24) -> int:
+        """How many times `token_id` occurs (read in chunks: memory stays bounded)."""
+        return sum(
+            int(np.count_nonzero(self[i : i + chunk] == token_id))
+            for i in range(0, len(self), chunk)
+        )
+
     def _map(self, k: int) -> np.memmap:
         m = self._maps[k]
         if m is None:

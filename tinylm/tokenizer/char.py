@@ -19,6 +19,15 @@ UNK = "<|unk|>"
 UnknownPolicy = Literal["unk", "skip", "error"]
 
 
+def replaced_note(replaced: int, total: int, where: str) -> str:
+    """The one line that says how many characters of `where` became <|unk|> (never silent)."""
+    share = 100 * replaced / max(total, 1)
+    return (
+        f"{where}: {replaced:,} of {total:,} characters ({share:.3g}%) were never seen when the "
+        f"char tokenizer was fitted and became {UNK} (shown as \ufffd)"
+    )
+
+
 class CharTokenizer(Tokenizer):
     """One id per character seen when fitting, then `<|endoftext|>` and `<|unk|>`.
 
@@ -62,6 +71,10 @@ class CharTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return len(self.chars) + len(self._specials)
+
+    @property
+    def unk_id(self) -> int:
+        return self._specials[UNK]
 
     @property
     def special_tokens(self) -> dict[str, int]:

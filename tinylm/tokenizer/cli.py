@@ -16,7 +16,14 @@ def add_commands(subparsers) -> None:
     sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
 
     t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
-    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
+    t.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="SOURCE",
+        help="files, directories or globs (quoted), as in `tinylm train` and `tinylm prepare`: "
+        "UTF-8 text, .jsonl/.json/.parquet, .gz/.zst",
+    )
     t.add_argument(
         "--vocab-size", type=int, required=True, help="total ids: 256 bytes + specials + merges"
     )
@@ -79,11 +86,11 @@ def _bpe(spec: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from tinylm.data import train_bpe_on_sources
     from tinylm.tokenizer.base import EOT, save_tokenizer
-    from tinylm.tokenizer.bpe_train import train_bpe
 
     specials = args.special if args.special is not None else [EOT]
-    result = train_bpe(
+    result = train_bpe_on_sources(
         args.input,
         args.vocab_size,
         specials,

@@ -4,7 +4,8 @@ A checkpoint is a directory `checkpoints/step_00001000/` holding
   model.safetensors   weights (tied tensors stored once; `meta.json` names the aliases)
   train_state.pt      optimizer, grad scaler, RNG states and loop state (weights_only-loadable)
   tokenizer.json      the run's tokenizer, so the directory alone is enough for inference
-  meta.json           step, validation loss, the resolved config, and size + SHA-256 of each file
+  meta.json           step, validation loss, loop state (tokens seen, ...), the resolved config,
+                      and size + SHA-256 of each file
 It is assembled under a temporary name and renamed into place only once every file is on disk,
 so a crash leaves either the previous checkpoints or a stray `.tmp-*` directory, never a
 checkpoint that looks complete but is not. `meta.json`'s sizes and checksums catch the rest
@@ -211,6 +212,9 @@ def _write_files(
     meta = {
         "step": step,
         "val_loss": val_loss,
+        # The loop state (tokens seen, ...) also here, so `tinylm runs` reads a run's progress
+        # from its checkpoint without loading the optimizer state.
+        "loop": train_state.get("loop"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "tinylm_version": __version__,
         "aliases": aliases,

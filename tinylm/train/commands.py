@@ -40,7 +40,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="with --resume: decay the LR to optim.min_lr over N more steps from the latest "
         "checkpoint (a WSD cool-down; the checkpoint must be in its stable phase)",
     )
-    p.add_argument("--list", action="store_true", help="list the presets and exit")
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="list the presets (description, parameters, hardware) and exit",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build data, tokenizer and model, print sizes, memory and time per step, and exit",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -111,14 +123,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from tinylm.config import (
         ConfigError,
-        list_presets,
         load_config,
         load_config_file,
         parse_override,
     )
 
     if args.list:
-        print("\n".join(list_presets()))
+        from tinylm.train.preview import preset_table
+
+        print(preset_table())
         return 0
     config, overrides = args.config, list(args.overrides)
     # `tinylm train --resume runs/x key=value`: argparse sees the first override as CONFIG.
@@ -159,6 +172,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(apply_cooldown(run_dir, cfg, args.cooldown))
 
+    if args.print_config or args.dry_run:
+        from tinylm.train import preview
+
+        print(preview.resolved_yaml(cfg) if args.print_config else preview.dry_run(cfg, run_dir))
+        return 0
     from tinylm.train.trainer import train
 
     result = train(cfg, run_dir, resume=bool(args.resume), force=args.force)
@@ -205,6 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     import torch
 
+    from tinylm.config import ConfigError
     from tinylm.data import resolve_data
     from tinylm.eval.evaluate import evaluate_sets
     from tinylm.train import runtime
@@ -215,7 +234,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     precision = runtime.select_precision("auto", device)
     if args.data:
         cfg.data.train, cfg.data.mix, cfg.data.val, cfg.data.val_fraction = args.data, [], "", 0.0
-        data = resolve_data(cfg.data, tokenizer, cfg.model.context_length)
+        data = resolve_data(cfg.data, tokenizer, cfg.model.context_length, train_label="eval data")
         val_sets = {name: tokens for name, tokens, _ in data.train}
     else:
         val_sets = resolve_data(cfg.data, tokenizer, cfg.model.context_length).val
@@ -224,6 +243,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         raise DataError(
             "this run has no validation split (data.val_fraction=0); pass --data SOURCE"
+        )
+    if args.stride and not 1 <= args.stride <= cfg.model.context_length:
+        raise ConfigError(
+            f"--stride {args.stride}: must be between 1 and the model's context length "
+            f"({cfg.model.context_length})"
         )
     print(f"checkpoint: {path} (step {int(path.name.split('_')[-1])})")
     batch_size = args.batch_size or cfg.eval.batch_size or cfg.train.batch_size
@@ -261,6 +285,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device, _ = runtime.select_device(args.device)
     model, _cfg, tokenizer, _path = load_model(args.run, args.checkpoint, device)
     prompt = tokenizer.encode(args.prompt) if args.prompt else []
+    from tinylm.tokenizer.char import CharTokenizer, replaced_note
+
+    if isinstance(tokenizer, CharTokenizer) and (n := prompt.count(tokenizer.unk_id)):
+        print(replaced_note(n, len(prompt), "prompt"), file=sys.stderr)
     if not prompt:
         prompt = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
         shown_prompt = ""

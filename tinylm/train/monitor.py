@@ -6,6 +6,15 @@
 record (loss, lr, grad norm, ms/step, tokens/s, MFU, memory, skipped steps) and the console line,
 and logs `nonfinite` and `spike` events. Under torchrun the interval's loss is averaged over the
 ranks there (one collective per interval), so the logged loss is that of the global batch.
+
+The console line ends with an ETA (the session's wall time per step so far, evaluations and
+checkpoints included, times the steps left). A line that averages fewer steps than `log.interval`
+(the first after a resume, the last of a run) says how many. On a CPU, when the process got less
+than `SLOW_CPU_SHARE` of the CPU time its threads could use (other processes hold the cores), one
+`slow` event says so with the figures, so a run that takes 10x the README's time says why, and
+the process drops to the threads it actually gets: OpenMP threads that wait for each other lose
+whole time slices when the cores are shared (tiny preset, 2 cores, load average 19.5: 18.3 s per
+step with 2 threads, 2.6 s with 1; `bench/bench_cpu_threads.py`, notes/issue-11-first-hour.md).
 """
 
 from __future__ import annotations
@@ -23,6 +32,58 @@ import torch
 from tinylm.config import Config
 from tinylm.train import distributed, runtime
 from tinylm.train.sinks import RunLogger
+
+# Below this share of its threads' CPU time the process is starved (a run alone on its cores
+# gets close to all of it): with ~20 busy processes on 2 cores, a 1-thread tiny run got 8-20%.
+SLOW_CPU_SHARE = 0.5
+
+
+def threads_to_use(threads: int, share: float) -> int:
+    """The torch threads a starved process should keep: the cores' worth of CPU time it gets."""
+    return max(1, min(threads, int(threads * share)))
+
+
+def format_eta(seconds: float) -> str:
+    """A duration as 45s, 3m05s or 2h07m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def slow_cpu_message(
+    step: int,
+    *,
+    cpu_seconds: float,
+    wall_seconds: float,
+    threads: int,
+    tokens_per_second: float,
+    flops_per_token: float,
+) -> str | None:
+    """Why a CPU run is slow, when other processes take the cores it should have; else None."""
+    if wall_seconds <= 0 or threads <= 0:
+        return None
+    share = cpu_seconds / (wall_seconds * threads)
+    if share >= SLOW_CPU_SHARE:
+        return None
+    cores = psutil.cpu_count() or threads
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    gflops = flops_per_token * tokens_per_second / 1e9
+    fewer = threads_to_use(threads, share)
+    action = (
+        f" Using {fewer} thread(s) from now on (threads that wait for each other lose their time "
+        "slices on busy cores)."
+        if fewer < threads
+        else ""
+    )
+    return (
+        f"step {step}: slow: {tokens_per_second:,.0f} tokens/s ({gflops:.2f} GFLOP/s of model "
+        f"compute). This process got {share:.0%} of the CPU time its {threads} thread(s) could use "
+        f"(load average {load:.1f} on {cores} cores): other processes hold the cores. Alone on "
+        f"this machine it would run about {1 / max(share, 1e-3):.1f}x faster.{action}"
+    )
 
 
 class TrainMonitor:
@@ -55,6 +116,10 @@ class TrainMonitor:
         self.last_loss: float | None = None  # mean train loss of the last interval
         self.history: list[dict[str, Any]] = []  # every train record of this session
         self.interval_steps, self.interval_start = 0, time.perf_counter()
+        self.log_interval = cfg.log.interval
+        self.session_start, self.session_start_step = time.perf_counter(), 0
+        self.slow_reported = False
+        self.interval_cpu = self._cpu_seconds()
 
     def log_start(self, step: int, run_dir: Path, messages: list[str]) -> None:
         """The set-up messages, the run line, and the `start` event."""
@@ -75,7 +140,9 @@ class TrainMonitor:
             device=str(self.device),
             precision=self.precision.name,
         )
-        self.interval_start = time.perf_counter()
+        self.interval_start = self.session_start = time.perf_counter()
+        self.session_start_step = step
+        self.interval_cpu = self._cpu_seconds()
 
     def record(self, loss: torch.Tensor, nonfinite: torch.Tensor) -> None:
         """Add one step's loss and non-finite flag (device tensors; no host sync)."""
@@ -109,12 +176,16 @@ class TrainMonitor:
         skipped = int(self.nonfinite_total.item())
         if skipped:
             record["skipped_steps"] = skipped
+        if steps != self.log_interval:  # the first line after a resume, or a run's last
+            record["window_steps"] = steps
         self._warn(step, skipped, max_loss.item())
+        self._warn_slow(step, elapsed, tokens_per_second)
         self.log.log(step, "train", record)
         mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
+        window = f" (mean of {steps} steps)" if steps != self.log_interval else ""
         self.log.print(
-            f"step {step:>6} | loss {mean_loss:.4f} | lr {record['lr']:.2e} | norm {record['grad_norm']:.2f} | "
-            f"{record['ms_per_step']:.0f} ms/step | {tokens_per_second:,.0f} tok/s{mfu}"
+            f"step {step:>6} | loss {mean_loss:.4f}{window} | lr {record['lr']:.2e} | norm {record['grad_norm']:.2f} | "
+            f"{record['ms_per_step']:.0f} ms/step | {tokens_per_second:,.0f} tok/s{mfu}{self._eta(step)}"
         )
         self.log.advance(step, f"loss {mean_loss:.3f}")
 
@@ -126,7 +197,39 @@ class TrainMonitor:
         self.interval_loss.zero_()
         self.interval_max.zero_()
         self.interval_steps, self.interval_start = 0, time.perf_counter()
+        self.interval_cpu = self._cpu_seconds()
         return record
+
+    def _eta(self, step: int) -> str:
+        """' | ETA 3m05s' from this session's wall time per step, or '' at the end."""
+        done = step - self.session_start_step
+        left = self.max_steps - step
+        if done <= 0 or left <= 0:
+            return ""
+        per_step = (time.perf_counter() - self.session_start) / done
+        return f" | ETA {format_eta(left * per_step)}"
+
+    def _cpu_seconds(self) -> float:
+        times = psutil.Process().cpu_times()
+        return times.user + times.system
+
+    def _warn_slow(self, step: int, elapsed: float, tokens_per_second: float) -> None:
+        """One `slow` event per session when other processes starve this one of CPU time."""
+        if self.slow_reported or self.device.type != "cpu":
+            return
+        threads, cpu_seconds = torch.get_num_threads(), self._cpu_seconds() - self.interval_cpu
+        message = slow_cpu_message(
+            step,
+            cpu_seconds=cpu_seconds,
+            wall_seconds=elapsed,
+            threads=threads,
+            tokens_per_second=tokens_per_second,
+            flops_per_token=self.flops_per_token,
+        )
+        if message:
+            self.slow_reported = True
+            self.log.event(message, event="slow", step=step)
+            torch.set_num_threads(threads_to_use(threads, cpu_seconds / (elapsed * threads)))
 
     def nonfinite_stop_reason(self, step: int) -> str | None:
         """Why the run must stop after `train.max_nonfinite_steps` non-finite steps in a row.

@@ -4,11 +4,17 @@
 train/val gap warning, saving the best checkpoint) stays in the trainer. Both an evaluation and a
 sample poll the stop flag between units of work (an eval batch, a sampled token), so a signal
 abandons them at once; an abandoned evaluation or sample is not recorded.
+
+Samples without `eval.sample_prompt` start a new document (<|endoftext|>) when documents are short
+(stories). When they are long (a single-document corpus, whole plays), every sample would start
+the same way, so each sample is prompted instead with one line of the validation text, taken at
+a seeded position that changes with the step and the sample: the samples show the model's range.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Mapping
 
 import torch
@@ -20,6 +26,23 @@ from tinylm.eval.evaluate import OVERALL, EvalResult, evaluate_sets
 from tinylm.tokenizer import Tokenizer
 from tinylm.train import distributed, runtime, signals
 from tinylm.train.sinks import RunLogger
+
+# Prompts come from documents longer than this many samples (eval.sample_tokens each).
+LONG_DOCUMENT_SAMPLES = 10
+PROMPT_WINDOW = 256  # tokens read around a seeded position to find one whole line
+
+
+def prompt_line(text: str, max_chars: int = 80) -> str:
+    """The first whole line of `text` that has content (with its newline), at most `max_chars`.
+
+    Without a line break after the first one, the text from the first word boundary.
+    """
+    lines = text.split("\n")[1:-1]  # the first and last are cut by the window
+    for line in lines:
+        if line.strip():
+            return line[:max_chars] + ("\n" if len(line) <= max_chars else "")
+    space = text.find(" ")
+    return text[space + 1 : space + 1 + max_chars // 2] if space >= 0 else text[: max_chars // 2]
 
 
 class Validator:
@@ -45,9 +68,42 @@ class Validator:
         # one document (Tiny Shakespeare): the model never saw that token, so start as it starts.
         eot = tokenizer.eot_id
         self.default_prompt = [first_token] if single_document or eot is None else [eot]
+        self.prompt_source = self._long_document_text(val, single_document)
         self.device, self.precision, self.stop, self.dist = device, precision, stop, dist
         self.token_bytes = tokenizer.token_bytes()
         self.sample = sample and cfg.eval.samples > 0
+
+    def _long_document_text(
+        self, val: Mapping[str, TokenSource], single_document: bool
+    ) -> TokenSource | None:
+        """The validation tokens to take prompts from, when its documents are long; else None."""
+        if not val:
+            return None
+        tokens = max(val.values(), key=len)
+        docs = getattr(tokens, "num_documents", 0) or 1
+        # Documents this long hold many samples' worth of text; their first lines (a title, a
+        # cast list) would be every sample's start.
+        long_docs = len(tokens) / docs > LONG_DOCUMENT_SAMPLES * max(self.cfg.eval.sample_tokens, 1)
+        usable = len(tokens) > 2 * PROMPT_WINDOW
+        return tokens if (single_document or long_docs) and usable else None
+
+    def sample_prompt(self, step: int, index: int) -> tuple[list[int], str]:
+        """The prompt ids of sample `index` at `step`, and a note saying where it came from."""
+        tok = self.tokenizer
+        if self.cfg.eval.sample_prompt:
+            ids = tok.encode(self.cfg.eval.sample_prompt)
+            if ids:
+                return ids, "eval.sample_prompt"
+        if self.prompt_source is None:
+            return self.default_prompt, "start of a document"
+        tokens = self.prompt_source
+        rng = random.Random(self.cfg.train.seed * 1_000_003 + step * 101 + index)
+        start = rng.randrange(0, len(tokens) - PROMPT_WINDOW)
+        window = tok.decode(
+            [t for t in tokens[start : start + PROMPT_WINDOW].tolist() if t != tok.eot_id]
+        )
+        line = prompt_line(window)
+        return tok.encode(line), f"a line of the validation text at token {start:,}"
 
     def _eval_should_stop(self) -> bool:
         # Agreed across ranks: an FSDP forward is a collective, and every rank must score the
@@ -113,11 +169,10 @@ class Validator:
         from tinylm.generate import generate_stream
 
         cfg, tok = self.cfg, self.tokenizer
-        prompt = tok.encode(cfg.eval.sample_prompt) if cfg.eval.sample_prompt else []
-        prompt = prompt or self.default_prompt
         for i in range(cfg.eval.samples):
             if self.stop.requested:
                 return
+            prompt, origin = self.sample_prompt(step, i)
             ids: list[int] = []
             stream = generate_stream(
                 model,
@@ -138,5 +193,5 @@ class Validator:
                 break
             text = tok.decode([t for t in prompt + ids if t != tok.eot_id])
             self.log.text(step, f"sample/{i}", text)
-            self.log.print(f"--- sample {i} at step {step} ---\n{text}\n---")
+            self.log.print(f"--- sample {i} at step {step} (prompt: {origin}) ---\n{text}\n---")
         model.train()
