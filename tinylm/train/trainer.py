@@ -148,7 +148,17 @@ class Trainer:
             f"model: {n_all / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings), "
             f"{self.flops_per_token / 1e6:.1f} MFLOPs/token"
         )
-        model = torch.compile(self.raw_model) if self.cfg.train.compile else self.raw_model
+        t = self.cfg.train
+        tokens_per_step = t.batch_size * self.cfg.model.context_length * t.grad_accum
+        compiled, reason = runtime.decide_compile(
+            t.compile,
+            self.device,
+            self.precision,
+            run_flops=self.flops_per_token * tokens_per_step * t.max_steps,
+            max_seconds=60 * t.max_time_minutes,
+        )
+        self.messages.append(f"compile: {reason}")
+        model = torch.compile(self.raw_model) if compiled else self.raw_model
         self.model = distributed.wrap_model(
             model, self.cfg.train.distributed, self.dist, self.device
         )
