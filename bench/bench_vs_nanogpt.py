@@ -80,7 +80,8 @@ def tinylm_config(shape: str, text: Path, workdir: Path, compile_: bool):
         "log.progress=false",
     ]
     if s["gpt2_form"]:
-        overrides += GPT2_FORM + [
+        overrides += [
+            *GPT2_FORM,
             f"model.n_layer={s['n_layer']}",
             f"model.n_head={s['n_head']}",
             f"model.d_model={s['d_model']}",

@@ -136,7 +136,7 @@ def plays_corpus(work: Path, vocab: int) -> dict:
     def stream(texts: list[str]) -> np.ndarray:
         ids: list[int] = []
         for t in texts:
-            ids += tok.encode(t) + [eot]
+            ids += [*tok.encode(t), eot]
         return np.array(ids, dtype=np.int64)
 
     data = work / "nanogpt" / "data" / "corpus"
@@ -166,9 +166,7 @@ def score(model, ids: np.ndarray, ctx: int, token_bytes: np.ndarray) -> float:
     """Bits per byte of `ids` (every target once, non-overlapping windows of `ctx`)."""
     from tinylm.eval.evaluate import evaluate_full
 
-    r = evaluate_full(
-        model, ids, seq_len=ctx, batch_size=32, device="cpu", token_bytes=token_bytes
-    )
+    r = evaluate_full(model, ids, seq_len=ctx, batch_size=32, device="cpu", token_bytes=token_bytes)
     return r.bits_per_byte
 
 
@@ -183,7 +181,10 @@ def score_nanogpt(nanogpt: Path, out_dir: Path, corpus: dict) -> float:
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     model.load_state_dict(state)
     return score(
-        model, corpus["nanogpt_val"], ckpt["model_args"]["block_size"], corpus["nanogpt_token_bytes"]
+        model,
+        corpus["nanogpt_val"],
+        ckpt["model_args"]["block_size"],
+        corpus["nanogpt_token_bytes"],
     )
 
 
@@ -285,7 +286,9 @@ def main() -> None:
         results[args.label].append({"wall": wall, "cpu": cpu, "score": s, "curve": curve})
         print(f"{args.label} run {i}: {s:.4f} {corpus['unit']}, {wall:.0f} s wall, {cpu:.0f} s CPU; "
               f"curve {[(round(t), st, round(v, 3)) for t, st, v in curve]}", flush=True)  # fmt: skip
-    print(f"\n{'recipe':<12} {corpus['unit'] + ' (median)':>18} {'runs':>28} {'wall s':>8} {'CPU s':>8}")
+    print(
+        f"\n{'recipe':<12} {corpus['unit'] + ' (median)':>18} {'runs':>28} {'wall s':>8} {'CPU s':>8}"
+    )
     for name, rs in results.items():
         if not rs:
             continue
@@ -299,7 +302,9 @@ def main() -> None:
     if results["nanoGPT"]:
         ng = statistics.median(r["score"] for r in results["nanoGPT"])
         tl = statistics.median(r["score"] for r in results[args.label])
-        print(f"\n{args.label} / nanoGPT {corpus['unit']}: {tl / ng:.3f} ({100 * (1 - tl / ng):.1f}% lower)")
+        print(
+            f"\n{args.label} / nanoGPT {corpus['unit']}: {tl / ng:.3f} ({100 * (1 - tl / ng):.1f}% lower)"
+        )
         ng_wall = statistics.median(r["wall"] for r in results["nanoGPT"])
         times = [time_to(r["curve"], ng) for r in results[args.label]]
         got = [t for t in times if t is not None]
