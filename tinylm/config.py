@@ -170,7 +170,7 @@ class TrainConfig:
     # stop (and checkpoint) after this wall time; 0 = off
     max_time_minutes: float = ranged(0.0, ge=0, le=10**7, note="0 = off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"  # auto: on when the run repays compile time
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = ranged(1337, ge=0, le=SEED_MAX)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto = ddp

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,3 +153,59 @@ def peak_flops(device: torch.device, precision: Precision) -> tuple[float | None
                 tflops /= 2  # TF32 tensor cores run at half the bf16 rate on these parts
             return tflops * 1e12, f"{name}: {tflops:g} TFLOP/s ({precision.name}, dense)"
     return None, f"unknown GPU '{name}': set TINYLM_PEAK_TFLOPS to get MFU"
+
+
+# `train.compile=auto`. torch.compile pays a one-off compile cost for a per-step gain, so it is
+# worth it only for runs long enough to earn the cost back. Measured on this machine's CPU
+# (2 cores, AVX2, torch 2.13, bench/bench_vs_nanogpt.py --compile and whole `tinylm train` runs
+# with and without it; notes/issue-10-recipes.md): COMPILE_COST_S and COMPILE_GAIN below.
+# On CUDA the figures are the commonly reported ones (about a minute to compile a GPT, steps
+# ~1.3x faster), not measured here. The eager time of the run is estimated from its FLOPs at
+# EAGER_FLOPS (CPU: the eager step's measured throughput; CUDA: a conservative 25% of the
+# device's peak) and compile is chosen when the time it saves exceeds twice its cost.
+COMPILE_COST_S = {"cpu": 45.0, "cuda": 60.0}
+COMPILE_GAIN = {"cpu": 0.15, "cuda": 0.25}
+EAGER_FLOPS_CPU = 5e10
+CUDA_EAGER_MFU = 0.25
+
+
+def _have_cpp_compiler() -> bool:
+    """Inductor's CPU backend builds C++; without a compiler torch.compile fails at the first step."""
+    names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    return any(name and shutil.which(name) for name in names)
+
+
+def decide_compile(
+    setting: bool | str,
+    device: torch.device,
+    precision: Precision,
+    run_flops: float,
+    max_seconds: float = 0.0,
+) -> tuple[bool, str]:
+    """Whether to torch.compile the model, and a one-line reason.
+
+    `setting` is `train.compile` (true / false / "auto"); `run_flops` the training FLOPs still
+    to do (FLOPs per token x tokens per step x remaining steps); `max_seconds` the run's time
+    limit (0 = none), which caps the time compile can save.
+    """
+    if setting is True or setting is False:
+        return setting, f"train.compile={str(setting).lower()}"
+    if device.type not in COMPILE_COST_S:
+        return False, f"auto: off on {device.type} (torch.compile is not reliable there)"
+    if device.type == "cpu" and (sys.platform == "win32" or not _have_cpp_compiler()):
+        return False, "auto: off (no C++ compiler found for torch.compile's CPU backend)"
+    if device.type == "cpu":
+        throughput = EAGER_FLOPS_CPU
+    else:
+        peak, _ = peak_flops(device, precision)
+        throughput = CUDA_EAGER_MFU * (peak or 100e12)
+    eager_s = run_flops / throughput
+    if max_seconds > 0:
+        eager_s = min(eager_s, max_seconds)
+    saved, cost = COMPILE_GAIN[device.type] * eager_s, COMPILE_COST_S[device.type]
+    verdict = saved > 2 * cost
+    return verdict, (
+        f"auto: {'on' if verdict else 'off'} (run ~{eager_s / 60:.1f} min eager; compiling "
+        f"saves ~{saved:.0f} s for ~{cost:.0f} s of compile time"
+        f"{'' if verdict else ', not worth it'})"
+    )

@@ -148,10 +148,26 @@ class Trainer:
             f"model: {n_all / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings), "
             f"{self.flops_per_token / 1e6:.1f} MFLOPs/token"
         )
-        model = torch.compile(self.raw_model) if self.cfg.train.compile else self.raw_model
+        t = self.cfg.train
+        tokens_per_step = t.batch_size * self.cfg.model.context_length * t.grad_accum
+        compiled, reason = runtime.decide_compile(
+            t.compile,
+            self.device,
+            self.precision,
+            run_flops=self.flops_per_token * tokens_per_step * t.max_steps,
+            max_seconds=60 * t.max_time_minutes,
+        )
+        self.messages.append(f"compile: {reason}")
+        model = torch.compile(self.raw_model) if compiled else self.raw_model
         self.model = distributed.wrap_model(
             model, self.cfg.train.distributed, self.dist, self.device
         )
+        # Validation runs through the plain module: through the compiled one, its no-grad
+        # forward at the eval batch size is one more graph to compile, which costs about as much
+        # as the training graph, while a run's evaluations are a few percent of its time.
+        # FSDP needs its sharded forward.
+        fsdp = self.dist.enabled and t.distributed == "fsdp"
+        self.eval_model = self.model if fsdp else self.raw_model
 
     def _build_optimizer(self) -> None:
         # After wrapping: FSDP2 replaces the parameters with sharded ones, and an optimizer
@@ -190,15 +206,15 @@ class Trainer:
         cfg = self.cfg
         optim.set_lr(self.optimizer, optim.lr_at(self.state.step, cfg.optim, cfg.train.max_steps))
         accum = cfg.train.grad_accum
-        loss_sum = torch.zeros((), device=self.device)
+        losses = []
         for micro in range(accum):
             x, y = next(batches)
             with distributed.grad_sync(self.model, sync=micro == accum - 1), self.autocast:
                 _, loss = self.model(x, y)
-            scaled = loss / accum
+            scaled = loss / accum if accum > 1 else loss  # no extra op (and its backward) at 1
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += loss.detach()
-        loss = loss_sum / accum
+            losses.append(loss.detach())
+        loss = losses[0] if accum == 1 else torch.stack(losses).mean()
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -364,7 +380,7 @@ class Trainer:
         Returns True when the validation loss is a new best (the caller may save it).
         """
         cfg, state = self.cfg, self.state
-        results = self.validator.evaluate(self.model, state.step)
+        results = self.validator.evaluate(self.eval_model, state.step)
         state.eval_pending = results is None and bool(self.validator.val)  # interrupted
         if results is None:
             return False

@@ -1,0 +1,79 @@
+"""`train.compile=auto`: compile only runs long enough to repay the compile time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinylm.config import load_config
+from tinylm.train import runtime
+
+CPU = torch.device("cpu")
+FP32 = runtime.Precision("fp32", "test")
+
+
+def run_flops(preset: str, *overrides: str) -> float:
+    """Training FLOPs of a preset's run, as the trainer computes them."""
+    from tinylm.model import GPT
+
+    cfg = load_config(preset, ["model.vocab_size=65", *overrides])
+    t = cfg.train
+    per_token = GPT(cfg.model).flops_per_token()
+    return per_token * t.batch_size * cfg.model.context_length * t.grad_accum * t.max_steps
+
+
+@pytest.fixture
+def with_compiler(monkeypatch):
+    monkeypatch.setattr(runtime, "_have_cpp_compiler", lambda: True)
+
+
+def test_explicit_settings_are_obeyed(monkeypatch):
+    monkeypatch.setattr(runtime, "_have_cpp_compiler", lambda: False)
+    assert runtime.decide_compile(True, CPU, FP32, run_flops=1.0) == (True, "train.compile=true")
+    assert runtime.decide_compile(False, CPU, FP32, run_flops=1e30)[0] is False
+
+
+def test_auto_is_off_for_short_runs_and_on_for_long_ones(with_compiler):
+    cost, gain = runtime.COMPILE_COST_S["cpu"], runtime.COMPILE_GAIN["cpu"]
+    # The break-even point: the eager run time at which compiling saves twice its cost.
+    breakeven = 2 * cost / gain * runtime.EAGER_FLOPS_CPU
+    off, reason = runtime.decide_compile("auto", CPU, FP32, run_flops=0.9 * breakeven)
+    assert off is False and "not worth it" in reason
+    on, reason = runtime.decide_compile("auto", CPU, FP32, run_flops=1.1 * breakeven)
+    assert on is True and reason.startswith("auto: on")
+
+
+def test_auto_on_real_presets(with_compiler):
+    # A test-sized run never compiles (compile would cost more than the whole run) ...
+    short = run_flops("tiny", "train.max_steps=12", "train.batch_size=4")
+    assert runtime.decide_compile("auto", CPU, FP32, run_flops=short)[0] is False
+    # ... a 10x longer tiny run, an hour of CPU, does.
+    long = run_flops("tiny", "train.max_steps=20000")
+    assert runtime.decide_compile("auto", CPU, FP32, run_flops=long)[0] is True
+
+
+def test_time_limit_caps_what_compile_can_save(with_compiler):
+    huge = 1e18  # would take years eagerly
+    assert runtime.decide_compile("auto", CPU, FP32, run_flops=huge)[0] is True
+    capped, reason = runtime.decide_compile("auto", CPU, FP32, run_flops=huge, max_seconds=60)
+    assert capped is False and "1.0 min" in reason
+
+
+def test_auto_is_off_without_a_compiler_or_on_mps(monkeypatch):
+    monkeypatch.setattr(runtime, "_have_cpp_compiler", lambda: False)
+    off, reason = runtime.decide_compile("auto", CPU, FP32, run_flops=1e18)
+    assert off is False and "no C++ compiler" in reason
+    monkeypatch.setattr(runtime, "_have_cpp_compiler", lambda: True)
+    off, reason = runtime.decide_compile("auto", torch.device("mps"), FP32, run_flops=1e18)
+    assert off is False and "mps" in reason
+
+
+def test_trainer_reports_the_decision(tmp_path, corpus, capsys):
+    from helpers import SMALL, run_cli
+
+    code = run_cli(
+        "train", "tiny", f"data.train={corpus}", f"out_dir={tmp_path}", "run_name=r",
+        "train.max_steps=2", "eval.interval=0", *SMALL,
+    )  # fmt: skip
+    assert code == 0
+    assert "compile: auto: off" in capsys.readouterr().out
