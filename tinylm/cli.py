@@ -3,7 +3,8 @@
 Sub-packages add their own commands through `add_commands(subparsers)` in the modules listed in
 `COMMAND_PROVIDERS`; heavy imports (torch, datasets) happen inside the command functions so that
 `tinylm --help` and configuration errors are instant. Errors the user can fix (config, tokenizer,
-data, checkpoint) are printed as one clear message and exit with status 2, without a traceback.
+data, checkpoint) are printed as one clear message and exit with status 2, without a traceback;
+anything else is a bug, reported in one line with the traceback in a file (tinylm/crash.py).
 """
 
 from __future__ import annotations
@@ -46,31 +47,38 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is meant for the user (printed without a traceback)."""
     from tinylm.config import ConfigError
-    from tinylm.tokenizer.base import TokenizerError
 
-    errors: list[type[BaseException]] = [ConfigError, TokenizerError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
     for module_name, name in (
+        ("tinylm.tokenizer.base", "TokenizerError"),
         ("tinylm.data.errors", "DataError"),
         ("tinylm.train.checkpoint", "CheckpointError"),
     ):
-        with contextlib.suppress(ModuleNotFoundError, AttributeError):
-            errors.append(getattr(importlib.import_module(module_name), name))
+        # Only from modules already imported: an error class of a module that was never loaded
+        # cannot have been raised, and importing them to find out (torch for checkpoint.py,
+        # numpy for the tokenizer) cost ~7 s on this shared machine for every config error.
+        if (module := sys.modules.get(module_name)) is not None:
+            with contextlib.suppress(AttributeError):
+                errors.append(getattr(module, name))
     return tuple(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # `tinylm train tiny --dry-run train.max_steps=5`: argparse leaves overrides that follow a
-    # flag unparsed; they are overrides all the same.
-    if (
-        extra
-        and hasattr(args, "overrides")
-        and all("=" in e and not e.startswith("-") for e in extra)
-    ):
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # `tinylm train tiny --dry-run train.max_steps=5`: argparse leaves overrides that follow
+        # a flag unparsed; they are overrides all the same.
+        if (
+            extra
+            and hasattr(args, "overrides")
+            and all("=" in e and not e.startswith("-") for e in extra)
+        ):
+            args.overrides = [*args.overrides, *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help (0), or a refused argument (2) whose message is printed
+        return e.code if isinstance(e.code, int) else 2
     try:
         result = args.func(args)
     except user_errors() as e:
@@ -79,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ntinylm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: one line here, the traceback in a report file
+        from tinylm.crash import report_internal_error
+
+        return report_internal_error(args, argv, e)
     return int(result or 0)
 
 

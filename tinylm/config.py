@@ -34,6 +34,9 @@ SEED_MAX = 2**32 - 1
 # Sampling is one forward pass per token; 65,536 tokens is ~40 books' worth of a char model and
 # minutes even for the tiny preset on CPU: a larger count is a typo, not a request.
 MAX_NEW_TOKENS = 65536
+# bpe:N: 256 byte tokens and <|endoftext|> at least; 2^20 is 4x the largest vocabularies in use
+# (~256k), beyond which training merges is hours of work for ids a small model cannot learn.
+BPE_MIN_VOCAB, BPE_MAX_VOCAB = 257, 2**20
 
 
 class ConfigError(ValueError):
@@ -555,6 +558,14 @@ def _check_strings(cfg: Config) -> None:
         name == name.strip(),
         f"run_name={name!r} starts or ends with whitespace; remove it",
     )
+    tok = cfg.data.tokenizer
+    if tok.startswith("bpe:"):
+        size = tok[4:]
+        _require(
+            size.isdigit() and BPE_MIN_VOCAB <= int(size) <= BPE_MAX_VOCAB,
+            f"data.tokenizer={tok!r}: expected bpe:N with N in [{BPE_MIN_VOCAB}, "
+            f"{BPE_MAX_VOCAB:,}] (256 byte tokens + <|endoftext|> + merges), e.g. bpe:8192",
+        )
     _require(
         is_device(cfg.train.device),
         f"train.device={cfg.train.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps",

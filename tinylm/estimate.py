@@ -26,10 +26,11 @@ This module imports no torch at import time (it registers a CLI command).
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 from dataclasses import dataclass
 
-from tinylm.config import Config, ConfigError, ModelConfig
+from tinylm.cli_args import float_in, int_in
+from tinylm.config import Config, ModelConfig
 
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GPT2_VOCAB = 50257
@@ -67,6 +68,34 @@ def activation_bytes_per_token(m: ModelConfig, vocab_size: int, precision: str) 
         block += 4 * (2 * m.n_head * m.context_length + d + 2 * kv)
     embedding_dropout = 4 * d if m.dropout > 0 else 0
     return m.n_layer * block + embedding_dropout + norm + a * d + 4 * vocab_size
+
+
+def _built_counts(m: ModelConfig) -> tuple[int, int, int, int]:
+    import torch
+
+    from tinylm.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(m)
+    matmul_weights = sum(
+        mod.weight.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear)
+    )
+    return model.num_params(), model.num_params(True), model.flops_per_token(), matmul_weights
+
+
+def model_counts(m: ModelConfig) -> tuple[int, int, int, int]:
+    """(parameters, non-embedding parameters, FLOPs per token, matmul weights) of `GPT(m)`.
+
+    The model's own counts, built on the meta device. Blocks are identical and each count is
+    linear in n_layer, so a deep model is counted exactly from one and two layers: building
+    1,000 meta blocks took ~2 s, which a preflight that must refuse instantly cannot spend.
+    """
+    if m.n_layer <= 2:
+        return _built_counts(m)
+    one = _built_counts(dataclasses.replace(m, n_layer=1))
+    two = _built_counts(dataclasses.replace(m, n_layer=2))
+    a, b, c, d = (x + (y - x) * (m.n_layer - 1) for x, y in zip(one, two, strict=True))
+    return a, b, c, d
 
 
 @dataclass
@@ -113,6 +142,8 @@ def resolve_vocab(cfg: Config) -> tuple[int, str]:
     spec = cfg.data.tokenizer
     if spec == "gpt2":
         return GPT2_VOCAB, "from the GPT-2 tokenizer"
+    if spec.startswith("bpe:") and spec[4:].isdigit():
+        return int(spec[4:]), "the BPE size data.tokenizer asks for"
     if spec == "char":
         return CHAR_VOCAB_GUESS, (
             f"assumed {CHAR_VOCAB_GUESS}: a char tokenizer's size is its corpus's distinct "
@@ -140,20 +171,9 @@ def estimate(
     devices. Time is given at `tokens_per_second` and/or `peak_tflops` (per second) x `mfu`,
     both per device, times `devices`.
     """
-    import dataclasses
-
-    import torch
-
-    from tinylm.model import GPT
-
     vocab, vocab_note = resolve_vocab(cfg)
     m = dataclasses.replace(cfg.model, vocab_size=vocab)
-    with torch.device("meta"):
-        model = GPT(m)
-    params, body, flops = model.num_params(), model.num_params(True), model.flops_per_token()
-    matmul_weights = sum(
-        mod.weight.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear)
-    )
+    params, body, flops, matmul_weights = model_counts(m)
 
     precision, precision_note = cfg.train.precision, ""
     if precision == "auto":
@@ -201,12 +221,14 @@ def _si(x: float, unit: str = "") -> str:
     return f"{x:.0f} {unit}".rstrip()
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     if n < 1024**2:
         return f"{n / 1024:.1f} KiB"
     if n < 1024**3:
         return f"{n / 1024**2:.1f} MiB"
-    return f"{n / 1024**3:.2f} GiB"
+    if n < 1024**4:
+        return f"{n / 1024**3:.2f} GiB"
+    return f"{n / 1024**4:.2f} TiB"
 
 
 def _duration(s: float) -> str:
@@ -237,20 +259,20 @@ def format_estimate(
         f"{_si(e.flops_per_token - e.attention_flops_per_token, 'FLOP')} + attention "
         f"{_si(e.attention_flops_per_token, 'FLOP')})",
         f"memory at batch {e.batch_size} x {e.context_length} tokens, {e.precision}{prec}:",
-        f"  weights         {_bytes(e.weights)} (fp32)",
-        f"  gradients       {_bytes(e.gradients)} (fp32)",
-        f"  AdamW state     {_bytes(e.optimizer)} (2 x fp32)",
-        f"  activations     {_bytes(e.activations)} (approximate; see tinylm/estimate.py)",
+        f"  weights         {format_bytes(e.weights)} (fp32)",
+        f"  gradients       {format_bytes(e.gradients)} (fp32)",
+        f"  AdamW state     {format_bytes(e.optimizer)} (2 x fp32)",
+        f"  activations     {format_bytes(e.activations)} (approximate; see tinylm/estimate.py)",
         *(
-            [f"  autocast copies {_bytes(e.weight_copies)} ({e.precision} matmul weights)"]
+            [f"  autocast copies {format_bytes(e.weight_copies)} ({e.precision} matmul weights)"]
             if e.weight_copies
             else []
         ),
-        f"  total           {_bytes(e.total_memory)} (+10-20% allocator and workspace)"
+        f"  total           {format_bytes(e.total_memory)} (+10-20% allocator and workspace)"
         + (" per device with DDP" if e.devices > 1 else ""),
         *(
             [
-                f"  with FSDP       {_bytes(e.fsdp_memory)} per device (state sharded {e.devices} ways)"
+                f"  with FSDP       {format_bytes(e.fsdp_memory)} per device (state sharded {e.devices} ways)"
             ]
             if e.devices > 1
             else []
@@ -272,21 +294,10 @@ def format_estimate(
     return "\n".join(lines)
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def cmd_estimate(args: argparse.Namespace) -> int:
     """`tinylm estimate CONFIG [overrides...]`."""
     from tinylm.config import load_config
 
-    if not 0 < args.mfu <= 1:
-        raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
-    if args.devices < 1:
-        raise ConfigError(f"--devices must be at least 1, got {args.devices}")
     cfg = load_config(args.config, args.overrides)
     tokens = int(args.tokens) if args.tokens is not None else None
     e = estimate(
@@ -319,15 +330,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument(
         "--tokens",
-        type=_positive,
+        type=float_in(gt=0, le=1e18),
         help="token budget (default: the run's max_steps x batch_size x grad_accum x context)",
     )
-    p.add_argument("--tokens-per-second", type=_positive, help="measured training throughput")
-    p.add_argument("--peak-tflops", type=_positive, help="hardware peak TFLOP/s for the precision")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    p.add_argument(
+        "--tokens-per-second", type=float_in(gt=0, le=1e15), help="measured training throughput"
+    )
+    p.add_argument(
+        "--peak-tflops", type=float_in(gt=0, le=1e6), help="hardware peak TFLOP/s for the precision"
+    )
+    p.add_argument(
+        "--mfu",
+        type=float_in(gt=0, le=1),
+        default=0.4,
+        help="model FLOPs utilisation (default 0.4)",
+    )
     p.add_argument(
         "--devices",
-        type=int,
+        type=int_in(1, 2**20),
         default=1,
         help="number of devices (GPUs) training together: time divides, FSDP memory is shown",
     )

@@ -26,6 +26,7 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"  # the name sinks.py writes (not imported: keeps `--help` instant)
 STALE_MINUTES = 15.0  # another machine's run with no metrics line for this long is called failed
 END_EVENTS = {"done": "finished", "stopped": "stopped", "failed": "failed"}
+PLOT_FORMATS = (".png", ".svg", ".pdf")  # what `plot --out` may end with
 
 
 @dataclass
@@ -356,6 +357,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if not Path(args.dir).is_dir():
+        from tinylm.suggest import nearby_path
+
+        near = nearby_path(args.dir)
+        hint = f" Did you mean '{near}'?" if near else ""
+        raise FileNotFoundError(f"runs directory '{args.dir}' does not exist.{hint}")
     runs = find_runs(args.dir)
     if not runs:
         print(f"no runs in {args.dir} (a run is a directory with a {METRICS_FILE})")
@@ -365,6 +372,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    if Path(args.out).suffix.lower() not in PLOT_FORMATS:
+        from tinylm.config import ConfigError
+
+        raise ConfigError(
+            f"--out {args.out}: the figure's format comes from its extension; "
+            f"use one of {', '.join(PLOT_FORMATS)}"
+        )
     out = plot_runs(args.runs, args.out)
     print(f"wrote {out}")
     return 0

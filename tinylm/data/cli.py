@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from tinylm.cli_args import float_in, int_in
+from tinylm.config import SEED_MAX
+
 EOT = "<|endoftext|>"  # repeated here (not imported) to keep `tinylm --help` free of numpy
 
 
@@ -29,10 +32,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="char | gpt2 | bpe:N (train an N-token BPE on the sources) | tok.json (default: char)",
     )
     p.add_argument(
-        "--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)"
+        "--val-fraction",
+        type=float_in(ge=0, lt=1),
+        default=0.1,
+        help="share of documents held out (default 0.1)",
     )
     p.add_argument(
-        "--val-count", type=int, default=0, help="hold out exactly this many documents instead"
+        "--val-count",
+        type=int_in(0, 10**9),
+        default=0,
+        help="hold out exactly this many documents instead",
     )
     p.add_argument(
         "--val-source", action="append", default=[], help="explicit validation source (repeatable)"
@@ -43,12 +52,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--delimiter", default=EOT, help=f"document separator in plain text (default {EOT})"
     )
-    p.add_argument("--seed", type=int, default=1234, help="split seed (default 1234)")
     p.add_argument(
-        "--workers", type=int, default=0, help="tokenizer processes (default: one per core)"
+        "--seed", type=int_in(0, SEED_MAX), default=1234, help="split seed (default 1234)"
     )
     p.add_argument(
-        "--chunk-mb", type=float, default=4.0, help="characters per shard chunk, in millions"
+        "--workers",
+        type=int_in(0, 1024),
+        default=0,
+        help="tokenizer processes (default: one per core)",
+    )
+    # Each worker holds a chunk's text and its int64 ids (~9 bytes a character): 256 M
+    # characters is ~2.3 GB per worker, beyond which a chunk is a memory hazard, not a speed-up.
+    p.add_argument(
+        "--chunk-mb",
+        type=float_in(gt=0, le=256),
+        default=4.0,
+        help="characters per shard chunk, in millions",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_term_as_interrupt(cmd_prepare))

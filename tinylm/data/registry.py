@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tinylm.data.errors import DataError
 from tinylm.data.sources import SYNTHETIC, is_synthetic
+from tinylm.suggest import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,10 @@ def lookup(spec: str) -> NamedDataset | None:
 def resolve_named(spec: str, cache: Path) -> tuple[list[str], list[str]]:
     """(train specs, val specs) for a spec: registered names become local files; others pass through."""
     dataset = lookup(spec)
+    if dataset is None and not Path(spec).expanduser().exists():
+        near = did_you_mean(spec, REGISTRY)  # `tinyshakspeare`: a name, misspelled
+        if near and "/" not in spec and "*" not in spec and ":" not in spec:
+            raise DataError(f"data source '{spec}' is not a file or a registered dataset.{near}")
     if dataset is None or is_synthetic(spec):
         return [spec], []
     train = [str(ensure_file(dataset, r, cache)) for r in dataset.train]

@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 
 from tinylm.data.errors import DataError
 from tinylm.data.synthetic import DEFAULT_SEED, DEFAULT_STORIES, GENERATOR_VERSION, generate_stories
+from tinylm.suggest import nearby_path
 from tinylm.tokenizer.base import EOT
 
 SYNTHETIC = "synthetic-stories"
@@ -134,8 +135,10 @@ def expand_files(spec: str) -> list[Path]:
                 f"glob '{spec}' matches no files; check the pattern (quote it in the shell)"
             )
         return files
+    near = nearby_path(path)
+    hint = f" Did you mean '{near}'?" if near is not None else ""
     raise DataError(
-        f"data source '{spec}' not found: it is not a file, directory, glob, 'hf:NAME', "
+        f"data source '{spec}' not found.{hint} It is not a file, directory, glob, 'hf:NAME', "
         f"'{SYNTHETIC}' or a registered dataset name (see `tinylm datasets`)"
     )
 

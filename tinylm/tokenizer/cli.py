@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from tinylm.cli_args import int_in
+
 
 def add_commands(subparsers) -> None:
     """Register `tinylm tokenizer ...` on the top-level subparsers."""
@@ -25,7 +27,10 @@ def add_commands(subparsers) -> None:
         "UTF-8 text, .jsonl/.json/.parquet, .gz/.zst",
     )
     t.add_argument(
-        "--vocab-size", type=int, required=True, help="total ids: 256 bytes + specials + merges"
+        "--vocab-size",
+        type=int_in(1, 2**24),
+        required=True,
+        help="total ids: 256 bytes + specials + merges",
     )
     t.add_argument(
         "--special",
@@ -36,7 +41,10 @@ def add_commands(subparsers) -> None:
     )
     t.add_argument("--out", required=True, help="where to write the tokenizer JSON")
     t.add_argument(
-        "--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)"
+        "--workers",
+        type=int_in(1, 1024),
+        default=None,
+        help="pre-tokenization processes (default: all cores)",
     )
     t.add_argument("--python", action="store_true", help="use the pure-Python merge loop")
     t.set_defaults(func=cmd_train)

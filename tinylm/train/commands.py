@@ -7,6 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from tinylm.cli_args import device, float_in, int_in
+from tinylm.config import MAX_NEW_TOKENS, SEED_MAX
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -30,11 +33,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="resume even if the config changed in ways that alter the run",
+        help="resume even if the config changed in ways that alter the run (never the model's "
+        "shape); start even if the memory preflight says the run will not fit",
     )
     p.add_argument(
         "--cooldown",
-        type=int,
+        type=int_in(0, 10**9),
         default=0,
         metavar="N",
         help="with --resume: decay the LR to optim.min_lr over N more steps from the latest "
@@ -70,25 +74,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--stride",
-        type=int,
+        type=int_in(0, 2**20),
         default=0,
-        help="with --full: sliding window stride (0 = non-overlapping)",
+        help="with --full: sliding window stride, at most the context (0 = non-overlapping)",
     )
     p.add_argument(
         "--max-batches",
-        type=int,
+        type=int_in(0, 10**6),
         default=0,
         help="bounded evaluation size (0 = the run's eval.max_batches)",
     )
-    p.add_argument("--batch-size", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int_in(0, 65536), default=0, help="0 = the run's")
+    p.add_argument("--device", type=device, default="auto")
     p.add_argument(
         "--tasks",
         default="",
         help="comma-separated lm-evaluation-harness tasks (e.g. hellaswag,arc_easy,lambada_openai) "
         "instead of validation loss; needs tinylm[eval]",
     )
-    p.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: few-shot examples")
+    p.add_argument(
+        "--num-fewshot", type=int_in(0, 1000), default=None, help="with --tasks: few-shot examples"
+    )
     p.add_argument(
         "--limit", default=None, help="with --tasks: examples per task (N, or a fraction < 1)"
     )
@@ -104,19 +110,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("run", help="run directory or checkpoint directory")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int_in(1, MAX_NEW_TOKENS), default=200)
+    p.add_argument("--temperature", type=float_in(ge=0, le=100), default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int_in(0, 2**24), default=50, help="0 = off")
+    p.add_argument(
+        "--top-p",
+        type=float_in(gt=0, le=1),
+        default=1.0,
+        help="nucleus sampling mass (1.0 = off)",
+    )
+    p.add_argument("--num-samples", type=int_in(1, 1000), default=1)
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=None)
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
     p.add_argument(
         "--no-cache",
         action="store_true",
         help="recompute attention over the whole context each token",
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device, default="auto")
     p.set_defaults(func=cmd_generate)
 
 
@@ -164,6 +175,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             else Path(cfg.out_dir) / (cfg.run_name or Path(config).stem)
         )
         cfg.run_name = run_dir.name
+
+    args.run_dir = run_dir  # where an internal-error report goes (tinylm/crash.py)
+    # Before any data or weights (and before --dry-run builds them): a run that cannot fit is
+    # refused at once. --print-config only prints.
+    if not args.force and not args.print_config:
+        from tinylm.preflight import check_memory
+        from tinylm.train.runtime import select_device
+
+        check_memory(cfg, select_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", 0)))[0])
 
     if args.cooldown:
         if not args.resume:
@@ -231,6 +251,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device, _ = runtime.select_device(args.device)
     model, cfg, tokenizer, path = load_model(args.run, args.checkpoint, device)
+    if args.stride > cfg.model.context_length:  # windows would skip tokens between them
+        raise ConfigError(
+            f"--stride {args.stride} is past the model's context ({cfg.model.context_length}): "
+            f"use 1..{cfg.model.context_length} (0 = non-overlapping windows)"
+        )
     precision = runtime.select_precision("auto", device)
     if args.data:
         cfg.data.train, cfg.data.mix, cfg.data.val, cfg.data.val_fraction = args.data, [], "", 0.0
@@ -243,11 +268,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         raise DataError(
             "this run has no validation split (data.val_fraction=0); pass --data SOURCE"
-        )
-    if args.stride and not 1 <= args.stride <= cfg.model.context_length:
-        raise ConfigError(
-            f"--stride {args.stride}: must be between 1 and the model's context length "
-            f"({cfg.model.context_length})"
         )
     print(f"checkpoint: {path} (step {int(path.name.split('_')[-1])})")
     batch_size = args.batch_size or cfg.eval.batch_size or cfg.train.batch_size
@@ -283,7 +303,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tinylm.train.checkpoint import load_model
 
     device, _ = runtime.select_device(args.device)
-    model, _cfg, tokenizer, _path = load_model(args.run, args.checkpoint, device)
+    model, cfg, tokenizer, _path = load_model(args.run, args.checkpoint, device)
+    if args.max_new_tokens > cfg.model.context_length:
+        print(
+            f"note: {args.max_new_tokens} new tokens is past the model's context "
+            f"({cfg.model.context_length}); beyond it each token recomputes the whole window",
+            file=sys.stderr,
+        )
     prompt = tokenizer.encode(args.prompt) if args.prompt else []
     from tinylm.tokenizer.char import CharTokenizer, replaced_note
 

@@ -2,7 +2,8 @@
 
 A resumed run continues exactly only if every setting that changes what a step computes is the
 one it was started with; the keys that only change how it is observed or how long it lasts may
-change (`RESUME_SAFE_PREFIXES`). `--force` resumes anyway and says what changed.
+change (`RESUME_SAFE_PREFIXES`). `--force` resumes anyway and says what changed, except for a
+change of the model's shape, which no checkpoint can continue (`refuse_shape_change`).
 
 One `tinylm train` at a time per run directory (`run_lock`, a `locks.DirectoryLock` taken
 before anything is read or written): a second one, even started in the same second or with
@@ -14,13 +15,14 @@ from a tinylm run is refused (`refuse_existing_run`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tinylm.config import Config, ConfigError, validate
+from tinylm.config import Config, ConfigError, ModelConfig, validate
 from tinylm.fileio import make_dir
 from tinylm.locks import DirectoryLock
 from tinylm.train import checkpoint
@@ -162,6 +164,7 @@ def open_for_resume(
         )
     loaded = checkpoint.load_checkpoint(latest)
     step = loaded.meta["step"]
+    refuse_shape_change(loaded, cfg, run_dir)
     changes = unsafe_changes(loaded.config, cfg, step)
     if changes and not force:
         raise ConfigError(
@@ -177,6 +180,50 @@ def open_for_resume(
     cfg.model.vocab_size = loaded.config.model.vocab_size
     notes.append(f"resuming from {latest}")
     return loaded, notes
+
+
+def shape_changes(weights: dict[str, Any], model_cfg: ModelConfig) -> list[str]:
+    """How the tensors of `weights` differ from those of a model built from `model_cfg`:
+    missing, unexpected, or of another shape (the model is built on the meta device)."""
+    import torch
+
+    from tinylm.model import GPT
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(model_cfg).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    out = [
+        f"{k}: {list(found[k])} -> {list(shape)}"
+        for k, shape in expected.items()
+        if k in found and found[k] != shape
+    ]
+    out += [f"{k}: new in this config" for k in expected if k not in found]
+    out += [f"{k}: not in this config" for k in found if k not in expected]
+    return out
+
+
+def refuse_shape_change(loaded: checkpoint.LoadedCheckpoint, cfg: Config, run_dir: Path) -> None:
+    """A checkpoint can never continue as a model of another shape, not even with --force
+    (loading it would fail with a size mismatch deep in PyTorch): refuse with the way on."""
+    model_cfg = cfg.model
+    if model_cfg.vocab_size == 0:  # "from the tokenizer", i.e. the checkpoint's own
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=loaded.config.model.vocab_size)
+    tensors = shape_changes(loaded.model_state, model_cfg)
+    if not tensors:
+        return
+    keys = [
+        c for c in unsafe_changes(loaded.config, cfg, loaded.meta["step"]) if c.startswith("model.")
+    ]
+    shown = tensors[:4] + ([f"... {len(tensors) - 4} more"] if len(tensors) > 4 else [])
+    raise ConfigError(
+        f"--resume {run_dir}: the model's shape differs from the checkpoint's "
+        f"({'; '.join(keys) or 'model settings'}), so its weights do not fit:\n  "
+        + "\n  ".join(shown)
+        + "\nA run cannot continue as a model of another shape, not even with --force. "
+        "Resume with the checkpoint's model.* values, or train the new shape as a new run "
+        f"(another run_name=...); to start a new run from this run's weights, use "
+        f"train.init_from={run_dir}"
+    )
 
 
 def stop_message(run_dir: Path, step: int, reason: str) -> str:
