@@ -313,6 +313,14 @@ CASES: list[tuple[list[str], str]] = [
     (["estimate", "tiny", "--peak-tflops", "-1"], "argument --peak-tflops"),
     (["estimate", "tiny", "model.n_layer=-1"], "model.n_layer=-1"),
     (["estimate", "tiyn"], "Did you mean 'tiny'"),
+    # ---- serve (argument checks come before the optional server dependencies are needed)
+    (["serve", "{run}", "--port", "-1"], "argument --port"),
+    (["serve", "{run}", "--port", "70000"], "argument --port"),
+    (["serve", "{run}", "--max-batch", "0"], "argument --max-batch"),
+    (["serve", "{run}", "--max-body-kb", "0"], "argument --max-body-kb"),
+    (["serve", "{run}", "--device", "gpu"], "argument --device"),
+    (["serve", "{run}", "--log-level", "loud"], "argument --log-level"),
+    (["serve", "{tmp}/no-runs"], "no such run or runs directory"),
     # ---- runs, plot, datasets, top level
     (["runs", "{tmp}/no-runs"], "no-runs"),
     (["plot", "{tmp}/no-run", "--out", "{tmp}/p.png"], "no-run"),

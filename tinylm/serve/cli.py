@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from tinylm.cli_args import device, int_in
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register `tinylm serve`."""
@@ -23,7 +25,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default="127.0.0.1",
         help="address to bind (default: 127.0.0.1, this machine only)",
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in(0, 65535), default=8000)
     p.add_argument(
         "--api-key",
         default=os.environ.get("TINYLM_API_KEY") or None,
@@ -35,16 +37,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="cut prompts too long for the context from the left instead of refusing them (400)",
     )
     p.add_argument(
-        "--max-batch", type=int, default=16, help="requests decoded together per model (default 16)"
+        "--max-batch",
+        type=int_in(1, 256),
+        default=16,
+        help="requests decoded together per model (default 16)",
     )
     p.add_argument(
         "--no-auto-reload",
         action="store_true",
         help="keep serving the checkpoint first loaded for a run (POST /api/reload still switches)",
     )
-    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body (KiB)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
+    p.add_argument(
+        "--max-body-kb", type=int_in(1, 2**20), default=1024, help="largest request body (KiB)"
+    )
+    p.add_argument("--device", type=device, default="auto")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn log level (default: warning)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -53,12 +65,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from tinylm.config import ConfigError
 
-    if not 1 <= args.max_batch <= 256:
-        raise ConfigError(f"--max-batch must be in 1..256, got {args.max_batch}")
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_body_kb < 1:
-        raise ConfigError(f"--max-body-kb must be >= 1, got {args.max_body_kb}")
     if not Path(args.path).exists():
         raise FileNotFoundError(f"{args.path}: no such run or runs directory")
     try:
