@@ -29,7 +29,13 @@ def T(*overrides: str) -> list[str]:
     return [*TRAIN, *overrides]
 
 
+def TT(*args: str, input: str = "{corpus}") -> list[str]:
+    """A `tinylm tokenizer train` command."""
+    return ["tokenizer", "train", "--input", input, *args, "--out", "{tmp}/t.json"]
+
+
 # (argv, fragment of the message that names the problem)
+# fmt: off
 CASES: list[tuple[list[str], str]] = [
     # ---- config values the issue lists as silently accepted
     (T("eval.samples=-1"), "eval.samples=-1"),
@@ -179,129 +185,18 @@ CASES: list[tuple[list[str], str]] = [
     (["prepare", "{corpus}", "--out", "{tmp}/p", "--tokenizer", "bpe:abc"], "bpe:abc"),
     (["prepare", "{corpus}"], "the following arguments are required: --out"),
     # ---- tokenizer
-    (
-        [
-            "tokenizer",
-            "train",
-            "--input",
-            "{corpus}",
-            "--vocab-size",
-            "-1",
-            "--out",
-            "{tmp}/t.json",
-        ],
-        "--vocab-size",
-    ),
-    (
-        [
-            "tokenizer",
-            "train",
-            "--input",
-            "{corpus}",
-            "--vocab-size",
-            "abc",
-            "--out",
-            "{tmp}/t.json",
-        ],
-        "--vocab-size",
-    ),
-    (
-        [
-            "tokenizer",
-            "train",
-            "--input",
-            "{corpus}",
-            "--vocab-size",
-            "300",
-            "--workers",
-            "0",
-            "--out",
-            "{tmp}/t.json",
-        ],
-        "--workers",
-    ),
-    (
-        [
-            "tokenizer",
-            "train",
-            "--input",
-            "{tmp}/missing.txt",
-            "--vocab-size",
-            "300",
-            "--out",
-            "{tmp}/t.json",
-        ],
-        "missing.txt",
-    ),
-    (
-        [
-            "tokenizer",
-            "train",
-            "--input",
-            "{corpus}",
-            "--vocab-size",
-            "10",
-            "--out",
-            "{tmp}/t.json",
-        ],
-        "too small",
-    ),
+    (TT("--vocab-size", "-1"), "--vocab-size"),
+    (TT("--vocab-size", "abc"), "--vocab-size"),
+    (TT("--vocab-size", "300", "--workers", "0"), "--workers"),
+    (TT("--vocab-size", "10"), "too small"),
+    (TT("--vocab-size", "300", input="{tmp}/missing.txt"), "missing.txt"),
     (["tokenizer", "encode", "--tokenizer", "{tmp}/missing.json", "--text", "hi"], "missing.json"),
-    (
-        [
-            "tokenizer",
-            "encode",
-            "--tokenizer",
-            "{run}/tokenizer.json",
-            "--input",
-            "{tmp}/missing.txt",
-        ],
-        "missing.txt",
-    ),
-    (
-        [
-            "tokenizer",
-            "encode",
-            "--tokenizer",
-            "{run}/tokenizer.json",
-            "--text",
-            "a",
-            "--input",
-            "{corpus}",
-        ],
-        "not allowed with argument",
-    ),
-    (
-        ["tokenizer", "stats", "--tokenizer", "{run}/tokenizer.json", "{tmp}/missing.txt"],
-        "missing.txt",
-    ),
+    (["tokenizer", "encode", "--tokenizer", "{run}/tokenizer.json", "--input", "{tmp}/missing.txt"], "missing.txt"),
+    (["tokenizer", "encode", "--tokenizer", "{run}/tokenizer.json", "--text", "a", "--input", "{corpus}"], "not allowed with argument"),
+    (["tokenizer", "stats", "--tokenizer", "{run}/tokenizer.json", "{tmp}/missing.txt"], "missing.txt"),
     (["tokenizer", "import", "--out", "{tmp}/t.json"], "give exactly one of --hf"),
-    (
-        [
-            "tokenizer",
-            "export",
-            "--tokenizer",
-            "{run}/tokenizer.json",
-            "--to",
-            "hf",
-            "--out",
-            "{tmp}/x.json",
-        ],
-        "needs a BPE tokenizer",
-    ),
-    (
-        [
-            "tokenizer",
-            "export",
-            "--tokenizer",
-            "{run}/tokenizer.json",
-            "--to",
-            "onnx",
-            "--out",
-            "{tmp}/x",
-        ],
-        "argument --to",
-    ),
+    (["tokenizer", "export", "--tokenizer", "{run}/tokenizer.json", "--to", "hf", "--out", "{tmp}/x.json"], "needs a BPE tokenizer"),
+    (["tokenizer", "export", "--tokenizer", "{run}/tokenizer.json", "--to", "onnx", "--out", "{tmp}/x"], "argument --to"),
     (["tokenizer", "frobnicate"], "invalid choice: 'frobnicate'"),
     # ---- estimate
     (["estimate", "tiny", "--mfu", "0"], "argument --mfu"),
@@ -331,6 +226,7 @@ CASES: list[tuple[list[str], str]] = [
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "the following arguments are required: COMMAND"),
 ]
+# fmt: on
 
 
 @pytest.fixture(scope="module")
