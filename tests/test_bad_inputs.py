@@ -373,3 +373,9 @@ def test_internal_error_exit_status_of_the_real_process(tmp_path):
     assert "internal error" in proc.stderr and "ZeroDivisionError" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list((tmp_path / "cache" / "crash-reports").iterdir())
+
+
+def test_generate_past_the_context_says_so(trained_run, capsys):
+    assert main(["generate", str(trained_run), "--max-new-tokens", "40", "--seed", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "past the model's context (32)" in err and out.strip()
