@@ -155,6 +155,7 @@ def test_openai_client(server):
         ({"model": "alpha", "prompt": [[1, 2], [99999]]}, 400, "prompt"),
         ({"model": "alpha", "prompt": []}, 400, None),
         ({"model": "alpha", "prompt": "A" * 64}, 400, "prompt"),
+        ({"model": "alpha", "prompt": ["a"] * 65, "n": 2}, 400, "prompt"),
         ({"model": "gamma", "prompt": "x"}, 404, "model"),
         ({"model": "alpha/step_00000099", "prompt": "x"}, 404, "model"),
     ],
