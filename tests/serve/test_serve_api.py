@@ -155,6 +155,7 @@ def test_openai_client(server):
         ({"model": "alpha", "prompt": [[1, 2], [99999]]}, 400, "prompt"),
         ({"model": "alpha", "prompt": []}, 400, None),
         ({"model": "alpha", "prompt": "A" * 64}, 400, "prompt"),
+        ({"model": "alpha", "prompt": ["a"] * 65, "n": 2}, 400, "prompt"),
         ({"model": "gamma", "prompt": "x"}, 404, "model"),
         ({"model": "alpha/step_00000099", "prompt": "x"}, 404, "model"),
     ],
@@ -232,3 +233,17 @@ def test_metrics_are_read_incrementally(tmp_path):
     path.write_text(lines[0] + "\n")  # a resumed run rewrote its history: shorter
     c = read_new_records(path, b["offset"], b["file"])
     assert c["reset"] and [r["step"] for r in c["records"]] == [1]
+
+
+def test_serve_command_defaults_and_bad_arguments(tmp_path, capsys, monkeypatch):
+    from helpers import run_cli
+
+    monkeypatch.delenv("TINYLM_API_KEY", raising=False)
+    from tinylm.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.path, args.api_key) == ("127.0.0.1", 8000, "runs", None)
+    assert run_cli("serve", tmp_path / "missing") == 2
+    assert "no such run or runs directory" in capsys.readouterr().err
+    assert run_cli("serve", tmp_path, "--max-batch", "0") == 2
+    assert "--max-batch must be in 1..256" in capsys.readouterr().err

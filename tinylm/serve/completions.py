@@ -33,6 +33,7 @@ from tinylm.tokenizer.base import Tokenizer
 router = APIRouter()
 
 DISCONNECT_POLL_SECONDS = 0.25  # how soon a non-streaming request notices its client left
+MAX_CHOICES = 128  # prompts x n per request: each is a queued row; more is a batch job, not a call
 
 
 class TextStream:
@@ -100,6 +101,13 @@ def encode_prompts(req: CompletionRequest, served: ServedModel, truncate: bool) 
     else:
         rows = [list(x) for x in p]
     start = tok.eot_id if tok.eot_id is not None else 0
+    if len(rows) * req.n > MAX_CHOICES:
+        raise ApiError(
+            400,
+            f"{len(rows)} prompts x n={req.n} is more than {MAX_CHOICES} completions in one "
+            "request: split it",
+            param="prompt",
+        )
     out = []
     for i, ids in enumerate(rows):
         ids = ids or [start]  # an empty prompt starts a new document
@@ -183,8 +191,13 @@ async def create_completion(request: Request, req: CompletionRequest):
             )
             prefix = tok.decode(ids) if req.echo else ""
             choices.append(Choice(index, job, TextStream(tok, req.stop or [], prefix)))
-    for c in choices:
-        served.engine.submit(c.job)
+    try:
+        for c in choices:
+            served.engine.submit(c.job)
+    except RuntimeError as e:  # a reload closed this engine between lookup and submit
+        for c in choices:
+            c.job.cancel()
+        raise ApiError(503, "the model is being reloaded: retry", type="server_error") from e
     usage_prompt = sum(len(ids) for ids in prompts)
     head = {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",

@@ -1,0 +1,195 @@
+"""The page at `/` in a real headless Chromium (Debian's chromium + chromedriver, via selenium):
+the dashboard lists the runs and draws their curves (checked point by point against
+metrics.jsonl), a run training during the test gets new points without a reload, and the
+playground streams a completion and stops one. Screenshots go to tests/artifacts/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import SERVE_MODEL, Server
+from helpers import read_metrics
+
+from tinylm.serve.engine import SLOW_ENV
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+POLL_MS = 400
+
+
+def _browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail(
+            "chromium and chromedriver are needed: `bash scripts/setup.sh --dev` installs them "
+            "(apt-get install chromium chromium-driver)"
+        )
+    options = Options()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1300,1500")
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def live_root(serve_root, corpus, tmp_path_factory):
+    """The finished runs (linked) and a run `live` that trains while the tests look at it."""
+    root = tmp_path_factory.mktemp("browser") / "runs"
+    root.mkdir()
+    for name in ("alpha", "beta"):
+        (root / name).symlink_to(serve_root / name, target_is_directory=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TINYLM_CACHE": str(serve_root.parent / "cache")}
+    cmd = [sys.executable, "-m", "tinylm.cli", "train", "tiny", "run_name=live"]
+    args = [f"data.train={corpus}", f"out_dir={root}", *SERVE_MODEL, "train.max_steps=100000"]
+    proc = subprocess.Popen(
+        [*cmd, *args, "log.interval=2", "checkpoint.interval=100000"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield root
+    proc.send_signal(signal.SIGTERM)  # a graceful stop: it checkpoints and exits
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def page(live_root):
+    # 30 ms per decode step: the playground's stream lasts long enough to watch and stop.
+    server = Server(live_root, env={SLOW_ENV: "0.03"})
+    browser = _browser()
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        browser.get(f"{server.url}/?poll={POLL_MS}")
+        yield browser, server
+    finally:
+        browser.quit()
+        server.stop()
+
+
+def _points(browser, run: str, kind: str) -> list[list[float]]:
+    return browser.execute_script(
+        "return window.tinylmDashboard.points(arguments[0], arguments[1])", run, kind
+    )
+
+
+def _rows(browser) -> dict[str, str]:
+    """Run name -> the row's cells joined by tabs (read in one go: the table is redrawn)."""
+    return browser.execute_script(
+        "const out = {};"
+        "for (const tr of document.querySelectorAll('#runs-table tbody tr'))"
+        "  out[tr.dataset.run] = [...tr.cells].map((td) => td.textContent).join('\\t');"
+        "return out;"
+    )
+
+
+def test_dashboard_shows_runs_and_their_curves(page, live_root):
+    browser, _ = page
+    _wait(lambda: len(_points(browser, "alpha", "val")) == 3, 30, "alpha's val curve")
+    rows = _rows(browser)
+    assert {"alpha", "beta"} <= set(rows)
+    assert "finished" in rows["alpha"] and "30/30" in rows["alpha"]
+    for run in ("alpha", "beta"):
+        train = read_metrics(live_root / run, "train")
+        evals = read_metrics(live_root / run, "eval")
+        expected = [[r["step"], r["loss"]] for r in train]
+        # JSON numbers are doubles on both sides: the chart holds exactly the logged values.
+        assert _points(browser, run, "train") == expected
+        assert _points(browser, run, "val") == [[r["step"], r["val/loss"]] for r in evals]
+    best = min(r["val/loss"] for r in read_metrics(live_root / "alpha", "eval"))
+    assert f"{best:.4f}" in rows["alpha"]
+    samples = browser.find_element("id", "samples").text
+    assert "alpha" in samples and "step 30" in samples
+    # By tokens: the same losses at tokens = step * tokens per step.
+    browser.find_element("css selector", "input[name=xaxis][value=tokens]").click()
+    tokens = _points(browser, "alpha", "train")
+    assert [t for t, _ in tokens] == [
+        r["tokens"] for r in read_metrics(live_root / "alpha", "train")
+    ]
+    browser.find_element("css selector", "input[name=xaxis][value=step]").click()
+    browser.save_screenshot(str(ARTIFACTS / "serve-dashboard.png"))
+
+
+def test_live_run_gets_new_points_without_reload(page):
+    browser, _ = page
+    browser.execute_script("window.__sameDocument = true")  # gone if the page reloads
+    _wait(lambda: "live" in _rows(browser), 60, "the live run in the table")
+    first = _wait(lambda: _points(browser, "live", "train"), 60, "the live run's first point")
+    n = len(first)
+    grown = _wait(
+        lambda: len(p := _points(browser, "live", "train")) > n and p,
+        30,
+        "a new point of the live run",
+    )
+    assert grown[: len(first)] == first  # appended, not redrawn from scratch data
+    assert browser.execute_script("return window.__sameDocument === true")
+    assert _rows(browser)["live"].split("\t")[2] == "running"
+    browser.save_screenshot(str(ARTIFACTS / "serve-dashboard-live.png"))
+
+
+def test_playground_streams_and_stops(page):
+    browser, server = page
+    from selenium.webdriver.support.ui import Select
+
+    browser.find_element("id", "playground").location_once_scrolled_into_view  # noqa: B018
+    _wait(lambda: "alpha" in browser.find_element("id", "pg-model").text, 20, "the model list")
+    Select(browser.find_element("id", "pg-model")).select_by_value("alpha")
+    for field, value in (
+        ("pg-temperature", "0"),
+        ("pg-max-tokens", "40"),
+        ("pg-prompt", "ANNA: the"),
+    ):
+        element = browser.find_element("id", field)
+        element.clear()
+        element.send_keys(value)
+    browser.find_element("id", "pg-go").click()
+    text = lambda: browser.find_element("id", "pg-text").text  # noqa: E731
+    status = lambda: browser.find_element("id", "pg-status").text  # noqa: E731
+    # Part of the text on the page while it is still generating: it streams.
+    partial = _wait(lambda: status().startswith("generating") and text(), 20, "streamed text")
+    _wait(lambda: status().startswith("done"), 30, "the end of the completion")
+    final = text()
+    assert len(final) > len(partial) and final.startswith(partial)
+    expected = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "alpha", "prompt": "ANNA: the", "max_tokens": 40, "temperature": 0},
+        timeout=60,
+    ).json()["choices"][0]["text"]
+    assert final == expected
+    browser.save_screenshot(str(ARTIFACTS / "serve-playground.png"))
+
+    browser.find_element("id", "pg-max-tokens").clear()
+    browser.find_element("id", "pg-max-tokens").send_keys("50")
+    browser.find_element("id", "pg-go").click()
+    _wait(lambda: len(text()) >= 3, 20, "the second stream")
+    browser.find_element("id", "pg-stop").click()
+    _wait(lambda: status() == "stopped", 10, "the stop")
+    stopped_at = len(text())
+    time.sleep(0.5)
+    assert len(text()) == stopped_at < 50  # nothing more arrives after the stop
