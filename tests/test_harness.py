@@ -239,7 +239,9 @@ def run_dir(tmp_path_factory, model, tok):
     return run
 
 
-def test_local_multiple_choice_task_end_to_end(run_dir, task_dir, model, tok, capsys):
+def test_local_multiple_choice_task_end_to_end(run_dir, task_dir, model, tok, capsys, monkeypatch):
+    # Offline already: the command skips its network probe and sets nothing in this process.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # Expected accuracy by hand: the argmax of the per-choice log-likelihoods (acc) and of the
     # log-likelihood per character of the choice (acc_norm), from tinylm's own forward pass.
     hits, hits_norm = [], []
