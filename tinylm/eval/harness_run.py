@@ -177,6 +177,9 @@ def load_tasks(
     return manager, loaded
 
 
+_NOT_METRICS = {"alias", "name", "sample_len"}  # per-task bookkeeping in the results dict
+
+
 def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
     """`{"harness/<task>/<metric>": value}` for every finite number the harness reports
     (standard errors included), tasks and groups alike."""
@@ -184,7 +187,11 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
     for section in ("results", "groups"):
         for task, metrics in results.get(section, {}).items():
             for key, value in metrics.items():
-                if key == "alias" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                if (
+                    key in _NOT_METRICS
+                    or isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                ):
                     continue
                 if math.isfinite(value):
                     metric = key.replace(",none", "").replace(",", "/")
