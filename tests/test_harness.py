@@ -129,11 +129,13 @@ def test_loglikelihood_equals_a_direct_forward_pass(lm, model, tok):
         ("", "Fish swim in water"),  # empty context: conditioned on end-of-text
         (_text(QUESTIONS[1][0]), " green"),  # context longer than the model's: cut on the left
         ("Q: Ice is frozen ", "water"),  # a trailing space moves into the continuation
+        ("  ", "Snow"),  # all of it: conditioned on end-of-text
     ]
     got = lm.loglikelihood([_req("loglikelihood", c, x) for c, x in pairs])
     for (context, continuation), (logprob, _) in zip(pairs, got, strict=True):
         if context.endswith(" "):
-            context, continuation = context[:-1], " " + continuation
+            stripped = context.rstrip(" ")
+            context, continuation = stripped, context[len(stripped) :] + continuation
         expected = _direct_loglikelihood(model, tok, context, continuation)
         assert logprob == pytest.approx(expected, abs=1e-4)
         assert logprob < 0
@@ -325,5 +327,8 @@ def test_a_missing_hub_dataset_is_one_clear_error(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
 
 
-def test_bad_limit_is_a_clear_error(run_dir):
+def test_bad_options_are_clear_errors(run_dir, capsys):
     assert run_cli("eval", run_dir, "--tasks", "x", "--limit", "2.5") == 2
+    assert "--limit 2.5: give a whole number" in capsys.readouterr().err
+    assert run_cli("eval", run_dir, "--tasks", "x", "--full") == 2
+    assert "--tasks runs harness benchmarks" in capsys.readouterr().err
