@@ -81,6 +81,19 @@ def lm(model, tok) -> TinyLMHarness:
     return TinyLMHarness(model, tok, batch_size=3)
 
 
+@pytest.fixture(scope="module")
+def varied(model) -> GPT:
+    """The same architecture with large random weights: init_weights' small ones make a random
+    model repeat its last character, whatever the prompt, which would hide prompt handling."""
+    m = GPT(model.cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    return m.eval()
+
+
 def _req(kind: str, *args) -> Instance:
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
 
@@ -116,11 +129,13 @@ def test_loglikelihood_equals_a_direct_forward_pass(lm, model, tok):
         ("", "Fish swim in water"),  # empty context: conditioned on end-of-text
         (_text(QUESTIONS[1][0]), " green"),  # context longer than the model's: cut on the left
         ("Q: Ice is frozen ", "water"),  # a trailing space moves into the continuation
+        ("  ", "Snow"),  # all of it: conditioned on end-of-text
     ]
     got = lm.loglikelihood([_req("loglikelihood", c, x) for c, x in pairs])
     for (context, continuation), (logprob, _) in zip(pairs, got, strict=True):
         if context.endswith(" "):
-            context, continuation = context[:-1], " " + continuation
+            stripped = context.rstrip(" ")
+            context, continuation = stripped, context[len(stripped) :] + continuation
         expected = _direct_loglikelihood(model, tok, context, continuation)
         assert logprob == pytest.approx(expected, abs=1e-4)
         assert logprob < 0
@@ -164,11 +179,13 @@ def test_rolling_loglikelihood_equals_evaluate_full(lm, model, tok):
     assert short_ll == pytest.approx(_direct_loglikelihood(model, tok, "", short), abs=1e-4)
 
 
-def test_generate_until_cuts_at_the_first_stop_string_and_batches_exactly(lm, model, tok):
+def test_generate_until_cuts_at_the_first_stop_string_and_batches_exactly(varied, tok):
+    lm, model = TinyLMHarness(varied, tok, batch_size=3), varied
     prompts = ["Q: Snow is", "Q: Fish in", "Q: An owl hoots", _text(QUESTIONS[1][0])]
+    # The harness keeps the prompt's last context - max_gen_toks tokens (room for the answer).
     greedy = [
         tok.decode(
-            generate(model, tok.encode(p)[-CONTEXT // 2 :], max_new_tokens=12, temperature=0)
+            generate(model, tok.encode(p)[-(CONTEXT - 12) :], max_new_tokens=12, temperature=0)
         )
         for p in prompts
     ]
@@ -179,6 +196,10 @@ def test_generate_until_cuts_at_the_first_stop_string_and_batches_exactly(lm, mo
             for p in prompts
         ]
     )
+    assert len(set(greedy)) == len(greedy)  # the prompts matter
+    # A shorter cut of the long prompt gives another continuation: truncation is checked too.
+    cut16 = generate(varied, tok.encode(prompts[3])[-16:], max_new_tokens=12, temperature=0)
+    assert tok.decode(cut16) != greedy[3]
     for text, full in zip(out, greedy, strict=True):
         cut = full.find(stop)
         assert text == (full if cut < 0 else full[:cut])
@@ -239,7 +260,9 @@ def run_dir(tmp_path_factory, model, tok):
     return run
 
 
-def test_local_multiple_choice_task_end_to_end(run_dir, task_dir, model, tok, capsys):
+def test_local_multiple_choice_task_end_to_end(run_dir, task_dir, model, tok, capsys, monkeypatch):
+    # Offline already: the command skips its network probe and sets nothing in this process.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # Expected accuracy by hand: the argmax of the per-choice log-likelihoods (acc) and of the
     # log-likelihood per character of the choice (acc_norm), from tinylm's own forward pass.
     hits, hits_norm = [], []
@@ -263,6 +286,7 @@ def test_local_multiple_choice_task_end_to_end(run_dir, task_dir, model, tok, ca
     assert line["step"] == 7
     assert line["harness/tinylm_toy/acc"] == pytest.approx(acc)
     assert math.isfinite(line["harness/tinylm_toy/acc_stderr"])
+    assert "harness/tinylm_toy/sample_len" not in line  # a count, not a metric
     assert list((run_dir / "tb").iterdir())  # TensorBoard events written
 
     # --limit: the first N documents only.
@@ -303,5 +327,8 @@ def test_a_missing_hub_dataset_is_one_clear_error(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
 
 
-def test_bad_limit_is_a_clear_error(run_dir):
+def test_bad_options_are_clear_errors(run_dir, capsys):
     assert run_cli("eval", run_dir, "--tasks", "x", "--limit", "2.5") == 2
+    assert "--limit 2.5: give a whole number" in capsys.readouterr().err
+    assert run_cli("eval", run_dir, "--tasks", "x", "--full") == 2
+    assert "--tasks runs harness benchmarks" in capsys.readouterr().err

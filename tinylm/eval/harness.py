@@ -147,6 +147,9 @@ class TinyLMHarness(TemplateLM):
             if not continuation:  # an empty continuation has probability 1
                 sequences.append(None)
                 continue
+            # A context of spaces only is moved whole into the continuation: condition on
+            # end-of-text, as the harness does for an empty context.
+            context = context or [self.eot_token_id]
             sequences.append((context + continuation, len(context)))
         scored = iter(self._score([s for s in sequences if s is not None], disable_tqdm))
         results = [(0.0, True) if s is None else next(scored) for s in sequences]

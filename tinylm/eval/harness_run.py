@@ -148,8 +148,9 @@ def _missing_dataset(name: str, error: Exception) -> DataError:
 
 def load_tasks(
     names: list[str], include_path: list[str], include_defaults: bool = True
-) -> list[Any]:
-    """Harness Task/Group objects for `names`, each data set loaded, or one clear error.
+) -> tuple[Any, list[Any]]:
+    """The TaskManager and the Task/Group objects for `names`, each data set loaded, or one
+    clear error.
 
     Tasks are loaded one name at a time so that a missing data set names its task.
     `include_defaults=False` looks only in the `include_path` directories.
@@ -173,7 +174,10 @@ def load_tasks(
             loaded.append(result["groups"][name])
         else:
             loaded.extend(result["tasks"].values())
-    return loaded
+    return manager, loaded
+
+
+_NOT_METRICS = {"alias", "name", "sample_len"}  # per-task bookkeeping in the results dict
 
 
 def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -183,7 +187,11 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
     for section in ("results", "groups"):
         for task, metrics in results.get(section, {}).items():
             for key, value in metrics.items():
-                if key == "alias" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                if (
+                    key in _NOT_METRICS
+                    or isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                ):
                     continue
                 if math.isfinite(value):
                     metric = key.replace(",none", "").replace(",", "/")
@@ -268,7 +276,7 @@ def run_harness(
     _go_offline_if_unreachable()
     # The harness logs every step at INFO; keep its warnings.
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    loaded = load_tasks(tasks, list(include_path or []))
+    manager, loaded = load_tasks(tasks, list(include_path or []))
 
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table
@@ -290,6 +298,7 @@ def run_harness(
         batch_size=lm.batch_size,
         device=str(dev),
         log_samples=False,
+        task_manager=manager,  # without it the harness indexes its built-in tasks again (~60 s)
     )
     step = int(path.name.split("_")[-1])
     results["tinylm"] = {"checkpoint": str(path), "step": step, "tasks": tasks}

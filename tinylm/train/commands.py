@@ -228,6 +228,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks:
         from tinylm.eval.harness_run import parse_limit, run_harness
 
+        if args.data or args.full or args.stride or args.max_batches:
+            from tinylm.config import ConfigError
+
+            raise ConfigError(
+                "--tasks runs harness benchmarks; --data, --full, --stride and --max-batches "
+                "are for validation loss: drop them or run `tinylm eval` twice"
+            )
+
         result = run_harness(
             args.run,
             [t.strip() for t in args.tasks.split(",") if t.strip()],
