@@ -420,12 +420,7 @@ def read_train_state(
 
     if not isinstance(state, dict):
         raise bad(f"holds a {type(state).__name__}, not a dict")
-    optimizer = state.get("optimizer")
-    if not (
-        isinstance(optimizer, dict)
-        and isinstance(optimizer.get("state"), dict)
-        and isinstance(optimizer.get("param_groups"), list)
-    ):
+    if not _is_optimizer_state(state.get("optimizer")):
         raise bad("no optimizer state ('optimizer' with 'state' and 'param_groups')")
     if not isinstance(state.get("rng"), list) or not state["rng"]:
         raise bad("no RNG states ('rng')")
@@ -441,6 +436,15 @@ def read_train_state(
     if loop.get("step") != step:
         raise bad(f"its loop state is at step {loop.get('step')!r}, the checkpoint at step {step}")
     return state
+
+
+def _is_optimizer_state(value: Any) -> bool:
+    """A torch optimizer's state dict, or a composite's dict of them (Muon + AdamW)."""
+    if not isinstance(value, dict) or not value:
+        return False
+    if "param_groups" in value:
+        return isinstance(value.get("state"), dict) and isinstance(value["param_groups"], list)
+    return all(_is_optimizer_state(part) for part in value.values())
 
 
 def resolve_checkpoint(target: str | Path, which: str = "latest") -> Path:
@@ -473,7 +477,8 @@ def load_checkpoint(target: str | Path, which: str = "latest") -> LoadedCheckpoi
     docstring). A checkpoint rotated away by a training run between being found and being read
     is resolved again: rotation deletes only after a newer checkpoint is complete.
     """
-    for attempt in range(3):
+    attempts = 10  # each retry means a newer checkpoint was completed meanwhile
+    for attempt in range(attempts):
         path = None
         try:
             path = resolve_checkpoint(target, which)
@@ -482,9 +487,9 @@ def load_checkpoint(target: str | Path, which: str = "latest") -> LoadedCheckpoi
             # Rotation removes a checkpoint's files one by one: gone, or going, means "look
             # again" (the newer one it made room for is complete by then).
             vanishing = path is None or not path.exists() or check_checkpoint(path, False)
-            if not vanishing or attempt == 2:
+            if not vanishing or attempt == attempts - 1:
                 raise
-            time.sleep(0.05)
+            time.sleep(0.02)
     raise AssertionError("unreachable")
 
 
