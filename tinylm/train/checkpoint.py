@@ -48,7 +48,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinylm import __version__
-from tinylm.config import CheckpointConfig, Config, ConfigError, config_from_dict, validate
+from tinylm.config import (
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    validate,
+)
 from tinylm.fileio import atomic_write_text, confined, make_dir, os_error_message
 from tinylm.tokenizer import Tokenizer, TokenizerError, tokenizer_from_file
 
@@ -530,35 +537,33 @@ def _load(path: Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(path, meta, config, state, tokenizer)
 
 
-def check_weights(file: Path, state: dict[str, torch.Tensor], config: Config) -> None:
-    """Refuse weights whose names or shapes differ from the model `config` describes."""
+def shape_changes(weights: dict[str, Any], model_cfg: ModelConfig) -> list[str]:
+    """How the tensors of `weights` differ from those of a model built from `model_cfg`:
+    missing, unexpected, or of another shape (the model is built on the meta device: shapes
+    only, no memory, no initialisation cost)."""
     from tinylm.model import GPT
 
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        expected = {k: tuple(v.shape) for k, v in GPT(config.model).state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != expected[k]
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(model_cfg).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    out = [
+        f"{k}: {list(found[k])} -> {list(shape)}"
+        for k, shape in expected.items()
+        if k in found and found[k] != shape
     ]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(
-                "shapes differ: " + ", ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else "")
-            )
-        if missing:
-            parts.append(
-                "missing: " + ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
-            )
-        if unexpected:
-            parts.append(
-                "unexpected: " + ", ".join(unexpected[:3]) + (" ..." if len(unexpected) > 3 else "")
-            )
+    out += [f"{k}: new in this config" for k in expected if k not in found]
+    out += [f"{k}: not in this config" for k in found if k not in expected]
+    return out
+
+
+def check_weights(file: Path, state: dict[str, torch.Tensor], config: Config) -> None:
+    """Refuse weights whose names or shapes differ from the model `config` describes."""
+    if changes := shape_changes(state, config.model):
+        shown = "; ".join(changes[:3]) + (
+            f"; ... {len(changes) - 3} more" if len(changes) > 3 else ""
+        )
         raise CheckpointError(
-            f"{file}: the weights do not fit the model its config describes ({'; '.join(parts)}); "
+            f"{file}: the weights do not fit the model its config describes ({shown}); "
             "the files of this checkpoint do not belong together"
         )
 

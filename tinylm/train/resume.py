@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tinylm.config import Config, ConfigError, ModelConfig, validate
+from tinylm.config import Config, ConfigError, validate
 from tinylm.fileio import make_dir
 from tinylm.locks import DirectoryLock
 from tinylm.train import checkpoint
@@ -182,33 +182,13 @@ def open_for_resume(
     return loaded, notes
 
 
-def shape_changes(weights: dict[str, Any], model_cfg: ModelConfig) -> list[str]:
-    """How the tensors of `weights` differ from those of a model built from `model_cfg`:
-    missing, unexpected, or of another shape (the model is built on the meta device)."""
-    import torch
-
-    from tinylm.model import GPT
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in GPT(model_cfg).state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in weights.items()}
-    out = [
-        f"{k}: {list(found[k])} -> {list(shape)}"
-        for k, shape in expected.items()
-        if k in found and found[k] != shape
-    ]
-    out += [f"{k}: new in this config" for k in expected if k not in found]
-    out += [f"{k}: not in this config" for k in found if k not in expected]
-    return out
-
-
 def refuse_shape_change(loaded: checkpoint.LoadedCheckpoint, cfg: Config, run_dir: Path) -> None:
     """A checkpoint can never continue as a model of another shape, not even with --force
     (loading it would fail with a size mismatch deep in PyTorch): refuse with the way on."""
     model_cfg = cfg.model
     if model_cfg.vocab_size == 0:  # "from the tokenizer", i.e. the checkpoint's own
         model_cfg = dataclasses.replace(model_cfg, vocab_size=loaded.config.model.vocab_size)
-    tensors = shape_changes(loaded.model_state, model_cfg)
+    tensors = checkpoint.shape_changes(loaded.model_state, model_cfg)
     if not tensors:
         return
     keys = [
