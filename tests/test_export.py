@@ -307,7 +307,7 @@ def test_bad_hf_directories_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     cfg.train.init_from = "hf:gpt2"
-    with pytest.raises(ConfigError, match=r"could not get 'gpt2'.*huggingface-cli download gpt2"):
+    with pytest.raises(ConfigError, match=r"could not get 'gpt2'.*hf download gpt2"):
         apply_init_from(cfg)
 
 

@@ -113,6 +113,8 @@ def write_tokenizer_files(tok: Tokenizer, out: Path, model_max_length: int) -> l
             "tokenizer_class": "PreTrainedTokenizerFast",
             **specials,
             "model_max_length": model_max_length,
+            # No token_type_ids: the causal LM classes take none, and generate(**tok(...)) fails.
+            "model_input_names": ["input_ids", "attention_mask"],
             "clean_up_tokenization_spaces": False,
             "add_bos_token": False,
             "add_eos_token": False,

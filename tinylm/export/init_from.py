@@ -63,7 +63,7 @@ def _hub_download(name: str) -> Path:
     hint = (
         f"train.init_from=hf:{name}: could not get '{name}' from the Hugging Face hub"
         " ({why}). Without network: download it where there is one "
-        f"(`huggingface-cli download {name} --local-dir DIR`) and pass train.init_from=DIR"
+        f"(`hf download {name} --local-dir DIR`) and pass train.init_from=DIR"
     )
     try:
         from huggingface_hub import snapshot_download
