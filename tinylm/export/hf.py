@@ -58,22 +58,25 @@ ARCH_FIELDS = (
 )
 
 
+# The two layouts every family builds on: GPT-2's, and Llama's (which Qwen3 and Mistral share).
+_LAYOUTS = {
+    "gpt2": {"norm": "layernorm", "pos_emb": "learned", "mlp": "gelu"},
+    "llama": {"norm": "rmsnorm", "pos_emb": "rope", "mlp": "swiglu"},
+}
+
+
+def _layout_conflicts(m: ModelConfig, layout: str) -> list[str]:
+    return [
+        f"model.{key}={getattr(m, key)} (it needs {value})"
+        for key, value in _LAYOUTS[layout].items()
+        if getattr(m, key) != value
+    ]
+
+
 def _family_conflicts(m: ModelConfig) -> dict[str, list[str]]:
     """For each family, the settings of `m` its stock class cannot compute exactly."""
-    rope_style = []
-    if m.norm != "rmsnorm":
-        rope_style.append(f"model.norm={m.norm} (it needs rmsnorm)")
-    if m.pos_emb != "rope":
-        rope_style.append(f"model.pos_emb={m.pos_emb} (it needs rope)")
-    if m.mlp != "swiglu":
-        rope_style.append(f"model.mlp={m.mlp} (it needs swiglu)")
-    gpt2 = []
-    if m.norm != "layernorm":
-        gpt2.append(f"model.norm={m.norm} (it needs layernorm)")
-    if m.pos_emb != "learned":
-        gpt2.append(f"model.pos_emb={m.pos_emb} (it needs learned)")
-    if m.mlp != "gelu":
-        gpt2.append(f"model.mlp={m.mlp} (it needs gelu)")
+    rope_style = _layout_conflicts(m, "llama")
+    gpt2 = _layout_conflicts(m, "gpt2")
     if m.kv_heads != m.n_head:
         gpt2.append(f"model.n_kv_head={m.n_kv_head} (GPT-2 has no grouped-query attention)")
     if m.qk_norm:
