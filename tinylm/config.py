@@ -17,6 +17,7 @@ This module imports no torch so that `tinylm --help` and config errors are insta
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -186,6 +187,10 @@ class TrainConfig:
     # log a spike when loss > factor * recent average
     spike_factor: float = ranged(3.0, gt=1, le=1e6)
     gap_warn_factor: float = ranged(1.5, gt=1, le=1e6)  # warn when val loss > factor * train loss
+    # Start from existing weights (fresh optimizer and schedule): a tinylm run or checkpoint
+    # directory, a Hugging Face model directory, or hf:NAME. Empty = random initialisation.
+    init_from: str = ""
+    trainable: str = "all"  # all | no-embeddings | last:N (train only the last N blocks)
 
 
 @dataclass
@@ -569,6 +574,15 @@ def _check_strings(cfg: Config) -> None:
     _require(
         is_device(cfg.train.device),
         f"train.device={cfg.train.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps",
+    )
+    t = cfg.train
+    _require(
+        re.fullmatch(r"all|no-embeddings|last:[1-9][0-9]*", t.trainable) is not None,
+        f"train.trainable={t.trainable!r}: expected all, no-embeddings or last:N (N >= 1)",
+    )
+    _require(
+        t.init_from == t.init_from.strip(),
+        f"train.init_from={t.init_from!r} has surrounding spaces; give the path or hf:NAME alone",
     )
 
 

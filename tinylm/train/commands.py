@@ -176,6 +176,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         cfg.run_name = run_dir.name
 
+    init = None
+    if cfg.train.init_from and not args.resume:
+        from tinylm.export.init_from import apply_init_from
+
+        init = apply_init_from(cfg, overrides)  # before the run directory exists: errors first
+
     args.run_dir = run_dir  # where an internal-error report goes (tinylm/crash.py)
     # Before any data or weights (and before --dry-run builds them): a run that cannot fit is
     # refused at once. --print-config only prints.
@@ -199,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from tinylm.train.trainer import train
 
-    result = train(cfg, run_dir, resume=bool(args.resume), force=args.force)
+    result = train(cfg, run_dir, resume=bool(args.resume), force=args.force, init=init)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, the main process reports
         return 0
     if result.stop_reason != "reached train.max_steps":

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,15 @@ def slow_cpu_message(
     )
 
 
+def command_line() -> str | None:
+    """The `tinylm ...` command this process runs (for model cards), or None when tinylm is used
+    as a library (where argv belongs to another program)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "tinylm" or argv0.parts[-2:] == ("tinylm", "cli.py"):
+        return shlex.join(["tinylm", *sys.argv[1:]])
+    return None
+
+
 class TrainMonitor:
     """Accumulates per-step losses on the device and reports them once per log interval."""
 
@@ -139,6 +150,7 @@ class TrainMonitor:
             host=socket.gethostname(),
             device=str(self.device),
             precision=self.precision.name,
+            command=command_line(),
         )
         self.interval_start = self.session_start = time.perf_counter()
         self.session_start_step = step

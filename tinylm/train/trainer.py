@@ -63,7 +63,13 @@ class Trainer:
     """Builds everything a run needs from a `Config`, then runs `fit()`."""
 
     def __init__(
-        self, cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        force: bool = False,
+        init=None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -84,9 +90,16 @@ class Trainer:
         if resume:
             resumed, notes = open_for_resume(self.run_dir, cfg, force)
             self.messages += notes
+        elif cfg.train.init_from and init is None:  # library use; the CLI passes its own `init`
+            from tinylm.export.init_from import apply_init_from
+
+            init = apply_init_from(cfg)
+        if init is not None:  # weights and tokenizer of another run or an HF model
+            self.messages.append(init.description)
+        start = resumed or init
         runtime.seed_everything(cfg.train.seed)
-        self._build_data(resumed.tokenizer if resumed else None)
-        self._build_model(resumed.model_state if resumed else None)
+        self._build_data(start.tokenizer if start else None)
+        self._build_model(start.model_state if start else None)
         self._build_optimizer()
         if resumed is not None:
             self._restore(resumed)
@@ -142,6 +155,13 @@ class Trainer:
         self.raw_model = GPT(self.cfg.model).to(self.device)
         if weights is not None:  # into the plain module: FSDP then shards what was loaded
             self.raw_model.load_state_dict(weights)
+        if self.cfg.train.trainable != "all":
+            from tinylm.train.trainable import apply_trainable
+
+            n_train, n_total = apply_trainable(self.raw_model, self.cfg.train.trainable)
+            self.messages.append(
+                f"trainable: {self.cfg.train.trainable}: {n_train:,} of {n_total:,} parameters"
+            )
         n_all, n_body = self.raw_model.num_params(), self.raw_model.num_params(non_embedding=True)
         self.flops_per_token = self.raw_model.flops_per_token()
         self.messages.append(
@@ -438,16 +458,17 @@ class Trainer:
 
 
 def train(
-    cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False
+    cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False, init=None
 ) -> TrainResult:
-    """Train `cfg` in `run_dir` (continuing its latest checkpoint when `resume`)."""
+    """Train `cfg` in `run_dir` (continuing its latest checkpoint when `resume`; starting from
+    `init`, an `export.init_from.InitSource`, or from `cfg.train.init_from` when given)."""
     run_dir = Path(run_dir)
     with run_lock(run_dir):  # a second `train` on this directory is refused with our PID
         if not resume:
             refuse_existing_run(run_dir)
         try:
             with interrupts.term_as_interrupt():  # SIGTERM unwinds set-up like Ctrl+C
-                trainer = Trainer(cfg, run_dir, resume=resume, force=force)
+                trainer = Trainer(cfg, run_dir, resume=resume, force=force, init=init)
         except KeyboardInterrupt as e:
             # Setting up (data preparation, model build) holds nothing worth saving, and
             # preparation keeps its finished chunks, so the same command continues from there.
