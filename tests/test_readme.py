@@ -28,6 +28,7 @@ from tinylm.paths import REPO_ROOT
 FAST = [
     *SMALL,
     "model.context_length=64",
+    "optim.warmup_steps=1",
     "eval.interval=3",
     "checkpoint.interval=3",
     "log.interval=2",
@@ -68,13 +69,19 @@ def fresh_copy(dest):
     return dest
 
 
-def with_fast_settings(argv: list[str]) -> list[str]:
+def with_fast_settings(argv: list[str], comment: str) -> list[str]:
     """A README `tinylm train` command with the small model and few steps."""
     resume = "--resume" in argv
+    if "--cooldown" in argv:  # a cool-down of 2 steps, not hundreds
+        argv[argv.index("--cooldown") + 1] = "2"
     argv = [a for a in argv if not a.startswith("train.max_steps=")]
     if "--list" in argv or "--print-config" in argv:
         return argv
-    return [*argv, *FAST, f"train.max_steps={STEPS['resume' if resume else 'train']}"]
+    # "Ctrl+C it": a time limit stops the run after one step instead (a stop like Ctrl+C's,
+    # which the next resume lifts).
+    limit = "1e-9" if "Ctrl+C" in comment else "0"
+    steps = STEPS["resume" if resume else "train"]
+    return [*argv, *FAST, f"train.max_steps={steps}", f"train.max_time_minutes={limit}"]
 
 
 def test_readme_commands_work_as_written(tmp_path, monkeypatch, capfd):
@@ -96,7 +103,7 @@ def test_readme_commands_work_as_written(tmp_path, monkeypatch, capfd):
     for command, comment in commands:
         argv = shlex.split(command)[1:]
         if argv[0] == "train":
-            argv = with_fast_settings(argv)
+            argv = with_fast_settings(argv, comment)
         expected_code = 2 if comment.startswith("refused") else 0
         capfd.readouterr()
         code = run_cli(*argv)

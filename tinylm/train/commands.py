@@ -85,7 +85,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="bounded evaluation size (0 = the run's eval.max_batches)",
     )
     p.add_argument("--batch-size", type=int_in(0, 65536), default=0, help="0 = the run's")
-    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument(
         "--tasks",
         default="",
@@ -119,15 +119,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="nucleus sampling mass (1.0 = off)",
     )
-    p.add_argument("--num-samples", type=int_in(1, 1000), default=1)
-    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=None)
-    p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.add_argument(
+        "--num-samples", type=int_in(1, 1000), default=1, help="how many samples to print"
+    )
+    p.add_argument(
+        "--seed", type=int_in(0, SEED_MAX), default=None, help="sampling seed (default: random)"
+    )
+    p.add_argument(
+        "--checkpoint", default="best", choices=["best", "latest"], help="which checkpoint of a run"
+    )
     p.add_argument(
         "--no-cache",
         action="store_true",
         help="recompute attention over the whole context each token",
     )
-    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.set_defaults(func=cmd_generate)
 
 
