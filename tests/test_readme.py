@@ -109,8 +109,8 @@ def test_readme_commands_work_as_written(tmp_path, monkeypatch, capfd):
         code = run_cli(*argv)
         captured = capfd.readouterr()
         output = captured.out + captured.err
-        with capfd.disabled():  # the walk as a reader would see it (pytest -s)
-            print(f"$ {command}\n{output}")
+        with open(repo / "walk.log", "a") as log:  # the walk as a reader would see it
+            log.write(f"$ {command}\n{output}\n")
         assert code == expected_code, f"`{command}` exited {code}:\n{output[-3000:]}"
         for quoted in re.findall(r'"([^"]+)"', comment):
             assert quoted in output, f"`{command}` did not print {quoted!r}:\n{output[-3000:]}"

@@ -16,7 +16,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model from a preset or YAML config",
         description="Train a model. CONFIG is a preset name (see `tinylm train --list`) or a YAML file; "
-        "overrides are section.key=value (e.g. train.max_steps=2000 data.train=input.txt).",
+        "overrides are section.key=value (e.g. train.max_steps=2000 data.train=input.txt). "
+        "The run goes to out_dir/run_name (default runs/<preset>, or runs/<preset>-N when that one "
+        "has checkpoints; a run_name with checkpoints is refused: --resume it instead).",
     )
     p.add_argument(
         "config", nargs="?", help="preset name or YAML file (omit with --resume RUN_DIR)"
