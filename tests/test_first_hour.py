@@ -132,7 +132,9 @@ def test_train_list_shows_description_parameters_and_hardware(capsys):
     for name in list_presets():
         (i,) = [k for k, line in enumerate(lines) if line.startswith(name + " ")]
         assert re.search(r"[0-9.]+M params  \S", lines[i]), lines[i]
-        assert "hardware: " in lines[i + 1] and "hardware: -" not in lines[i + 1]
+        assert "hardware: " in lines[i + 1]
+        if name in ("tiny", "tinystories-15m", "gpt2-124m", "llama-75m"):  # each says what it needs
+            assert "hardware: -" not in lines[i + 1], f"{name}.yaml has no '# hardware:' line"
     tiny = next(line for line in lines if line.startswith("tiny "))
     assert "~0.8M params  a character-level model" in tiny
     assert "124.4M params" in next(line for line in lines if line.startswith("gpt2-124m"))
@@ -221,7 +223,7 @@ def test_estimate_divides_time_and_shards_state_over_devices(capsys):
     )
     assert estimate(cfg, devices=8).tokens == 8 * estimate(cfg).tokens  # per-device batches
     assert run_cli("estimate", "tiny", "--devices", "0") == 2
-    assert "--devices must be at least 1" in capsys.readouterr().err
+    assert "argument --devices: must be an integer in [1," in capsys.readouterr().err
 
 
 def test_the_shipped_corpus_is_a_named_offline_dataset(tmp_path):

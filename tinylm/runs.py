@@ -124,7 +124,7 @@ def checkpoint_loop_state(path: Path) -> dict[str, Any] | None:
 
     try:
         state = torch.load(
-            path / checkpoint.STATE_FILE, map_location="cpu", mmap=True, weights_only=False
+            path / checkpoint.STATE_FILE, map_location="cpu", mmap=True, weights_only=True
         )
     except Exception:  # a checkpoint we cannot read says nothing about progress
         return None

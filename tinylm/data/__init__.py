@@ -171,25 +171,21 @@ def train_bpe_on_sources(
         return files if all(f.suffix in (".txt", "") for f in files) else None
 
     file_lists = [plain_text_files(s) for s in specs]
+    inputs: list[Path] = []
+    texts = None
     if delimiter == EOT and all(f is not None for f in file_lists):
         inputs = [f for files in file_lists for f in files]
-        return train_bpe(
-            inputs,
-            vocab_size,
-            special_tokens,
-            num_workers=num_workers,
-            native=native,
-            progress=progress,
+    else:
+        texts = (
+            text
+            for spec in specs
+            for text, _ in iter_pieces(spec, text_field=text_field, delimiter=delimiter)
         )
-    texts = (
-        text
-        for spec in specs
-        for text, _ in iter_pieces(spec, text_field=text_field, delimiter=delimiter)
-    )
     return train_bpe(
+        inputs,
+        vocab_size,
+        special_tokens,
         texts=texts,
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
         num_workers=num_workers,
         native=native,
         progress=progress,

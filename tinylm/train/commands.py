@@ -16,7 +16,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a model from a preset or YAML config",
         description="Train a model. CONFIG is a preset name (see `tinylm train --list`) or a YAML file; "
-        "overrides are section.key=value (e.g. train.max_steps=2000 data.train=input.txt).",
+        "overrides are section.key=value (e.g. train.max_steps=2000 data.train=input.txt). "
+        "The run goes to out_dir/run_name (default runs/<preset>, or runs/<preset>-N when that one "
+        "has checkpoints; a run_name with checkpoints is refused: --resume it instead).",
     )
     p.add_argument(
         "config", nargs="?", help="preset name or YAML file (omit with --resume RUN_DIR)"
@@ -85,7 +87,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="bounded evaluation size (0 = the run's eval.max_batches)",
     )
     p.add_argument("--batch-size", type=int_in(0, 65536), default=0, help="0 = the run's")
-    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument(
         "--tasks",
         default="",
@@ -119,15 +121,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="nucleus sampling mass (1.0 = off)",
     )
-    p.add_argument("--num-samples", type=int_in(1, 1000), default=1)
-    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=None)
-    p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.add_argument(
+        "--num-samples", type=int_in(1, 1000), default=1, help="how many samples to print"
+    )
+    p.add_argument(
+        "--seed", type=int_in(0, SEED_MAX), default=None, help="sampling seed (default: random)"
+    )
+    p.add_argument(
+        "--checkpoint", default="best", choices=["best", "latest"], help="which checkpoint of a run"
+    )
     p.add_argument(
         "--no-cache",
         action="store_true",
         help="recompute attention over the whole context each token",
     )
-    p.add_argument("--device", type=device, default="auto")
+    p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.set_defaults(func=cmd_generate)
 
 

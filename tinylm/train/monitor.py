@@ -194,7 +194,8 @@ class TrainMonitor:
         self._warn_slow(step, elapsed, tokens_per_second)
         self.log.log(step, "train", record)
         mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
-        window = f" (mean of {steps} steps)" if steps != self.log_interval else ""
+        plural = "s" if steps != 1 else ""
+        window = f" (mean of {steps} step{plural})" if steps != self.log_interval else ""
         self.log.print(
             f"step {step:>6} | loss {mean_loss:.4f}{window} | lr {record['lr']:.2e} | norm {record['grad_norm']:.2f} | "
             f"{record['ms_per_step']:.0f} ms/step | {tokens_per_second:,.0f} tok/s{mfu}{self._eta(step)}"

@@ -84,7 +84,8 @@ def dry_run(cfg: Config, run_dir: Path) -> str:
     """Build data, tokenizer, model and optimizer; time `DRY_RUN_STEPS` steps; return the report."""
     import torch
 
-    from tinylm.estimate import _bytes, _duration, estimate
+    from tinylm.estimate import estimate, format_bytes
+    from tinylm.train.monitor import format_eta
     from tinylm.train.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir)  # builds everything; writes nothing into run_dir
@@ -97,7 +98,7 @@ def dry_run(cfg: Config, run_dir: Path) -> str:
     )
     e = estimate(cfg, tokens=None)
     lines.append(
-        f"memory estimate for training: {_bytes(e.total_memory)} (weights, gradients, AdamW "
+        f"memory estimate for training: {format_bytes(e.total_memory)} (weights, gradients, AdamW "
         f"state, activations at batch {e.batch_size} x {e.context_length}; see `tinylm estimate`)"
     )
 
@@ -120,7 +121,7 @@ def dry_run(cfg: Config, run_dir: Path) -> str:
         f"mean of {DRY_RUN_STEPS} steps after a warm-up)"
     )
     lines.append(
-        f"{cfg.train.max_steps:,} steps: about {_duration(cfg.train.max_steps * per_step)} of "
+        f"{cfg.train.max_steps:,} steps: about {format_eta(cfg.train.max_steps * per_step)} of "
         "training steps, plus evaluations and checkpoints"
     )
     lines.append("dry run: nothing trained or written (the prepared data stays cached)")

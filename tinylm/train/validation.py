@@ -193,5 +193,5 @@ class Validator:
                 break
             text = tok.decode([t for t in prompt + ids if t != tok.eot_id])
             self.log.text(step, f"sample/{i}", text)
-            self.log.print(f"--- sample {i} at step {step} (prompt: {origin}) ---\n{text}\n---")
+            self.log.print(f"--- sample {i} at step {step} --- prompt: {origin}\n{text}\n---")
         model.train()
