@@ -146,7 +146,7 @@ def test_live_run_gets_new_points_without_reload(page):
     n = len(first)
     grown = _wait(
         lambda: len(p := _points(browser, "live", "train")) > n and p,
-        30,
+        60,
         "a new point of the live run",
     )
     assert grown[: len(first)] == first  # appended, not redrawn from scratch data
