@@ -9,7 +9,9 @@ steps into bench/out/serve-runs (speed does not depend on how well it is trained
 level's `--requests` are done. Levels alternate within each round (1, 4, 16, 1, 4, 16, ...);
 the median round per level is reported: requests/s, completion tokens/s, p50/p99 latency. The
 reference is the single-request rate of `tinylm.generate` (what `tinylm generate` runs) on the
-same checkpoint in this process, alternated with the server rounds.
+same checkpoint in this process, alternated with the server rounds. Both use `--threads` torch
+threads (default 1: a tiny model gains nothing from more, and on a shared machine spinning
+threads make it much slower).
 """
 
 from __future__ import annotations
@@ -48,12 +50,13 @@ def ensure_run(run: str | None) -> Path:
     return root / "tiny"
 
 
-def start_server(run: Path, port: int) -> subprocess.Popen:
+def start_server(run: Path, port: int, threads: int) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tinylm.cli", "serve", str(run), "--port", str(port)],
+        [sys.executable, "-m", "tinylm.cli", "serve", str(run), "--port", str(port),
+         "--threads", str(threads)],
         stdout=subprocess.DEVNULL,
-    )
-    for _ in range(300):
+    )  # fmt: skip
+    for _ in range(1500):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -120,13 +123,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, server and direct")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     run = ensure_run(args.run)
     print(
-        f"torch {torch.__version__}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {os.cpu_count()} cores, {args.threads} torch threads, "
         f"load average at start {os.getloadavg()[0]:.2f}; run {run}"
     )
-    proc = start_server(run, args.port)
+    proc = start_server(run, args.port, args.threads)
     url = f"http://127.0.0.1:{args.port}"
     results: dict[str, list[dict[str, float]]] = {}
     try:
@@ -142,13 +147,19 @@ def main() -> None:
         proc.terminate()
         proc.wait(10)
     base = statistics.median(r["tok/s"] for r in results["generate(), 1 at a time"])
-    print(f"\n{'case':<26} {'req/s':>7} {'tok/s':>8} {'x generate':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    print(
+        f"\n{'case':<26} {'req/s':>7} {'tok/s':>8} {'x generate':>10} {'p50 ms':>8} {'p99 ms':>8}"
+    )
     for name, rounds in results.items():
         med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
         cells = [f"{med[k]:.1f}" if k in med else "-" for k in ("req/s", "tok/s")]
         lat = [f"{med[k]:.0f}" if k in med else "-" for k in ("p50 ms", "p99 ms")]
-        print(f"{name:<26} {cells[0]:>7} {cells[1]:>8} {med['tok/s'] / base:>10.2f} {lat[0]:>8} {lat[1]:>8}")
-    print(f"(medians of {args.rounds} rounds, {args.requests} requests of {MAX_TOKENS} tokens per level)")
+        print(
+            f"{name:<26} {cells[0]:>7} {cells[1]:>8} {med['tok/s'] / base:>10.2f} {lat[0]:>8} {lat[1]:>8}"
+        )
+    print(
+        f"(medians of {args.rounds} rounds, {args.requests} requests of {MAX_TOKENS} tokens per level)"
+    )
 
 
 if __name__ == "__main__":

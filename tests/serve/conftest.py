@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,29 +48,60 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 60
+        # Generous: on a loaded shared machine importing torch alone took 50 s.
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"tinylm serve exited {self.proc.returncode}:\n{self.log.read_text()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
                     return
             except httpx.TransportError:
                 time.sleep(0.2)
         self.stop()
-        pytest.fail(f"tinylm serve did not answer in 60 s:\n{self.log.read_text()}")
+        pytest.fail(f"tinylm serve did not answer in 180 s:\n{self.log.read_text()}")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
             try:
-                self.proc.wait(10)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class ThreadServer:
+    """The same app on a real uvicorn server in a thread of this process: no second start-up
+    of torch (seconds; a minute on a loaded machine). `Server` covers the command itself."""
+
+    def __init__(self, root: Path, **settings) -> None:
+        import uvicorn
+
+        from tinylm.serve.app import ServeSettings, create_app
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(ServeSettings(root=root, **settings))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                pytest.fail("uvicorn did not start")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
 
 
 @pytest.fixture(scope="session")

@@ -245,5 +245,5 @@ def test_serve_command_defaults_and_bad_arguments(tmp_path, capsys, monkeypatch)
     assert (args.host, args.port, args.path, args.api_key) == ("127.0.0.1", 8000, "runs", None)
     assert run_cli("serve", tmp_path / "missing") == 2
     assert "no such run or runs directory" in capsys.readouterr().err
-    assert run_cli("serve", tmp_path, "--max-batch", "0") == 2
-    assert "--max-batch must be in 1..256" in capsys.readouterr().err
+    assert run_cli("serve", tmp_path, "--threads", "-1") == 2  # the rest: tests/test_bad_inputs.py
+    assert "argument --threads" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SERVE_MODEL, Server
+from conftest import SERVE_MODEL, ThreadServer
 from helpers import read_metrics
 
 from tinylm.serve.engine import SLOW_ENV
@@ -82,15 +82,17 @@ def live_root(serve_root, corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(live_root):
     # 30 ms per decode step: the playground's stream lasts long enough to watch and stop.
-    server = Server(live_root, env={SLOW_ENV: "0.03"})
-    browser = _browser()
-    ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        browser.get(f"{server.url}/?poll={POLL_MS}")
-        yield browser, server
-    finally:
-        browser.quit()
-        server.stop()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(SLOW_ENV, "0.03")
+        server = ThreadServer(live_root)
+        browser = _browser()
+        ARTIFACTS.mkdir(exist_ok=True)
+        try:
+            browser.get(f"{server.url}/?poll={POLL_MS}")
+            yield browser, server
+        finally:
+            browser.quit()
+            server.stop()
 
 
 def _points(browser, run: str, kind: str) -> list[list[float]]:
@@ -111,7 +113,7 @@ def _rows(browser) -> dict[str, str]:
 
 def test_dashboard_shows_runs_and_their_curves(page, live_root):
     browser, _ = page
-    _wait(lambda: len(_points(browser, "alpha", "val")) == 3, 30, "alpha's val curve")
+    _wait(lambda: len(_points(browser, "alpha", "val")) == 3, 90, "alpha's val curve")
     rows = _rows(browser)
     assert {"alpha", "beta"} <= set(rows)
     assert "finished" in rows["alpha"] and "30/30" in rows["alpha"]
@@ -139,12 +141,12 @@ def test_dashboard_shows_runs_and_their_curves(page, live_root):
 def test_live_run_gets_new_points_without_reload(page):
     browser, _ = page
     browser.execute_script("window.__sameDocument = true")  # gone if the page reloads
-    _wait(lambda: "live" in _rows(browser), 60, "the live run in the table")
-    first = _wait(lambda: _points(browser, "live", "train"), 60, "the live run's first point")
+    _wait(lambda: "live" in _rows(browser), 180, "the live run in the table")
+    first = _wait(lambda: _points(browser, "live", "train"), 180, "the live run's first point")
     n = len(first)
     grown = _wait(
         lambda: len(p := _points(browser, "live", "train")) > n and p,
-        30,
+        60,
         "a new point of the live run",
     )
     assert grown[: len(first)] == first  # appended, not redrawn from scratch data
@@ -158,7 +160,7 @@ def test_playground_streams_and_stops(page):
     from selenium.webdriver.support.ui import Select
 
     browser.find_element("id", "playground").location_once_scrolled_into_view  # noqa: B018
-    _wait(lambda: "alpha" in browser.find_element("id", "pg-model").text, 20, "the model list")
+    _wait(lambda: "alpha" in browser.find_element("id", "pg-model").text, 60, "the model list")
     Select(browser.find_element("id", "pg-model")).select_by_value("alpha")
     for field, value in (
         ("pg-temperature", "0"),
@@ -172,8 +174,8 @@ def test_playground_streams_and_stops(page):
     text = lambda: browser.find_element("id", "pg-text").text  # noqa: E731
     status = lambda: browser.find_element("id", "pg-status").text  # noqa: E731
     # Part of the text on the page while it is still generating: it streams.
-    partial = _wait(lambda: status().startswith("generating") and text(), 20, "streamed text")
-    _wait(lambda: status().startswith("done"), 30, "the end of the completion")
+    partial = _wait(lambda: status().startswith("generating") and text(), 60, "streamed text")
+    _wait(lambda: status().startswith("done"), 90, "the end of the completion")
     final = text()
     assert len(final) > len(partial) and final.startswith(partial)
     expected = httpx.post(
@@ -187,9 +189,9 @@ def test_playground_streams_and_stops(page):
     browser.find_element("id", "pg-max-tokens").clear()
     browser.find_element("id", "pg-max-tokens").send_keys("50")
     browser.find_element("id", "pg-go").click()
-    _wait(lambda: len(text()) >= 3, 20, "the second stream")
+    _wait(lambda: len(text()) >= 3, 60, "the second stream")
     browser.find_element("id", "pg-stop").click()
-    _wait(lambda: status() == "stopped", 10, "the stop")
+    _wait(lambda: status() == "stopped", 30, "the stop")
     stopped_at = len(text())
     time.sleep(0.5)
     assert len(text()) == stopped_at < 50  # nothing more arrives after the stop

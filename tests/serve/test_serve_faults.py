@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from conftest import Server
+from conftest import ThreadServer
 
 from tinylm.serve.engine import SLOW_ENV
 
@@ -16,12 +16,14 @@ from tinylm.serve.engine import SLOW_ENV
 @pytest.fixture(scope="module")
 def slow_server(serve_root):
     # 20 ms per decode step: a 50-token stream lasts ~1 s, long enough to leave in the middle.
-    s = Server(serve_root, "--max-body-kb", "64", env={SLOW_ENV: "0.02"})
-    yield s
-    s.stop()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(SLOW_ENV, "0.02")  # read when an engine starts (first request of a model)
+        s = ThreadServer(serve_root, max_body_bytes=64 * 1024)
+        yield s
+        s.stop()
 
 
-def _answers_next(server: Server) -> None:
+def _answers_next(server: ThreadServer) -> None:
     assert server.alive()
     r = httpx.post(
         f"{server.url}/v1/completions",
@@ -31,7 +33,7 @@ def _answers_next(server: Server) -> None:
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def _stats(server: Server, model: str) -> dict:
+def _stats(server: ThreadServer, model: str) -> dict:
     return httpx.get(f"{server.url}/health", timeout=10).json()["models"].get(model, {})
 
 

@@ -50,6 +50,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-body-kb", type=int_in(1, 2**20), default=1024, help="largest request body (KiB)"
     )
+    p.add_argument(
+        "--threads",
+        type=int_in(0, 1024),
+        default=0,
+        help="torch CPU threads (default 0: torch's choice; 1 suits tiny models on a busy machine)",
+    )
     p.add_argument("--device", type=device, default="auto")
     p.add_argument(
         "--log-level",
@@ -76,8 +82,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"tinylm serve needs the 'serve' extra ({e.name} is missing): "
             "pip install 'tinylm[serve]'"
         ) from e
+    import torch
+
     from tinylm.train import runtime
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, _ = runtime.select_device(args.device)
     settings = ServeSettings(
         root=Path(args.path),
