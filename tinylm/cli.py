@@ -21,6 +21,7 @@ COMMAND_PROVIDERS = [
     "tinylm.estimate",  # estimate
     "tinylm.runs",  # runs, plot
     "tinylm.serve.cli",  # serve
+    "tinylm.sweep.cli",  # sweep
 ]
 
 
