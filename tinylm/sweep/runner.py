@@ -148,7 +148,9 @@ class SweepRunner:
         for run in todo:
             self._refuse_live(run)
         active: list[Child] = []
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        # Both installed explicitly: a SIGINT ignored by whoever started us (inherited SIG_IGN)
+        # would otherwise make Ctrl+C do nothing at all.
+        previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             while todo or active:
                 while todo and len(active) < self.parallel:
@@ -164,7 +166,8 @@ class SweepRunner:
             self._stop_all(active)
             return "interrupted"
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             save_manifest(self.plan, self.out_dir)
 
     # ------------------------------------------------------------------ one child
@@ -280,5 +283,5 @@ def _evals(run_dir: Path) -> list[dict]:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM to the sweep stops it like Ctrl+C."""
+    """SIGINT or SIGTERM to the sweep: stop it (module docstring)."""
     raise KeyboardInterrupt
