@@ -4,6 +4,7 @@ skip, state round trips and an exactly resumed run."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from helpers import SMALL, read_metrics, run_cli
 from tinylm.config import ModelConfig, OptimConfig
 from tinylm.model import GPT
 from tinylm.train.checkpoint import CheckpointError
-from tinylm.train.muon import MuonAdamW, muon_parameters
+from tinylm.train.muon import MuonAdamW, muon_parameters, muon_update, newton_schulz
 from tinylm.train.optim import build_optimizer, set_lr
 
 CPU = torch.device("cpu")
@@ -69,7 +70,8 @@ def test_one_step_is_torch_muon_plus_torch_adamw():
     """The composite's step equals stepping torch.optim.Muon and AdamW separately."""
     model = small_model()
     twin = copy.deepcopy(model)
-    opt = build_optimizer(model, MUON, CPU)
+    opt = build_optimizer(model, replace(MUON, muon_ns_dtype="bfloat16"), CPU)
+    assert opt.ns_dtype == torch.bfloat16
     hidden = {id(p) for _, p in muon_parameters(twin)}
     ref_muon = torch.optim.Muon(
         [p for p in twin.parameters() if id(p) in hidden], lr=0.02, weight_decay=0.01
@@ -151,3 +153,34 @@ def test_muon_run_resumes_bit_identically(tmp_path, corpus):
     split = [(r["step"], r["loss"], r["lr"]) for r in read_metrics(tmp_path / "split", "train")]
     assert len(full) == 8 and split == full  # exact float equality
     assert full[-1][1] < full[0][1]  # and it learns
+
+
+def test_own_update_is_torchs_in_bfloat16_and_close_in_float32():
+    """`muon_update` (the float32 path for CPUs, and FSDP's) is torch.optim.Muon's rule: bitwise
+    equal with bfloat16 Newton-Schulz, and within bfloat16 rounding of it in float32."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    g = torch.randn(96, 32, generator=torch.Generator().manual_seed(1))
+    coeffs = (3.4445, -4.775, 2.0315)
+    for shape_of in (g, g.T):  # tall and wide
+        ours = newton_schulz(shape_of, coeffs, 5, 1e-7, torch.bfloat16)
+        assert torch.equal(ours, _zeropower_via_newtonschulz(shape_of, coeffs, 5, 1e-7))
+        fp32 = newton_schulz(shape_of, coeffs, 5, 1e-7, torch.float32)
+        assert fp32.dtype == torch.float32
+        assert ((fp32 - ours.float()).norm() / fp32.norm()).item() < 0.02
+
+    ref = torch.nn.Parameter(torch.randn(48, 16, generator=torch.Generator().manual_seed(2)))
+    mine = ref.detach().clone()
+    torch_muon = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
+    group, buf = torch_muon.param_groups[0], torch.zeros_like(mine)
+    for seed in range(3):
+        grad = torch.randn(48, 16, generator=torch.Generator().manual_seed(10 + seed))
+        ref.grad = grad.clone()
+        torch_muon.step()
+        muon_update(mine, grad, buf, group, torch.bfloat16)
+        assert torch.equal(mine, ref.detach())
+        assert torch.equal(buf, torch_muon.state[ref]["momentum_buffer"])
+
+
+def test_auto_precision_is_float32_on_cpu():
+    assert build_optimizer(small_model(), MUON, CPU).ns_dtype == torch.float32

@@ -153,6 +153,7 @@ def test_cooldown_from_a_checkpoint_end_to_end(tmp_path, corpus, capsys):
         ("optim.muon_ns_steps=0", "optim.muon_ns_steps"),
         ("optim.muon_weight_decay=-0.1", "optim.muon_weight_decay"),
         ("optim.muon_lr_adjust=auto", "optim.muon_lr_adjust"),
+        ("optim.muon_ns_dtype=float16", "optim.muon_ns_dtype"),
     ],
 )
 def test_new_optim_fields_are_validated_by_name(override, key):

@@ -22,6 +22,7 @@ COMMAND_PROVIDERS = [
     "tinylm.runs",  # runs, plot
     "tinylm.serve.cli",  # serve
     "tinylm.export.cli",  # export
+    "tinylm.sweep.cli",  # sweep
 ]
 
 

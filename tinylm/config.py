@@ -158,6 +158,8 @@ class OptimConfig:
     muon_ns_steps: int = ranged(5, ge=1, le=99)  # Newton-Schulz iterations (torch allows < 100)
     muon_weight_decay: float = ranged(0.0, ge=0, le=10)  # decoupled, times Muon's LR
     muon_lr_adjust: Literal["original", "match_rms_adamw"] = "original"  # shape-based LR scale
+    # Newton-Schulz precision; auto = bfloat16 on CUDA, float32 elsewhere (19x faster on AVX2 CPUs)
+    muon_ns_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # wsd: decay over the last decay_steps (default: decay_fraction * max_steps), this shape
     decay_fraction: float = ranged(0.2, gt=0, le=1)
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"

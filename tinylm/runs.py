@@ -57,7 +57,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _number(value: Any) -> float | None:
+def metric_number(value: Any) -> float | None:
     """A metric as a float (sinks.py writes NaN/inf as strings), or None when absent."""
     if value is None:
         return None
@@ -155,7 +155,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
         v
         for r in records
         if r.get("kind") == "eval"
-        if (v := _number(r.get("val/loss"))) is not None
+        if (v := metric_number(r.get("val/loss"))) is not None
     ]
     finite_val = [v for v in val_losses if math.isfinite(v)]
     return RunSummary(
@@ -165,7 +165,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
         max_steps=_max_steps(run_dir, records),
         tokens=tokens,
         best_val_loss=min(finite_val) if finite_val else None,
-        last_train_loss=_number(train[-1].get("loss")) if train else None,
+        last_train_loss=metric_number(train[-1].get("loss")) if train else None,
         last_checkpoint=latest.name if latest is not None else None,
     )
 
@@ -262,7 +262,7 @@ def make_figure(run_dirs: list[str | Path]):
         # Tokens per step is constant within a run; eval lines carry only the step.
         per_step = train[-1]["tokens"] / train[-1]["step"] if train else 0.0
         steps = [r["step"] for r in train]
-        losses = [_number(r.get("loss")) for r in train]
+        losses = [metric_number(r.get("loss")) for r in train]
         (line,) = ax_step.plot(steps, losses, label=f"{label} train", **_style(len(steps)))
         color = line.get_color()
         ax_tok.plot(
@@ -274,7 +274,7 @@ def make_figure(run_dirs: list[str | Path]):
         )
         if evals:
             vsteps = [r["step"] for r in evals]
-            vloss = [_number(r["val/loss"]) for r in evals]
+            vloss = [metric_number(r["val/loss"]) for r in evals]
             ax_step.plot(vsteps, vloss, "--o", color=color, markersize=3, label=f"{label} val")
             ax_tok.plot(
                 [s * per_step for s in vsteps],
@@ -284,7 +284,7 @@ def make_figure(run_dirs: list[str | Path]):
                 markersize=3,
                 label=f"{label} val",
             )
-            bpb = [(r["step"], _number(r.get("val/bits_per_byte"))) for r in evals]
+            bpb = [(r["step"], metric_number(r.get("val/bits_per_byte"))) for r in evals]
             bpb = [(s, b) for s, b in bpb if b is not None]
             if bpb:
                 ax_bpb.plot(*zip(*bpb, strict=True), "--o", color=color, markersize=3, label=label)

@@ -18,10 +18,16 @@ input, so the Muon half reads the flag on the host and skips its step (weights a
 untouched). On CPU that read costs nothing (CPU kernels run synchronously); on a GPU it is one
 synchronization per step.
 
+Newton-Schulz precision (`optim.muon_ns_dtype`): torch's Muon orthogonalizes in bfloat16, which is
+fast on GPUs but not on CPUs without bfloat16 matrix units: on this project's 2-core AVX2 machine
+one 512x128 orthogonalization took 1044 ms in bfloat16 and 55 ms in float32, and a whole Muon
+step of the `tiny` model 14-17 s. `auto` therefore means bfloat16 (torch's own `Muon.step`) on
+CUDA and float32 elsewhere, where `muon_update` applies the same rule with float32 matrices.
+
 FSDP2: parameters, gradients and Muon's momentum buffers are DTensor shards (rows split across
 ranks), but Newton–Schulz needs the whole matrix. Each rank therefore gathers the full parameter,
-gradient and momentum of every Muon matrix (`full_tensor()`), runs torch's Muon update on the
-full tensors (the same computation on every rank, and the same as one process), and keeps its own
+gradient and momentum of every Muon matrix (`full_tensor()`), runs the Muon update on the full
+tensors (the same computation on every rank, and the same as one process), and keeps its own
 rows. The momentum stays a DTensor shard, so checkpoints gather it like AdamW's state. This costs
 three all-gathers per matrix per step and repeats the orthogonalization on every rank; at tinylm's
 sizes that is cheap, and spreading matrices over ranks would be the next step for large models.
@@ -51,8 +57,13 @@ def muon_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 class MuonAdamW:
     """A `torch.optim.Muon` and a `torch.optim.AdamW` over disjoint parameters, as one optimizer."""
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
-        self.muon, self.adamw = muon, adamw
+    def __init__(
+        self,
+        muon: torch.optim.Muon,
+        adamw: torch.optim.AdamW,
+        ns_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        self.muon, self.adamw, self.ns_dtype = muon, adamw, ns_dtype
         self.optimizers = (adamw, muon)
         self.defaults = {"fused": bool(adamw.defaults.get("fused"))}
         self.found_inf: torch.Tensor | None = None  # set by the trainer before a fused step
@@ -84,12 +95,10 @@ class MuonAdamW:
 
     def _muon_step(self) -> None:
         params = [p for g in self.muon.param_groups for p in g["params"]]
-        if not any(_is_dtensor(p) for p in params):
-            self.muon.step()
+        sharded = any(_is_dtensor(p) for p in params)
+        if self.ns_dtype == torch.bfloat16 and not sharded:
+            self.muon.step()  # torch's own update, Newton-Schulz in bfloat16
             return
-        # FSDP2 shards (module docstring): gather, update the full matrices, keep our rows.
-        from torch.optim._muon import muon as muon_update
-
         for group in self.muon.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -98,21 +107,12 @@ class MuonAdamW:
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)
                 buf = state["momentum_buffer"]
+                if not _is_dtensor(p):
+                    muon_update(p, p.grad, buf, group, self.ns_dtype)
+                    continue
+                # FSDP2 shards (module docstring): gather, update the full matrix, keep our rows.
                 full_p, full_buf = p.full_tensor(), buf.full_tensor()
-                muon_update(
-                    [full_p],
-                    [p.grad.full_tensor()],
-                    [full_buf],
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    momentum=group["momentum"],
-                    nesterov=group["nesterov"],
-                    ns_coefficients=group["ns_coefficients"],
-                    ns_steps=group["ns_steps"],
-                    eps=group["eps"],
-                    adjust_lr_fn=group["adjust_lr_fn"],
-                    has_complex=False,
-                )
+                muon_update(full_p, p.grad.full_tensor(), full_buf, group, self.ns_dtype)
                 p.to_local().copy_(_own_rows(full_p, p))
                 buf.to_local().copy_(_own_rows(full_buf, buf))
 
@@ -133,6 +133,38 @@ class MuonAdamW:
         # The current config's LR ratio wins over the saved one (it only matters after --force).
         for group, scale in zip(self.param_groups, scales, strict=True):
             group["lr_scale"] = scale
+
+
+def newton_schulz(
+    g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype
+) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalization (the same quintic iteration, coefficients and
+    normalization) computed in `dtype`; bitwise torch's own in bfloat16 (tests/test_muon.py)."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+@torch.no_grad()
+def muon_update(
+    param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, group: dict, dtype
+) -> None:
+    """One Muon update of one matrix, in place: torch.optim.Muon's rule (momentum, Nesterov,
+    orthogonalization, decoupled decay, its shape-based LR adjustment), Newton-Schulz in `dtype`."""
+    from torch.optim._muon import _adjust_lr
+
+    buf.lerp_(grad, 1 - group["momentum"])
+    update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+    update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+    param.mul_(1 - group["lr"] * group["weight_decay"])
+    param.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], param.shape))
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -86,7 +86,11 @@ def build_muon_adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -
     )
     rest = param_groups(model, cfg.weight_decay, exclude={id(p) for p in hidden})
     adamw = build_adamw([g for g in rest if g["params"]], cfg, device)
-    return MuonAdamW(muon, adamw)
+    # bfloat16 Newton-Schulz is fast on GPUs, ~19x slower than float32 on an AVX2 CPU (muon.py)
+    ns = cfg.muon_ns_dtype
+    if ns == "auto":
+        ns = "bfloat16" if device.type == "cuda" else "float32"
+    return MuonAdamW(muon, adamw, ns_dtype=getattr(torch, ns))
 
 
 def decay_window(cfg: OptimConfig, max_steps: int) -> tuple[int, int]:
