@@ -190,14 +190,14 @@ def test_muon_under_fsdp_matches_one_process_and_resumes(tmp_path, corpus):
     (tinylm/train/muon.py): the same losses as one process at the same effective batch, through
     a checkpoint (the optimizer pair gathered by torch.distributed.checkpoint) and a resume.
 
-    The ranks' gradients agree with one process's to float32 rounding (~1e-7), but Newton-Schulz
-    rounds its input to bfloat16, so now and then an element lands on the other side of a
-    rounding boundary and the runs drift apart slowly: observed 0, 1e-6, 8e-6, 1e-5, 2.2e-5 at
-    steps 2-6, hence 2e-4. Orthogonalizing each rank's shard alone (the mistake this guards
-    against) changes the update itself (by 69% of its norm for a random 384x128 gradient split in
-    two), far outside that. DDP needs no
-    test of its own here: its parameters are plain tensors (torch's Muon as in one process) and
-    its checkpoints go through the same state-dict helpers.
+    The ranks' gradients agree with one process's to float32 rounding (~1e-7) and the runs drift
+    apart slowly through Newton-Schulz: with torch's bfloat16 orthogonalization the observed
+    differences were 0, 1e-6, 8e-6, 1e-5, 2.2e-5 at steps 2-6; on CPU it now runs in float32
+    (muon.py), which rounds less. Hence 2e-4. Orthogonalizing each rank's shard alone (the
+    mistake this guards against) changes the update itself (by 69% of its norm for a random
+    384x128 gradient split in two), far outside that. DDP needs no test of its own here: its
+    parameters are plain tensors (torch's Muon as in one process) and its checkpoints go through
+    the same state-dict helpers.
     """
     run = tmp_path / "fsdp"
     muon = ["optim.name=muon", "train.distributed=fsdp"]
