@@ -247,10 +247,10 @@ def main() -> None:
                 ccfg = tinylm_config(shape, text, workdir, compile_=True)
                 variants["tinylm compiled"] = TinylmStep(ccfg, workdir, f"{shape}-compiled")
             for name, step in variants.items():
-                t0 = time.perf_counter()
+                t0 = time.process_time()  # CPU seconds: includes compiling, if any
                 for _ in range(args.warmup):
                     step()
-                warm[name] = time.perf_counter() - t0
+                warm[name] = time.process_time() - t0
             m = cfg.model
             print(
                 f"\n== {shape}: {m.n_layer}L/{m.n_head}H/{m.d_model}, context {m.context_length}, "
@@ -262,26 +262,40 @@ def main() -> None:
                 for name, step in variants.items():
                     profile(f"{shape} {name}", step)
             names = list(variants)
+            # Wall-clock rates, and rates per CPU-second of this process: on a machine shared
+            # with other work the CPU time is what the step itself cost (with one thread it
+            # leaves out the time spent waiting for a core), so its ratios are far less noisy.
             rates: dict[str, list[float]] = {n: [] for n in names}
+            cpu_rates: dict[str, list[float]] = {n: [] for n in names}
             for r in range(args.rounds):
                 order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
                     step = variants[name]
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     for _ in range(args.steps):
                         step()
-                    rates[name].append(step.tokens * args.steps / (time.perf_counter() - t0))
-            print(f"{'variant':<16} {'warm-up s':>9} {'tokens/s (median)':>18} {'ms/step':>8}")
+                    tokens = step.tokens * args.steps
+                    rates[name].append(tokens / (time.perf_counter() - t0))
+                    cpu_rates[name].append(tokens / (time.process_time() - c0))
+            print(
+                f"{'variant':<16} {'warm-up CPU s':>13} {'tokens/s':>9} {'ms/step':>8} "
+                f"{'tokens/CPU-s':>13} {'CPU ms/step':>12}"
+            )
             for name in names:
-                med = statistics.median(rates[name])
-                ms = 1e3 * variants[name].tokens / med
-                print(f"{name:<16} {warm[name]:>9.1f} {med:>18.0f} {ms:>8.1f}")
-            for name in names[1:]:
-                ratios = [a / b for a, b in zip(rates[name], rates["nanoGPT"], strict=True)]
+                med, cmed = statistics.median(rates[name]), statistics.median(cpu_rates[name])
+                tok = variants[name].tokens
                 print(
-                    f"ratio {name} / nanoGPT: median {statistics.median(ratios):.2f} "
-                    f"(per round: {', '.join(f'{x:.2f}' for x in ratios)})"
+                    f"{name:<16} {warm[name]:>13.1f} {med:>9.0f} {1e3 * tok / med:>8.1f} "
+                    f"{cmed:>13.0f} {1e3 * tok / cmed:>12.1f}"
                 )
+            for name in names[1:]:
+                for label, rr in (("wall", rates), ("CPU", cpu_rates)):
+                    ratios = [a / b for a, b in zip(rr[name], rr["nanoGPT"], strict=True)]
+                    print(
+                        f"ratio {name} / nanoGPT ({label}): median "
+                        f"{statistics.median(ratios):.2f} "
+                        f"(per round: {', '.join(f'{x:.2f}' for x in ratios)})"
+                    )
             for step in variants.values():
                 step.close()
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")

@@ -66,14 +66,3 @@ def test_auto_is_off_without_a_compiler_or_on_mps(monkeypatch):
     monkeypatch.setattr(runtime, "_have_cpp_compiler", lambda: True)
     off, reason = runtime.decide_compile("auto", torch.device("mps"), FP32, run_flops=1e18)
     assert off is False and "mps" in reason
-
-
-def test_trainer_reports_the_decision(tmp_path, corpus, capsys):
-    from helpers import SMALL, run_cli
-
-    code = run_cli(
-        "train", "tiny", f"data.train={corpus}", f"out_dir={tmp_path}", "run_name=r",
-        "train.max_steps=2", "eval.interval=0", *SMALL,
-    )  # fmt: skip
-    assert code == 0
-    assert "compile: auto: off" in capsys.readouterr().out

@@ -15,6 +15,7 @@ def test_train_eval_generate_end_to_end(tmp_path, corpus, capsys):
     run = tmp_path / "r"
     out = capsys.readouterr().out
     assert "val loss" in out and "--- sample 0 at step 12 ---" in out
+    assert "compile: auto: off" in out  # train.compile=auto: a 12-step run is not worth compiling
     for name in ("config.yaml", "tokenizer.json", "metrics.jsonl"):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "step_00000012" / "model.safetensors").is_file()

@@ -157,14 +157,19 @@ def peak_flops(device: torch.device, precision: Precision) -> tuple[float | None
 
 # `train.compile=auto`. torch.compile pays a one-off compile cost for a per-step gain, so it is
 # worth it only for runs long enough to earn the cost back. Measured on this machine's CPU
-# (2 cores, AVX2, torch 2.13, bench/bench_vs_nanogpt.py --compile and whole `tinylm train` runs
-# with and without it; notes/issue-10-recipes.md): COMPILE_COST_S and COMPILE_GAIN below.
+# (2 cores, AVX2, torch 2.13; bench/bench_vs_nanogpt.py --compile, notes/issue-10-recipes.md):
+# at nanoGPT's 4L/4H/128 shape, compiled steps cost 104.7 CPU-ms against 118.8 eager (12% less;
+# 1.13x in wall-clock tokens/s), and the first two compiled steps took 19.4 CPU-s more than
+# eager ones in the training process alone (earlier quiet-machine runs, notes/model.md: 24 s of
+# warm-up for tiny, 48 s at 10M parameters). COMPILE_COST_S is the upper end of those, COMPILE_GAIN
+# the measured saving. EAGER_FLOPS_CPU is the eager step's throughput on this CPU (notes/model.md:
+# 71 GFLOP/s for tiny, 109 at 10M, on a quiet machine; taken lower because machines are shared).
 # On CUDA the figures are the commonly reported ones (about a minute to compile a GPT, steps
-# ~1.3x faster), not measured here. The eager time of the run is estimated from its FLOPs at
-# EAGER_FLOPS (CPU: the eager step's measured throughput; CUDA: a conservative 25% of the
-# device's peak) and compile is chosen when the time it saves exceeds twice its cost.
+# ~1.3x faster) and the eager throughput a conservative 25% of the device's peak: not measured
+# here (no GPU). Compile is chosen when the time it saves exceeds twice its cost, so a misjudged
+# estimate still does not make a run slower.
 COMPILE_COST_S = {"cpu": 45.0, "cuda": 60.0}
-COMPILE_GAIN = {"cpu": 0.15, "cuda": 0.25}
+COMPILE_GAIN = {"cpu": 0.12, "cuda": 0.25}
 EAGER_FLOPS_CPU = 5e10
 CUDA_EAGER_MFU = 0.25
 
