@@ -20,7 +20,7 @@ from tinylm.eval.harness import TinyLMHarness, target_windows
 from tinylm.eval.harness_run import load_tasks
 from tinylm.generate import generate
 from tinylm.model import GPT
-from tinylm.tokenizer import CharTokenizer
+from tinylm.tokenizer import EOT, CharTokenizer
 from tinylm.train import checkpoint as ck
 
 CONTEXT = 32  # short, so that long questions and texts exercise left truncation and windows
@@ -200,7 +200,8 @@ def test_generate_until_cuts_at_the_first_stop_string_and_batches_exactly(varied
     # A shorter cut of the long prompt gives another continuation: truncation is checked too.
     cut16 = generate(varied, tok.encode(prompts[3])[-16:], max_new_tokens=12, temperature=0)
     assert tok.decode(cut16) != greedy[3]
-    for text, full in zip(out, greedy, strict=True):
+    for text, greedy_text in zip(out, greedy, strict=True):
+        full = greedy_text.split(EOT)[0]  # generation also ends at the end-of-text token
         cut = full.find(stop)
         assert text == (full if cut < 0 else full[:cut])
     assert out[0] == greedy[0][: greedy[0].find(stop)] and len(out[0]) <= 3

@@ -63,8 +63,8 @@ def _resolved_precision(cfg: Config, device: torch.device) -> str:
     return select_precision(cfg.train.precision, device).name
 
 
-def measure(cfg: Config, device: torch.device) -> MemoryCheck:
-    """The estimated training memory per host (see the module docstring) and what is free."""
+def _need(cfg: Config, device: torch.device) -> tuple[int, Estimate]:
+    """Estimated training bytes per host for `cfg` on `device` (see the module docstring)."""
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, precision=_resolved_precision(cfg, device))
     )
@@ -75,11 +75,17 @@ def measure(cfg: Config, device: torch.device) -> MemoryCheck:
     need = state + e.activations
     if device.type == "cpu":
         need *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return need, e
+
+
+def measure(cfg: Config, device: torch.device) -> MemoryCheck:
+    """The estimated training memory per host (see the module docstring) and what is free."""
+    need, e = _need(cfg, device)
     available, where = available_memory(device)
     return MemoryCheck(need=need, available=available, where=where, estimate=e)
 
 
-def _advice(cfg: Config, check: MemoryCheck) -> str:
+def _advice(cfg: Config, check: MemoryCheck, device: torch.device) -> str:
     """Settings that would fit: a smaller micro-batch with grad_accum, or fewer layers."""
     e, t, m = check.estimate, cfg.train, cfg.model
     budget = check.available / HEADROOM
@@ -95,8 +101,17 @@ def _advice(cfg: Config, check: MemoryCheck) -> str:
                 f"train.batch_size={batch} train.grad_accum={accum} (the same effective batch), "
                 "or a shorter model.context_length"
             )
-    per_layer = max(1, (state + e.activations) // max(1, m.n_layer))
-    layers = int(budget // per_layer)
+    # The most layers that fit, searched on the estimate itself: embeddings and the output head
+    # do not shrink with depth, so a per-layer average would suggest too many.
+    lo, hi = 0, m.n_layer - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        fewer = dataclasses.replace(cfg, model=dataclasses.replace(m, n_layer=mid))
+        if _need(fewer, device)[0] * HEADROOM <= check.available:
+            lo = mid
+        else:
+            hi = mid - 1
+    layers = lo
     smaller = f"model.n_layer={layers} or a smaller model.d_model" if layers >= 1 else ""
     return smaller or "a smaller model.d_model and model.n_layer (see `tinylm estimate`)"
 
@@ -114,5 +129,5 @@ def check_memory(cfg: Config, device: torch.device) -> MemoryCheck:
         f"weights {format_bytes(e.weights)}, gradients {format_bytes(e.gradients)}, AdamW state "
         f"{format_bytes(e.optimizer)}, activations {format_bytes(e.activations)}) plus "
         f"{HEADROOM - 1:.0%} headroom, but only {format_bytes(check.available)} {check.where}. "
-        f"Try {_advice(cfg, check)}; or pass --force to try anyway"
+        f"Try {_advice(cfg, check, device)}; or pass --force to try anyway"
     )
