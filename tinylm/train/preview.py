@@ -84,7 +84,7 @@ def dry_run(cfg: Config, run_dir: Path) -> str:
     """Build data, tokenizer, model and optimizer; time `DRY_RUN_STEPS` steps; return the report."""
     import torch
 
-    from tinylm.estimate import _bytes, _duration, estimate
+    from tinylm.estimate import _duration, estimate, format_bytes
     from tinylm.train.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir)  # builds everything; writes nothing into run_dir
@@ -97,7 +97,7 @@ def dry_run(cfg: Config, run_dir: Path) -> str:
     )
     e = estimate(cfg, tokens=None)
     lines.append(
-        f"memory estimate for training: {_bytes(e.total_memory)} (weights, gradients, AdamW "
+        f"memory estimate for training: {format_bytes(e.total_memory)} (weights, gradients, AdamW "
         f"state, activations at batch {e.batch_size} x {e.context_length}; see `tinylm estimate`)"
     )
 
