@@ -52,6 +52,17 @@ def _text(q: str) -> str:
     return f"Q: {q}\nA:"
 
 
+def _toy_overrides(tok: CharTokenizer) -> list[str]:
+    """The small model every test here scores with (in memory and as a saved run)."""
+    return [
+        f"model.vocab_size={tok.vocab_size}",
+        f"model.context_length={CONTEXT}",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.d_model=32",
+    ]
+
+
 @pytest.fixture(scope="module")
 def tok() -> CharTokenizer:
     texts = [_text(q) + " " + " ".join(c) for q, c, _ in QUESTIONS]
@@ -60,16 +71,7 @@ def tok() -> CharTokenizer:
 
 @pytest.fixture(scope="module")
 def model(tok) -> GPT:
-    cfg = load_config(
-        "tiny",
-        [
-            f"model.vocab_size={tok.vocab_size}",
-            f"model.context_length={CONTEXT}",
-            "model.n_layer=2",
-            "model.n_head=2",
-            "model.d_model=32",
-        ],
-    )
+    cfg = load_config("tiny", _toy_overrides(tok))
     torch.manual_seed(0)
     m = GPT(cfg.model)
     m.init_weights()
@@ -240,14 +242,7 @@ def run_dir(tmp_path_factory, model, tok):
     run = tmp_path_factory.mktemp("run") / "toy"
     cfg = load_config(
         "tiny",
-        [
-            f"model.vocab_size={tok.vocab_size}",
-            f"model.context_length={CONTEXT}",
-            "model.n_layer=2",
-            "model.n_head=2",
-            "model.d_model=32",
-            "log.tensorboard=true",
-        ],
+        [*_toy_overrides(tok), "log.tensorboard=true"],
     )
     ck.write_run_files(run, cfg, tok)
     ck.save_checkpoint(

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ from tinylm.train import checkpoint, distributed, optim, runtime, signals, sinks
 from tinylm.train.monitor import TrainMonitor
 from tinylm.train.resume import open_for_resume, refuse_existing_run, run_lock, stop_message
 from tinylm.train.validation import Validator
+
+if TYPE_CHECKING:  # the export package (transformers interop) loads only when a run uses it
+    from tinylm.export.init_from import InitSource
 
 
 @dataclass
@@ -69,7 +72,7 @@ class Trainer:
         *,
         resume: bool = False,
         force: bool = False,
-        init=None,
+        init: InitSource | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -458,7 +461,12 @@ class Trainer:
 
 
 def train(
-    cfg: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False, init=None
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    init: InitSource | None = None,
 ) -> TrainResult:
     """Train `cfg` in `run_dir` (continuing its latest checkpoint when `resume`; starting from
     `init`, an `export.init_from.InitSource`, or from `cfg.train.init_from` when given)."""
