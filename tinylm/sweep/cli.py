@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tinylm.cli_args import float_in, int_in
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,18 +20,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("preset", help="preset name or YAML config file")
     p.add_argument("overrides", nargs="+", help="key=v1,v2 axes and key=value fixed overrides")
-    p.add_argument("--random", type=int, default=0, metavar="N", help="N random grid points")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-steps", type=int, metavar="S", help="train.max_steps per run")
-    budget.add_argument(
-        "--budget-tokens", type=float, metavar="T", help="tokens per run (steps from each config)"
-    )
-    budget.add_argument(
-        "--budget-minutes", type=float, metavar="M", help="wall-clock minutes per run"
+    p.add_argument(
+        "--random", type=int_in(0, 100_000), default=0, metavar="N", help="N random grid points"
     )
     p.add_argument(
-        "--parallel", type=int, default=1, metavar="K", help="runs at once (threads split)"
+        "--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of --random (default 0)"
+    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--budget-steps", type=int_in(1, 10**9), metavar="S", help="train.max_steps per run"
+    )
+    budget.add_argument(
+        "--budget-tokens",
+        type=float_in(gt=0, le=1e15),
+        metavar="T",
+        help="tokens per run (steps from each config)",
+    )
+    budget.add_argument(
+        "--budget-minutes",
+        type=float_in(gt=0, le=1e6),
+        metavar="M",
+        help="wall-clock minutes per run",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int_in(1, 256),
+        default=1,
+        metavar="K",
+        help="runs at once (threads split)",
     )
     p.add_argument("--out", default="", help="sweep directory (default: sweeps/<preset>-<hash>)")
     p.add_argument(

@@ -162,7 +162,10 @@ def build_plan(
     resolve_preset(preset)
     budget = budget or Budget()
     if budget.kind is not None and (budget.kind not in BUDGET_KINDS or budget.value <= 0):
-        raise ConfigError(f"sweep budget must be a positive {'/'.join(BUDGET_KINDS)}, got {budget}")
+        raise ConfigError(
+            f"sweep budget: {budget.kind}={budget.value} must be a positive number of "
+            f"{' / '.join(BUDGET_KINDS)}"
+        )
     axes, fixed = parse_axes(overrides)
     if not axes:
         raise ConfigError(
