@@ -1,7 +1,8 @@
 """Quality at equal compute: tinylm's preset recipe against nanoGPT's README CPU recipe.
 
     .venv/bin/python bench/recipe_vs_nanogpt.py --nanogpt PATH [--corpus char|plays] [--runs 3]
-        [--preset tiny] [--set key=value ...] [--label NAME] [--skip-nanogpt] [--out DIR]
+        [--preset tiny] [--variant NAME=key=value,key=value ...] [--equal-time]
+        [--skip-nanogpt] [--out DIR]
 
 PATH is a checkout of karpathy/nanoGPT: its own `train.py` runs in a subprocess, in a scratch
 directory holding our copy of the data in its format (nothing of nanoGPT is kept here). The
@@ -18,6 +19,12 @@ are measured, and each final model is scored by the same code on the same text.
 - `--corpus plays`: the 42 Shakespeare plays; whole plays held out for validation (every 10th
   work in name order); a BPE tokenizer (`--bpe-vocab`, default 2048) trained by tinylm on the
   training plays only, used by both. Same nanoGPT recipe on those tokens. Score: bits per byte.
+
+Variants: `--variant muon=optim.name=muon` adds a tinylm run with those overrides to every round
+(`tinylm` = the preset as it is always runs). `--equal-time`: each tinylm run gets the wall time
+of the nanoGPT run just before it, less `--setup-seconds` (tinylm's process start, data and model
+set-up, final save: measured ~5 s), as `train.max_time_minutes` with `train.fit_steps_to_time`
+(its step count fitted so the LR schedule ends in time); without it tinylm runs its preset's steps.
 
 Both scores are computed with `tinylm.eval.evaluate.evaluate_full` (non-overlapping windows of
 each model's own context length, every validation token scored once) on the checkpoint each
@@ -226,6 +233,90 @@ def time_to(curve: list[tuple[float, int, float]], target: float) -> float | Non
 # ------------------------------------------------------------------------------------ main
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, overrides = text.partition("=")
+    if not name or not overrides:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=key=value[,key=value]")
+    return name, overrides.split(",")
+
+
+def run_nanogpt(i: int, work: Path, ng_dir: Path, nanogpt: Path, corpus: dict) -> dict:
+    out = work / f"nanogpt-out-{i}"
+    # (train.py seeds with a constant 1337 and has no seed option: its runs on CPU give the same
+    # model; repeating them measures its time.)
+    wall, cpu, _ = run_timed(
+        [sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_RECIPE,
+         "--dataset=corpus", f"--out_dir={out}"],
+        ng_dir,
+        work / f"nanogpt-{i}.log",
+    )  # fmt: skip
+    s = score_nanogpt(nanogpt, out, corpus)
+    print(
+        f"nanoGPT run {i}: {s:.4f} {corpus['unit']}, {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True
+    )
+    return {"wall": wall, "cpu": cpu, "score": s}
+
+
+def run_tinylm(
+    i: int, label: str, work: Path, preset: str, corpus: dict, overrides: list[str]
+) -> dict:
+    run_dir = work / f"{label}-{i}"
+    cmd = [
+        str(REPO / ".venv" / "bin" / "tinylm"),
+        "train",
+        preset,
+        *corpus["tinylm"],
+        f"run_name={run_dir.name}",
+        f"out_dir={work}",
+        f"train.seed={1337 + i}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        f"data.cache_dir={work / 'cache'}",
+        *overrides,
+    ]
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    wall, cpu, _ = run_timed(cmd, REPO, work / f"{label}-{i}.log")
+    s = score_tinylm(run_dir, corpus)
+    curve = tinylm_curve(run_dir)
+    steps = curve[-1][1] if curve else 0
+    print(f"{label} run {i}: {s:.4f} {corpus['unit']}, {wall:.0f} s wall, {cpu:.0f} s CPU, "
+          f"{steps} steps; curve {[(round(t), st, round(v, 3)) for t, st, v in curve]}",
+          flush=True)  # fmt: skip
+    return {"wall": wall, "cpu": cpu, "score": s, "steps": steps, "curve": curve}
+
+
+def report(results: dict[str, list[dict]], unit: str) -> None:
+    print(f"\n{'recipe':<12} {unit + ' (median)':>18} {'runs':>28} {'wall s':>8} {'CPU s':>8}")
+    for name, rs in results.items():
+        if not rs:
+            continue
+        scores = [r["score"] for r in rs]
+        print(
+            f"{name:<12} {statistics.median(scores):>18.4f} "
+            f"{', '.join(f'{x:.4f}' for x in scores):>28} "
+            f"{statistics.median(r['wall'] for r in rs):>8.0f} "
+            f"{statistics.median(r['cpu'] for r in rs):>8.0f}"
+        )
+    if not results["nanoGPT"]:
+        return
+    ng = statistics.median(r["score"] for r in results["nanoGPT"])
+    ng_wall = statistics.median(r["wall"] for r in results["nanoGPT"])
+    for label, rs in results.items():
+        if label == "nanoGPT":
+            continue
+        tl = statistics.median(r["score"] for r in rs)
+        print(f"\n{label} / nanoGPT {unit}: {tl / ng:.3f} ({100 * (1 - tl / ng):.1f}% lower)")
+        times = [time_to(r["curve"], ng) for r in rs]
+        got = [t for t in times if t is not None]
+        if got:
+            print(
+                f"time to nanoGPT's final {ng:.4f}: {label} {statistics.median(got):.0f} s "
+                f"(runs: {[t and round(t) for t in times]}) vs nanoGPT {ng_wall:.0f} s -> "
+                f"ratio {statistics.median(got) / ng_wall:.2f}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt", type=Path, required=True)
@@ -233,8 +324,12 @@ def main() -> None:
     parser.add_argument("--bpe-vocab", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--set", nargs="*", default=[], help="extra tinylm overrides")
-    parser.add_argument("--label", default="tinylm")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[])
+    parser.add_argument("--equal-time", action="store_true")
+    parser.add_argument("--setup-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--minutes", type=float, default=0.0, help="tinylm's time with --skip-nanogpt"
+    )
     parser.add_argument("--skip-nanogpt", action="store_true", help="tinylm runs only")
     parser.add_argument("--out", type=Path, default=Path("/tmp/recipe-vs-nanogpt"))
     args = parser.parse_args()
@@ -248,72 +343,23 @@ def main() -> None:
         if not link.exists():
             link.symlink_to(nanogpt / name)
     print(f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
-    results: dict[str, list[dict]] = {"nanoGPT": [], args.label: []}
+    variants = [("tinylm", []), *args.variant]
+    results: dict[str, list[dict]] = {"nanoGPT": [], **{name: [] for name, _ in variants}}
     for i in range(args.runs):
+        minutes = args.minutes
         if not args.skip_nanogpt:
-            out = work / f"nanogpt-out-{i}"
-            # (train.py seeds with a constant 1337 and has no seed option: its runs on CPU give
-            # the same model; repeating them measures the time.)
-            wall, cpu, _ = run_timed(
-                [sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_RECIPE,
-                 "--dataset=corpus", f"--out_dir={out}"],
-                ng_dir,
-                work / f"nanogpt-{i}.log",
-            )  # fmt: skip
-            s = score_nanogpt(nanogpt, out, corpus)
-            results["nanoGPT"].append({"wall": wall, "cpu": cpu, "score": s})
-            print(f"nanoGPT run {i}: {s:.4f} {corpus['unit']}, {wall:.0f} s wall, {cpu:.0f} s CPU",
-                  flush=True)  # fmt: skip
-        run_dir = work / f"{args.label}-{i}"
-        cmd = [
-            str(REPO / ".venv" / "bin" / "tinylm"),
-            "train",
-            args.preset,
-            *corpus["tinylm"],
-            f"run_name={run_dir.name}",
-            f"out_dir={work}",
-            f"train.seed={1337 + i}",
-            "log.progress=false",
-            "log.tensorboard=false",
-            f"data.cache_dir={work / 'cache'}",
-            *args.set,
-        ]
-        if run_dir.exists():
-            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        wall, cpu, _ = run_timed(cmd, REPO, work / f"{args.label}-{i}.log")
-        s = score_tinylm(run_dir, corpus)
-        curve = tinylm_curve(run_dir)
-        results[args.label].append({"wall": wall, "cpu": cpu, "score": s, "curve": curve})
-        print(f"{args.label} run {i}: {s:.4f} {corpus['unit']}, {wall:.0f} s wall, {cpu:.0f} s CPU; "
-              f"curve {[(round(t), st, round(v, 3)) for t, st, v in curve]}", flush=True)  # fmt: skip
-    print(
-        f"\n{'recipe':<12} {corpus['unit'] + ' (median)':>18} {'runs':>28} {'wall s':>8} {'CPU s':>8}"
-    )
-    for name, rs in results.items():
-        if not rs:
-            continue
-        scores = [r["score"] for r in rs]
-        print(
-            f"{name:<12} {statistics.median(scores):>18.4f} "
-            f"{', '.join(f'{x:.4f}' for x in scores):>28} "
-            f"{statistics.median(r['wall'] for r in rs):>8.0f} "
-            f"{statistics.median(r['cpu'] for r in rs):>8.0f}"
-        )
-    if results["nanoGPT"]:
-        ng = statistics.median(r["score"] for r in results["nanoGPT"])
-        tl = statistics.median(r["score"] for r in results[args.label])
-        print(
-            f"\n{args.label} / nanoGPT {corpus['unit']}: {tl / ng:.3f} ({100 * (1 - tl / ng):.1f}% lower)"
-        )
-        ng_wall = statistics.median(r["wall"] for r in results["nanoGPT"])
-        times = [time_to(r["curve"], ng) for r in results[args.label]]
-        got = [t for t in times if t is not None]
-        if got:
-            print(
-                f"time to nanoGPT's final {ng:.4f}: tinylm {statistics.median(got):.0f} s "
-                f"(runs: {times}) vs nanoGPT {ng_wall:.0f} s -> ratio {statistics.median(got) / ng_wall:.2f}"
-            )
-    (work / f"results-{args.label}.json").write_text(json.dumps(results, indent=1))
+            ng = run_nanogpt(i, work, ng_dir, nanogpt, corpus)
+            results["nanoGPT"].append(ng)
+            if args.equal_time:
+                minutes = (ng["wall"] - args.setup_seconds) / 60
+        timed = [f"train.max_time_minutes={minutes:.4f}", "train.fit_steps_to_time=true"]
+        for label, overrides in variants:
+            extra = [*overrides, *timed] if minutes else overrides
+            results[label].append(run_tinylm(i, label, work, args.preset, corpus, extra))
+        # the order of the tinylm variants rotates, so none always runs right after nanoGPT
+        variants = variants[1:] + variants[:1]
+    report(results, corpus["unit"])
+    (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

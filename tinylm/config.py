@@ -175,6 +175,9 @@ class TrainConfig:
     grad_accum: int = ranged(1, ge=1, le=65536)
     # stop (and checkpoint) after this wall time; 0 = off
     max_time_minutes: float = ranged(0.0, ge=0, le=10**7, note="0 = off")
+    # with max_time_minutes: time the first steps and set max_steps to what fits the time, so
+    # the LR schedule ends when the time does (train/time_budget.py)
+    fit_steps_to_time: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool | Literal["auto"] = "auto"  # auto: on when the run repays compile time
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -522,6 +525,11 @@ def validate(cfg: Config) -> None:
     _require(
         o.min_lr <= o.lr,
         f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}] (the decay ends at min_lr)",
+    )
+    _require(
+        not cfg.train.fit_steps_to_time or cfg.train.max_time_minutes > 0,
+        "train.fit_steps_to_time=true fits max_steps to train.max_time_minutes, which is 0 (off): "
+        "set train.max_time_minutes=N as well",
     )
     _require(bool(d.train) or bool(d.mix), "data.train (or data.mix) must name a source")
     for i, src in enumerate(d.mix):

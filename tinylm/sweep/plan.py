@@ -7,8 +7,8 @@ point of the grid is a normal run directory `OUT/<NN>-<leaf><value>...` (`00-lr0
 
 Budgets make runs comparable: `steps` sets train.max_steps; `tokens` sets train.max_steps to
 ceil(tokens / tokens per step) of each run's own config (so a batch-size axis sees equal tokens);
-`minutes` sets train.max_time_minutes (the LR schedule still follows train.max_steps: set it to
-about what fits, or use a schedule without a fixed end such as constant).
+`minutes` sets train.max_time_minutes and train.fit_steps_to_time (each run times its first steps
+and fits its step count, so its LR schedule ends when its time does: train/time_budget.py).
 
 `sweep.json` (written atomically) holds the plan and each run's status. Re-running the same command
 finds it (the default directory is named after a hash of the plan) and continues; a different plan
@@ -111,7 +111,7 @@ class Budget:
             per_step = t.batch_size * t.grad_accum * cfg.model.context_length
             return [f"train.max_steps={max(1, math.ceil(self.value / per_step))}"]
         if self.kind == "minutes":
-            return [f"train.max_time_minutes={self.value:g}"]
+            return [f"train.max_time_minutes={self.value:g}", "train.fit_steps_to_time=true"]
         return []
 
 

@@ -232,12 +232,14 @@ def _write_files(
     _fsync_dir(tmp)
 
 
-def write_run_files(run_dir: Path, config: Config, tokenizer: Tokenizer) -> None:
-    """The run directory's `config.yaml` and `tokenizer.json` (each written atomically)."""
+def write_run_files(run_dir: Path, config: Config, tokenizer: Tokenizer | None = None) -> None:
+    """The run directory's `config.yaml` and `tokenizer.json` (each written atomically);
+    without a tokenizer, only the config (a setting fixed during the run, e.g. a fitted max_steps)."""
     make_dir(run_dir, CheckpointError, "run directory")
     try:
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-        tokenizer.save(run_dir / "tokenizer.json")
+        if tokenizer is not None:
+            tokenizer.save(run_dir / "tokenizer.json")
     except OSError as e:
         raise CheckpointError(os_error_message(e, run_dir, "write the run files into")) from None
 

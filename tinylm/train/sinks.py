@@ -93,6 +93,12 @@ class RunLogger:
                 total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False
             )
 
+    def set_total(self, max_steps: int) -> None:
+        """The run's step count changed (fitted to its time limit): the progress bar follows."""
+        if self._bar is not None:
+            self._bar.total = max_steps
+            self._bar.refresh()
+
     def print(self, message: str) -> None:
         """A console line that does not garble the progress bar."""
         if not self.enabled:

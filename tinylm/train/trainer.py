@@ -26,7 +26,7 @@ import torch
 from tinylm import interrupts
 from tinylm.config import Config, ConfigError
 from tinylm.eval.evaluate import OVERALL
-from tinylm.train import checkpoint, distributed, optim, runtime, signals, sinks
+from tinylm.train import checkpoint, distributed, optim, runtime, signals, sinks, time_budget
 from tinylm.train.monitor import TrainMonitor
 from tinylm.train.resume import open_for_resume, refuse_existing_run, run_lock, stop_message
 from tinylm.train.validation import Validator
@@ -326,6 +326,7 @@ class Trainer:
             self._validate(monitor.last_loss)
             last_eval_step = state.step
             self._save()  # with its val loss, and no longer pending
+        step_timer = self._step_timer() if state.step < time_budget.CALIBRATE_AT else None
         self.model.train()
 
         with self.loader:
@@ -335,6 +336,10 @@ class Trainer:
                 state.step += 1
                 state.tokens_seen += monitor.tokens_per_step
                 monitor.record(loss, nonfinite)
+                if step_timer and (
+                    fit := step_timer.observe(state.step, time.perf_counter() - run_start)
+                ):
+                    self._apply_step_fit(fit, monitor)
                 self.log.advance(state.step)
                 last_step = state.step == cfg.train.max_steps
 
@@ -373,6 +378,32 @@ class Trainer:
             if not nonfinite_stop and self.saved_step != state.step:
                 self._save()
         return self._finish(stopped_early, monitor)
+
+    def _step_timer(self) -> time_budget.StepTimer | None:
+        t, e = self.cfg.train, self.cfg.eval
+        if not t.fit_steps_to_time:
+            return None
+        return time_budget.StepTimer(
+            60 * t.max_time_minutes,
+            tokens_per_step=t.batch_size * self.cfg.model.context_length * t.grad_accum,
+            eval_interval=e.interval,
+            eval_tokens=e.max_batches
+            * (e.batch_size or t.batch_size)
+            * self.cfg.model.context_length,
+        )
+
+    def _apply_step_fit(self, fit: time_budget.StepFit, monitor: TrainMonitor) -> None:
+        """Set `train.max_steps` to the fitted count (the main process's timing rules on every
+        rank) and write it into the run's config, where a resume reads it."""
+        fit = distributed.gather_objects(fit, self.dist)[0]
+        previous = self.cfg.train.max_steps
+        self.cfg.train.max_steps = monitor.max_steps = fit.max_steps
+        self.log.set_total(fit.max_steps)
+        if self.is_main:
+            checkpoint.write_run_files(self.run_dir, self.cfg)
+        self.log.event(
+            fit.message(previous), event="time_fit", step=self.state.step, max_steps=fit.max_steps
+        )
 
     def _finish(self, stopped_early: bool, monitor: TrainMonitor) -> TrainResult:
         """Log the `done` or `stopped` event and build the result."""

@@ -1,0 +1,98 @@
+"""Fit a run's step count to its time limit, so that its LR schedule ends when the time does.
+
+`train.max_time_minutes` alone stops a run when the time is up, wherever its schedule is: a
+cosine run cut at 60% of its steps never decays its learning rate and ends worse than a shorter
+schedule would have in the same minutes (measured: notes/issue-10-recipes.md). With
+`train.fit_steps_to_time=true` the trainer times a few steps early in the run (after the first
+ones, which include compilation and cold caches) and sets `train.max_steps` to the number of steps
+that fit the rest of the time, counting the evaluations the run will make on the way. The time
+limit stays in force as a guard, so a run that slows down later still stops in time.
+
+The fit happens once, at step `CALIBRATE_AT` (inside the warm-up of every preset, where the LR
+does not depend on `max_steps`), and is written into the run's config: a resumed run keeps the
+fitted step count and its schedule instead of fitting again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Steps 1..SKIP include compilation and allocator/cache warm-up (the first compiled step is
+# seconds to minutes): they are paid, but not taken as the step time.
+SKIP_STEPS = 3
+CALIBRATE_AT = 23  # 20 timed steps
+# Checkpoints, sample generation and timing noise: the fitted run aims this much short of the
+# limit so that its last steps (at min_lr) are not the ones the guard cuts.
+SAFETY_MARGIN = 0.03
+# An evaluation's forward pass (no backward, no optimizer) costs about a third of a training
+# step per token.
+EVAL_COST_PER_TOKEN = 1 / 3
+
+
+@dataclass
+class StepFit:
+    """The fitted step count and the figures it came from (for the run's log line)."""
+
+    max_steps: int
+    seconds_per_step: float
+    eval_fraction: float  # evaluation time as a share of training time
+    budget_seconds: float
+
+    def message(self, previous: int) -> str:
+        return (
+            f"time budget {self.budget_seconds / 60:g} min: train.max_steps {previous} -> "
+            f"{self.max_steps} ({1000 * self.seconds_per_step:.0f} ms/step measured, evaluations "
+            f"~{100 * self.eval_fraction:.0f}% on top, {100 * SAFETY_MARGIN:.0f}% margin)"
+        )
+
+
+def fit_steps(
+    *,
+    step: int,
+    elapsed_seconds: float,
+    seconds_per_step: float,
+    budget_seconds: float,
+    tokens_per_step: int,
+    eval_interval: int,
+    eval_tokens: int,
+) -> StepFit:
+    """The total step count that fits `budget_seconds`, `elapsed_seconds` of it spent at `step`."""
+    if eval_interval > 0:
+        per_eval = seconds_per_step * EVAL_COST_PER_TOKEN * eval_tokens / tokens_per_step
+        eval_fraction = per_eval / (eval_interval * seconds_per_step)
+    else:
+        eval_fraction = 0.0
+    left = budget_seconds * (1 - SAFETY_MARGIN) - elapsed_seconds
+    more = max(0, math.floor(left / (seconds_per_step * (1 + eval_fraction))))
+    return StepFit(step + more, seconds_per_step, eval_fraction, budget_seconds)
+
+
+class StepTimer:
+    """Times steps SKIP_STEPS..CALIBRATE_AT of a run and fits its step count once."""
+
+    def __init__(
+        self, budget_seconds: float, tokens_per_step: int, eval_interval: int, eval_tokens: int
+    ) -> None:
+        self.budget_seconds = budget_seconds
+        self.tokens_per_step = tokens_per_step
+        self.eval_interval = eval_interval
+        self.eval_tokens = eval_tokens
+        self._t_skip: float | None = None
+
+    def observe(self, step: int, elapsed_seconds: float) -> StepFit | None:
+        """Call after each completed step; returns the fit at CALIBRATE_AT, else None."""
+        if step == SKIP_STEPS:
+            self._t_skip = elapsed_seconds
+        if step != CALIBRATE_AT or self._t_skip is None:
+            return None  # (a run resumed past SKIP_STEPS has been fitted before)
+        per_step = (elapsed_seconds - self._t_skip) / (CALIBRATE_AT - SKIP_STEPS)
+        return fit_steps(
+            step=step,
+            elapsed_seconds=elapsed_seconds,
+            seconds_per_step=per_step,
+            budget_seconds=self.budget_seconds,
+            tokens_per_step=self.tokens_per_step,
+            eval_interval=self.eval_interval,
+            eval_tokens=self.eval_tokens,
+        )
