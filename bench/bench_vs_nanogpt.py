@@ -130,6 +130,7 @@ class TinylmStep:
         self.monitor.record(loss, nonfinite)
 
     def close(self) -> None:
+        self.batches.close()  # its prefetch thread, before interpreter shutdown tears modules down
         self.trainer.loader.close()
 
 

@@ -16,6 +16,7 @@ The schedule is fixed (optim.decay_steps) so that a resume with a larger max_ste
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch.distributed
 from helpers import SMALL, read_metrics, run_cli
@@ -58,21 +60,26 @@ def env() -> dict[str, str]:
 
 
 def torchrun(tmp_path: Path, *args: object) -> str:
-    """Run torchrun to completion; returns its output, failing the test on a non-zero exit."""
+    """Run torchrun to completion; returns its output, failing the test on a non-zero exit.
+
+    On a timeout the ranks are sent SIGUSR1 first (tinylm's train prints every thread's stack
+    on it), so the failure shows where each rank was waiting."""
+    proc = subprocess.Popen(
+        torchrun_cmd(*args), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
     try:
-        proc = subprocess.run(
-            torchrun_cmd(*args),
-            cwd=REPO,
-            env=env(),
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(
-            f"torchrun did not finish in {TIMEOUT} s:\n{e.stdout}\n{e.stderr}"
-        ) from None
-    output = proc.stdout + proc.stderr
+        output, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        for sig in (signal.SIGUSR1, signal.SIGKILL):
+            for rank in ranks:
+                with contextlib.suppress(psutil.Error):
+                    rank.send_signal(sig)
+            time.sleep(3)
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"torchrun did not finish in {TIMEOUT} s:\n{output}") from None
     assert proc.returncode == 0, output
     assert "Traceback" not in output, output
     return output

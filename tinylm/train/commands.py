@@ -146,7 +146,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         load_config_file,
         parse_override,
     )
+    from tinylm.train.signals import enable_stack_dumps
 
+    enable_stack_dumps()  # `kill -USR1 PID` shows where a run that seems stuck is waiting
     if args.list:
         from tinylm.train.preview import preset_table
 

@@ -84,3 +84,21 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+
+
+def enable_stack_dumps() -> bool:
+    """SIGUSR1 prints every thread's Python stack to stderr and the run goes on.
+
+    For a run that seems stuck (a rank waiting in a collective the others never reach, a data
+    source that blocks): `kill -USR1 PID` shows where each process is. Returns False where the
+    platform has no SIGUSR1 (Windows). Installed in the main thread only, like the handlers above.
+    """
+    import faulthandler
+
+    if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+        return False
+    try:  # file descriptor 2: sys.stderr may be a wrapper without one (pytest's capture)
+        faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
+    except (OSError, ValueError):
+        return False
+    return True
