@@ -68,7 +68,10 @@ def test_plan_budgets_validation_and_manifest(tmp_path):
     # tiny: context 128, so batch 8 needs 125 steps and batch 16 needs 63 (rounded up)
     assert [r.overrides[-1] for r in plan.runs] == ["train.max_steps=125", "train.max_steps=63"]
     minutes = build_plan("tiny", ["optim.lr=1e-3,2e-3"], budget=Budget("minutes", 1.5))
-    assert minutes.runs[0].overrides[-2:] == ["train.max_time_minutes=1.5", "train.fit_steps_to_time=true"]
+    assert minutes.runs[0].overrides[-2:] == [
+        "train.max_time_minutes=1.5",
+        "train.fit_steps_to_time=true",
+    ]
     with pytest.raises(ConfigError, match=r"01-n_head3.*model\.n_head"):
         build_plan("tiny", ["model.n_head=4,3"])
     with pytest.raises(ConfigError, match="at least one axis"):

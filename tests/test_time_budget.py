@@ -8,7 +8,14 @@ from helpers import SMALL, records, run_cli
 
 from tinylm.config import ConfigError, load_config
 from tinylm.train import optim
-from tinylm.train.time_budget import CALIBRATE_AT, SAFETY_MARGIN, SKIP_STEPS, StepTimer, fit_steps
+from tinylm.train.time_budget import (
+    CALIBRATE_AT,
+    REFIT_UNTIL,
+    SAFETY_MARGIN,
+    SKIP_STEPS,
+    StepTimer,
+    fit_steps,
+)
 
 
 def test_fit_counts_spent_time_evaluations_and_margin():
@@ -49,6 +56,22 @@ def test_timer_measures_after_the_first_steps_and_fits_once():
     # a run resumed past the first steps was fitted before: no second fit
     resumed = StepTimer(100.0, tokens_per_step=1000, eval_interval=0, eval_tokens=0)
     assert all(resumed.observe(s, 1.0 * s) is None for s in range(SKIP_STEPS + 1, 40))
+
+
+def test_refits_after_evaluations_from_the_mean_step_time_in_the_first_half():
+    timer = StepTimer(100.0, tokens_per_step=1000, eval_interval=50, eval_tokens=30000)
+    for step in range(1, CALIBRATE_AT + 1):
+        timer.observe(step, 0.1 * step)
+    # steps got slower than the first ones (0.2 s each from here, evaluations included)
+    step, elapsed = 100, 0.1 * CALIBRATE_AT + 0.2 * (100 - CALIBRATE_AT)
+    fit = timer.refit(step, elapsed)
+    mean = (elapsed - 0.1 * SKIP_STEPS) / (step - SKIP_STEPS)
+    assert fit.seconds_per_step == pytest.approx(mean) and fit.measured_evals
+    assert fit.max_steps == step + int((100 * (1 - SAFETY_MARGIN) - elapsed) / mean)
+    assert "including evaluations" in fit.message(500)
+    assert timer.refit(300, REFIT_UNTIL * 100 + 1) is None  # past the first half: left as is
+    unfitted = StepTimer(100.0, tokens_per_step=1000, eval_interval=50, eval_tokens=30000)
+    assert unfitted.refit(100, 10.0) is None  # resumed past the first fit: no refits either
 
 
 def test_fit_needs_a_time_limit():

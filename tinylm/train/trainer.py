@@ -356,6 +356,9 @@ class Trainer:
                     state.elapsed_seconds = time.perf_counter() - run_start
                     improved = self._validate(monitor.last_loss)
                     last_eval_step = state.step
+                    if step_timer and not last_step:  # on every rank: a collective
+                        elapsed = time.perf_counter() - run_start
+                        self._apply_step_fit(step_timer.refit(state.step, elapsed), monitor)
                     if improved and cfg.checkpoint.keep_best:
                         self._save()
                 if (
@@ -392,11 +395,14 @@ class Trainer:
             * self.cfg.model.context_length,
         )
 
-    def _apply_step_fit(self, fit: time_budget.StepFit, monitor: TrainMonitor) -> None:
-        """Set `train.max_steps` to the fitted count (the main process's timing rules on every
-        rank) and write it into the run's config, where a resume reads it."""
+    def _apply_step_fit(self, fit: time_budget.StepFit | None, monitor: TrainMonitor) -> None:
+        """Set `train.max_steps` to the fitted count and write it into the run's config, where a
+        resume reads it. A collective: the main process's timing (and its None: no refit now,
+        which depends on its clock) rules on every rank."""
         fit = distributed.gather_objects(fit, self.dist)[0]
         previous = self.cfg.train.max_steps
+        if fit is None or fit.max_steps == previous:
+            return
         self.cfg.train.max_steps = monitor.max_steps = fit.max_steps
         self.log.set_total(fit.max_steps)
         if self.is_main:
