@@ -133,8 +133,9 @@ def plays_corpus(work: Path, vocab: int) -> dict:
     train_texts = [w.read_text() for w in works if w not in val_works]
     tok_path = work / f"plays-bpe-{vocab}.json"
     if not tok_path.exists():
-        tok = train_bpe(train_texts, vocab_size=vocab, special_tokens=["<|endoftext|>"])
-        tok.save(tok_path)
+        train_works = [w for w in works if w not in val_works]
+        result = train_bpe(train_works, vocab_size=vocab, special_tokens=["<|endoftext|>"])
+        result.tokenizer().save(tok_path)
     from tinylm.tokenizer import tokenizer_from_file
 
     tok = tokenizer_from_file(tok_path)
