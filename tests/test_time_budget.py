@@ -14,6 +14,7 @@ from tinylm.train.time_budget import (
     SAFETY_MARGIN,
     SKIP_STEPS,
     StepTimer,
+    eval_fraction,
     fit_steps,
 )
 
@@ -21,27 +22,27 @@ from tinylm.train.time_budget import (
 def test_fit_counts_spent_time_evaluations_and_margin():
     no_eval = fit_steps(
         step=23, elapsed_seconds=5.0, seconds_per_step=0.1, budget_seconds=60.0,
-        tokens_per_step=1000, eval_interval=0, eval_tokens=0,
+        eval_share=eval_fraction(tokens_per_step=1000, eval_interval=0, eval_tokens=0),
     )  # fmt: skip
     # 60 s less the margin, less the 5 s spent, at 0.1 s a step, after the 23 steps done
     assert no_eval.max_steps == 23 + int((60 * (1 - SAFETY_MARGIN) - 5.0) / 0.1)
     with_eval = fit_steps(
         step=23, elapsed_seconds=5.0, seconds_per_step=0.1, budget_seconds=60.0,
-        tokens_per_step=1000, eval_interval=10, eval_tokens=3000,
+        eval_share=eval_fraction(tokens_per_step=1000, eval_interval=10, eval_tokens=3000),
     )  # fmt: skip
     # an evaluation of 3 steps' tokens costs one step (forward only): 10% on top of 10 steps
     assert with_eval.eval_fraction == pytest.approx(0.1)
     assert with_eval.max_steps == 23 + int((60 * (1 - SAFETY_MARGIN) - 5.0) / 0.11)
     late = fit_steps(
         step=23, elapsed_seconds=70.0, seconds_per_step=0.1, budget_seconds=60.0,
-        tokens_per_step=1000, eval_interval=0, eval_tokens=0,
+        eval_share=eval_fraction(tokens_per_step=1000, eval_interval=0, eval_tokens=0),
     )  # fmt: skip
     assert late.max_steps == 23  # the time is already spent: stop at once, never fewer steps
     assert "train.max_steps 1000 -> 23" in late.message(1000)
 
 
 def test_timer_measures_after_the_first_steps_and_fits_once():
-    timer = StepTimer(100.0, tokens_per_step=1000, eval_interval=0, eval_tokens=0)
+    timer = StepTimer(100.0, eval_share=0.0)
     fits = []
     for step in range(1, CALIBRATE_AT + 5):
         # the first steps are slow (compilation), the others take 0.2 s
@@ -54,12 +55,12 @@ def test_timer_measures_after_the_first_steps_and_fits_once():
     spent = 30.0 * SKIP_STEPS + 0.2 * (CALIBRATE_AT - SKIP_STEPS)
     assert fit.max_steps == CALIBRATE_AT + int((100 * (1 - SAFETY_MARGIN) - spent) / 0.2)
     # a run resumed past the first steps was fitted before: no second fit
-    resumed = StepTimer(100.0, tokens_per_step=1000, eval_interval=0, eval_tokens=0)
+    resumed = StepTimer(100.0, eval_share=0.0)
     assert all(resumed.observe(s, 1.0 * s) is None for s in range(SKIP_STEPS + 1, 40))
 
 
 def test_refits_after_evaluations_from_the_mean_step_time_in_the_first_half():
-    timer = StepTimer(100.0, tokens_per_step=1000, eval_interval=50, eval_tokens=30000)
+    timer = StepTimer(100.0, eval_share=eval_fraction(1000, 50, 30000))
     for step in range(1, CALIBRATE_AT + 1):
         timer.observe(step, 0.1 * step)
     # steps got slower than the first ones (0.2 s each from here, evaluations included)
@@ -70,7 +71,7 @@ def test_refits_after_evaluations_from_the_mean_step_time_in_the_first_half():
     assert fit.max_steps == step + int((100 * (1 - SAFETY_MARGIN) - elapsed) / mean)
     assert "including evaluations" in fit.message(500)
     assert timer.refit(300, REFIT_UNTIL * 100 + 1) is None  # past the first half: left as is
-    unfitted = StepTimer(100.0, tokens_per_step=1000, eval_interval=50, eval_tokens=30000)
+    unfitted = StepTimer(100.0, eval_share=eval_fraction(1000, 50, 30000))
     assert unfitted.refit(100, 10.0) is None  # resumed past the first fit: no refits either
 
 

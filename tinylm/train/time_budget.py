@@ -60,38 +60,36 @@ class StepFit:
         )
 
 
+def eval_fraction(tokens_per_step: int, eval_interval: int, eval_tokens: int) -> float:
+    """Evaluation time as a share of training time: `eval_tokens` forward-only tokens every
+    `eval_interval` steps of `tokens_per_step` (0 without periodic evaluations)."""
+    if eval_interval <= 0:
+        return 0.0
+    return EVAL_COST_PER_TOKEN * eval_tokens / (tokens_per_step * eval_interval)
+
+
 def fit_steps(
     *,
     step: int,
     elapsed_seconds: float,
     seconds_per_step: float,
     budget_seconds: float,
-    tokens_per_step: int,
-    eval_interval: int,
-    eval_tokens: int,
+    eval_share: float,
 ) -> StepFit:
-    """The total step count that fits `budget_seconds`, `elapsed_seconds` of it spent at `step`."""
-    if eval_interval > 0:
-        per_eval = seconds_per_step * EVAL_COST_PER_TOKEN * eval_tokens / tokens_per_step
-        eval_fraction = per_eval / (eval_interval * seconds_per_step)
-    else:
-        eval_fraction = 0.0
+    """The total step count that fits `budget_seconds`, `elapsed_seconds` of it spent at `step`,
+    each step costing `seconds_per_step` plus `eval_share` of it for evaluations."""
     left = budget_seconds * (1 - SAFETY_MARGIN) - elapsed_seconds
-    more = max(0, math.floor(left / (seconds_per_step * (1 + eval_fraction))))
-    return StepFit(step + more, seconds_per_step, eval_fraction, budget_seconds)
+    more = max(0, math.floor(left / (seconds_per_step * (1 + eval_share))))
+    return StepFit(step + more, seconds_per_step, eval_share, budget_seconds)
 
 
 class StepTimer:
     """Times a run's steps from SKIP_STEPS on; fits its step count at CALIBRATE_AT and refits
     after evaluations in the first REFIT_UNTIL of the time."""
 
-    def __init__(
-        self, budget_seconds: float, tokens_per_step: int, eval_interval: int, eval_tokens: int
-    ) -> None:
+    def __init__(self, budget_seconds: float, eval_share: float) -> None:
         self.budget_seconds = budget_seconds
-        self.tokens_per_step = tokens_per_step
-        self.eval_interval = eval_interval
-        self.eval_tokens = eval_tokens
+        self.eval_share = eval_share  # see `eval_fraction`
         self._t_skip: float | None = None
 
     def observe(self, step: int, elapsed_seconds: float) -> StepFit | None:
@@ -106,9 +104,7 @@ class StepTimer:
             elapsed_seconds=elapsed_seconds,
             seconds_per_step=per_step,
             budget_seconds=self.budget_seconds,
-            tokens_per_step=self.tokens_per_step,
-            eval_interval=self.eval_interval,
-            eval_tokens=self.eval_tokens,
+            eval_share=self.eval_share,
         )
 
     def refit(self, step: int, elapsed_seconds: float) -> StepFit | None:
@@ -123,9 +119,7 @@ class StepTimer:
             elapsed_seconds=elapsed_seconds,
             seconds_per_step=(elapsed_seconds - self._t_skip) / (step - SKIP_STEPS),
             budget_seconds=self.budget_seconds,
-            tokens_per_step=self.tokens_per_step,
-            eval_interval=0,  # measured: the mean includes the evaluations made so far
-            eval_tokens=0,
+            eval_share=0.0,  # measured: the mean includes the evaluations made so far
         )
         fit.measured_evals = True
         return fit

@@ -386,14 +386,13 @@ class Trainer:
         t, e = self.cfg.train, self.cfg.eval
         if not t.fit_steps_to_time:
             return None
-        return time_budget.StepTimer(
-            60 * t.max_time_minutes,
-            tokens_per_step=t.batch_size * self.cfg.model.context_length * t.grad_accum,
+        # Rows of context_length tokens: a training step's rows against an evaluation's.
+        share = time_budget.eval_fraction(
+            tokens_per_step=t.batch_size * t.grad_accum,
             eval_interval=e.interval,
-            eval_tokens=e.max_batches
-            * (e.batch_size or t.batch_size)
-            * self.cfg.model.context_length,
+            eval_tokens=e.max_batches * (e.batch_size or t.batch_size),
         )
+        return time_budget.StepTimer(60 * t.max_time_minutes, eval_share=share)
 
     def _apply_step_fit(self, fit: time_budget.StepFit | None, monitor: TrainMonitor) -> None:
         """Set `train.max_steps` to the fitted count and write it into the run's config, where a
