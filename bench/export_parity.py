@@ -61,7 +61,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     args = ap.parse_args()
     tok = CharTokenizer([chr(c) for c in range(32, 127)])
-    idx = torch.randint(0, tok.vocab_size, (4, args.seq), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(
+        0, tok.vocab_size, (4, args.seq), generator=torch.Generator().manual_seed(0)
+    )
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, fp32 CPU")
     print(f"d_model {args.d_model}, {args.layers} layers, 8 heads, batch 4 x {args.seq} tokens")
     with tempfile.TemporaryDirectory() as tmp:
