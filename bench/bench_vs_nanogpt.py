@@ -90,6 +90,9 @@ def tinylm_config(shape: str, text: Path, workdir: Path, compile_: bool):
             "model.d_ff=null",
             "model.n_kv_head=null",
             "model.qk_norm=false",
+            # nanoGPT's optimizer: AdamW alone (the preset's Muon default would time a
+            # different, costlier optimizer step, not the same training step)
+            "optim.name=adamw",
             "optim.lr=1e-3",
         ]
     return load_config("tiny", overrides)
