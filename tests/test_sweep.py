@@ -197,3 +197,29 @@ def test_interrupted_sweep_resumes_skips_finished_and_abandons_divergers(tmp_pat
     assert run_cli(*sweep_cmd(tmp_path, corpus)[3:]) == 0  # all done: nothing runs again
     assert len([e for e in read_metrics(first, "event") if e["event"] == "start"]) == 2
     assert json.loads((sw / "sweep.json").read_text()) == json.loads(before)
+
+
+def test_parallel_sweep_runs_k_at_once_with_split_threads(tmp_path, corpus):
+    """`--parallel 2` over three runs: the first two start before either finishes, the third
+    when a slot frees; each child trains with the machine's threads split between two runs."""
+    sw = tmp_path / "sw"
+    cmd = [
+        sys.executable, "-m", "tinylm.cli", "sweep", "tiny", "optim.lr=2e-3,1e-3,5e-4",
+        f"data.train={corpus}", *SMALL, "log.interval=5", "eval.interval=20", "eval.samples=0",
+        "--budget-steps", "20", "--parallel", "2", "--out", str(sw),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line.strip() for line in done.stdout.splitlines()]
+    started = [i for i, line in enumerate(lines) if " starting " in line]
+    finished = [i for i, line in enumerate(lines) if ": finished" in line]
+    assert len(started) == 3 and len(finished) == 3, done.stdout
+    assert started[1] < finished[0] < started[2], done.stdout  # two at once, then the third
+    runs = json.loads((sw / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["finished"] * 3
+    expected_threads = max(1, (os.cpu_count() or 1) // 2)
+    for run in runs:
+        start = [e for e in read_metrics(sw / run["name"], "event") if e["event"] == "start"]
+        assert start[0]["threads"] == expected_threads
+        assert read_metrics(sw / run["name"], "train")[-1]["step"] == 20
+    assert (sw / "summary.md").read_text().count(": finished: reached train.max_steps") == 3

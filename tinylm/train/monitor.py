@@ -150,6 +150,7 @@ class TrainMonitor:
             host=socket.gethostname(),
             device=str(self.device),
             precision=self.precision.name,
+            threads=torch.get_num_threads(),  # a sweep's --parallel splits them between runs
             command=command_line(),
         )
         self.interval_start = self.session_start = time.perf_counter()
