@@ -23,6 +23,7 @@ VARIANTS = {
     "mqa-rope-layernorm": dict(pos_emb="rope", n_kv_head=1, bias=False),
     "window-rope": dict(pos_emb="rope", sliding_window=5, norm="rmsnorm", n_kv_head=2),
     "window-learned": dict(sliding_window=3, mlp="swiglu"),
+    "relu2-rope": dict(mlp="relu2", pos_emb="rope", norm="rmsnorm", bias=False),
 }  # fmt: skip
 
 
@@ -90,6 +91,8 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         if cfg.mlp == "swiglu":
             gate, up = h.chunk(2, -1)
             h = gate * torch.sigmoid(gate) * up
+        elif cfg.mlp == "relu2":
+            h = torch.where(h > 0, h * h, torch.zeros_like(h))
         else:
             h = 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3)))
         x = x + F.linear(h, blk.mlp.proj.weight, blk.mlp.proj.bias)
@@ -223,6 +226,25 @@ def test_init_std_and_scaled_residual_projections(init):
             if init == "trunc_normal":
                 assert w.abs().max() <= 2 * s
         assert torch.all(block.attn.qkv.bias == 0) and torch.all(block.norm1.weight == 1)
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity():
+    model = make(zero_init_residual=True, **VARIANTS["llama"])
+    for block in model.blocks:
+        assert torch.all(block.attn.proj.weight == 0) and torch.all(block.mlp.proj.weight == 0)
+        assert block.attn.qkv.weight.std() > 0.01 and block.mlp.fc.weight.std() > 0.01
+    idx = tokens(2, 24)
+    with torch.no_grad():  # blocks add nothing: the logits are the embedding, normed, projected
+        direct = (model.norm_f(model.tok_emb(idx)) @ model.lm_head.weight.T)[..., :50]
+        torch.testing.assert_close(model(idx)[0], direct)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):  # the first step moves the projections, the second the layers behind them
+        opt.zero_grad(set_to_none=True)
+        model(idx[:, :-1], idx[:, 1:])[1].backward()
+        opt.step()
+    assert all(b.mlp.proj.weight.abs().sum() > 0 for b in model.blocks)
+    assert all(b.attn.qkv.weight.grad.abs().sum() > 0 for b in model.blocks)
 
 
 def test_overfits_one_batch():

@@ -7,7 +7,7 @@ import yaml
 from helpers import SMALL, records, run_cli
 
 from tinylm.config import ConfigError, load_config
-from tinylm.train import optim
+from tinylm.train import checkpoint, optim
 from tinylm.train.time_budget import (
     CALIBRATE_AT,
     REFIT_UNTIL,
@@ -106,3 +106,30 @@ def test_a_fitted_run_ends_its_schedule_in_time(tmp_path, corpus):
         assert train[-1]["lr"] < 1.1 * cfg.optim.min_lr
     else:
         assert "time limit" in stop["reason"] and train[-1]["step"] > 0.7 * fit["max_steps"]
+
+
+def test_a_time_limit_ends_the_run_with_an_evaluation_of_its_last_weights(tmp_path, corpus):
+    """Stopped by its time limit mid-interval, a run evaluates the weights it ends with, so its
+    `best` checkpoint can be them; a checkpoint between evaluations claims no val loss."""
+    common = [f"data.train={corpus}", f"out_dir={tmp_path}", *SMALL, "eval.samples=0"]
+    timed = [*common, "run_name=timed", "train.max_steps=50", "eval.interval=20"]
+    assert run_cli("train", "tiny", *timed, "train.max_time_minutes=1e-9") == 0
+    run = tmp_path / "timed"
+    (stop,) = [e for e in records(run, "event") if e["event"] in ("stopped", "done")]
+    assert stop["event"] == "stopped" and stop["reason"].startswith("time limit")
+    assert stop["step"] == 1
+    (evaluation,) = records(run, "eval")
+    assert evaluation["step"] == 1
+    last = checkpoint.find_latest(run / "checkpoints")
+    assert checkpoint.find_best(run / "checkpoints") == last
+    assert checkpoint.read_meta(last)["val_loss"] == pytest.approx(evaluation["val/loss"])
+
+    spaced = [*common, "run_name=spaced", "train.max_steps=6", "eval.interval=4"]
+    assert run_cli("train", "tiny", *spaced, "checkpoint.interval=3", "checkpoint.keep_last=9") == 0
+    saved = {
+        checkpoint.read_meta(p)["step"]: checkpoint.read_meta(p)["val_loss"]
+        for p in checkpoint.list_checkpoints(tmp_path / "spaced" / "checkpoints")
+    }
+    evaluated = {r["step"]: r["val/loss"] for r in records(tmp_path / "spaced", "eval")}
+    assert sorted(evaluated) == [4, 6] and saved[3] is None  # step 3's weights were never scored
+    assert all(saved[s] == pytest.approx(evaluated[s]) for s in saved if s != 3)

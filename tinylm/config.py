@@ -64,13 +64,13 @@ class ModelConfig:
     # None = n_head (multi-head); fewer = grouped-query attention
     n_kv_head: int | None = ranged(None, ge=1, le=1024, none="n_head")
     d_model: int = ranged(128, ge=1, le=2**16)
-    # None = 4*d_model for GELU, 8/3*d_model rounded to 64 for SwiGLU
+    # None = 4*d_model for GELU and ReLU², 8/3*d_model rounded to 64 for SwiGLU
     d_ff: int | None = ranged(None, ge=1, le=2**20, none="the default for model.mlp")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = ranged(1e-5, gt=0, le=1)
     pos_emb: Literal["learned", "rope"] = "learned"
     rope_theta: float = ranged(10000.0, gt=0, le=1e12)
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
     qk_norm: bool = False
     bias: bool = True
     dropout: float = ranged(0.0, ge=0, lt=1)
@@ -78,6 +78,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     init: Literal["normal", "trunc_normal"] = "normal"
     init_std: float = ranged(0.02, gt=0, le=10)
+    # the blocks' two residual projections start at zero (each block starts as the identity)
+    zero_init_residual: bool = False
     # attend to at most this many previous positions
     sliding_window: int | None = ranged(None, ge=1, le=2**20, none="off")
 
@@ -173,7 +175,7 @@ class TrainConfig:
     batch_size: int = ranged(32, ge=1, le=65536)  # micro-batch size (sequences per forward pass)
     # effective batch = batch_size * grad_accum * world_size
     grad_accum: int = ranged(1, ge=1, le=65536)
-    # stop (and checkpoint) after this wall time; 0 = off
+    # end the run after this wall time (then a final evaluation and checkpoint); 0 = off
     max_time_minutes: float = ranged(0.0, ge=0, le=10**7, note="0 = off")
     # with max_time_minutes: time the first steps and set max_steps to what fits the time, so
     # the LR schedule ends when the time does (train/time_budget.py)

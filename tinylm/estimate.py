@@ -48,7 +48,7 @@ def activation_bytes_per_token(m: ModelConfig, vocab_size: int, precision: str) 
       output a(d + 2kv) (SDPA keeps q, k, v, views of it); with RoPE the rotated q and k
       a(d + kv); with QK-norm its normalised q and k, in fp32 (and under autocast also their
       fp32 upcast) ; the attention output ad (fused SDPA keeps no T x T scores); the MLP hidden
-      2af (GELU: input and output) or 4af (SwiGLU: gate|up, silu(gate), product); dropout
+      2af (GELU, ReLU²: input and output) or 4af (SwiGLU: gate|up, silu(gate), product); dropout
       masks where dropout > 0 (in the activation dtype, as on CPU; CUDA keeps 1 byte); with
       attention dropout SDPA takes the unfused path and keeps T x T probabilities per head.
     Plus the final norm, the head's input ad and the fp32 log-softmax over the vocabulary.

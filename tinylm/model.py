@@ -22,8 +22,9 @@ Every architecture choice, and the `ModelConfig` field that selects it:
   no mask, which keeps SDPA on its fused (flash) kernel. A sliding window (`sliding_window` = W:
   a query sees itself and the W-1 positions before it) or decoding with a KV cache builds the
   boolean mask that says exactly which keys each query may see.
-- MLP (`mlp`): GELU (tanh approximation, as GPT-2) with hidden width `ff_dim`, or SwiGLU
-  (`silu(x W_gate) * (x W_up)`, gate and up fused into one matmul) with hidden width `ff_dim`.
+- MLP (`mlp`): GELU (tanh approximation, as GPT-2) with hidden width `ff_dim`, SwiGLU
+  (`silu(x W_gate) * (x W_up)`, gate and up fused into one matmul) with hidden width `ff_dim`,
+  or ReLU² (`relu(x W)^2`, ungated, as in Primer and modded-nanogpt).
 - `bias`: biases on every linear layer and on LayerNorm, or none.
 - `dropout` on the embedding output, after the attention and MLP projections; `attn_dropout`
   on the attention probabilities (training only).
@@ -240,10 +241,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (d_model -> ff_dim -> d_model) or SwiGLU (gate and up fused into `fc`)."""
+    """GELU or ReLU² MLP (d_model -> ff_dim -> d_model), or SwiGLU (gate and up fused in `fc`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.kind = cfg.mlp
         self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.ff_dim
         self.fc = nn.Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
@@ -256,6 +258,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")
         return self.dropout(self.proj(h))
@@ -317,6 +321,8 @@ class GPT(nn.Module):
         - The two residual projections of each block (`attn.proj`, `mlp.proj`): std
           `init_std / sqrt(2 * n_layer)` — each block adds two contributions to the residual
           stream, so this keeps its variance at initialisation independent of depth (GPT-2).
+          With `zero_init_residual` they start at zero instead, so every block starts as the
+          identity (modded-nanogpt).
         - Biases zero; norm gains one (LayerNorm bias zero).
         - Padded vocabulary rows zero (they are never used; see the module docstring).
         - RoPE cos/sin recomputed, so a model built on the meta device and moved with
@@ -336,7 +342,10 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 scaled = getattr(module, "is_residual_projection", False)
-                fill(module.weight, std / math.sqrt(2 * cfg.n_layer) if scaled else std)
+                if scaled and cfg.zero_init_residual:
+                    nn.init.zeros_(module.weight)
+                else:
+                    fill(module.weight, std / math.sqrt(2 * cfg.n_layer) if scaled else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):

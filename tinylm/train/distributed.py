@@ -169,8 +169,13 @@ def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any (e.g. a stop requested by one process)."""
+    return any_ranks([flag], info, device)[0]
+
+
+def any_ranks(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
+    """`any_rank` for several flags in one collective (the loop asks two questions a step)."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    t = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]

@@ -85,6 +85,7 @@ class Trainer:
         # Tracked by step, not by returned path: only the main process gets a path, and every
         # process must agree on whether to enter the collective `_save`.
         self.saved_step = -1
+        self.val_loss_step = -1  # the step whose weights `state.last_val_loss` measured
         # Under torchrun one Ctrl+C arrives twice (terminal + launcher): see signals.py.
         self.stop = signals.GracefulStop(repeat_grace_s=2.0 if self.dist.enabled else 0.0)
         self.messages = [f"device: {device_reason}", f"precision: {self.precision.reason}"]
@@ -320,7 +321,7 @@ class Trainer:
             first_token=int(self.data.train[0][1][0]),
             single_document=all(getattr(t, "num_documents", 2) <= 1 for _, t, _ in self.data.train),
         )
-        last_eval_step, nonfinite_stop = -1, False
+        last_eval_step, nonfinite_stop, time_limit_reason = -1, False, ""
         run_start = time.perf_counter() - state.elapsed_seconds
         if state.eval_pending:  # abandoned by the stop that ended the last session: redo it
             self._validate(monitor.last_loss)
@@ -348,10 +349,8 @@ class Trainer:
                     if reason := monitor.nonfinite_stop_reason(state.step):
                         nonfinite_stop = True
                         self.stop.request(reason)
-                if (
-                    limit := cfg.train.max_time_minutes
-                ) and time.perf_counter() - run_start > 60 * limit:
-                    self.stop.request(f"time limit of {limit:g} minutes")
+                limit = cfg.train.max_time_minutes
+                time_up = bool(limit) and time.perf_counter() - run_start > 60 * limit
                 if (cfg.eval.interval and state.step % cfg.eval.interval == 0) or last_step:
                     state.elapsed_seconds = time.perf_counter() - run_start
                     improved = self._validate(monitor.last_loss)
@@ -368,19 +367,30 @@ class Trainer:
                 ):
                     state.elapsed_seconds = time.perf_counter() - run_start
                     self._save()
-                if distributed.any_rank(self.stop.requested, self.dist, self.device):
+                stop_requested, time_up = distributed.any_ranks(
+                    [self.stop.requested, time_up], self.dist, self.device
+                )
+                if stop_requested:
                     self.stop.request("stop requested on another process")
+                    break
+                if time_up:  # an end like max_steps, not a stop: nothing polls it to abandon work
+                    time_limit_reason = f"time limit of {limit:g} minutes"
                     break
 
             state.elapsed_seconds = time.perf_counter() - run_start
             stopped_early = state.step < cfg.train.max_steps
-            if not stopped_early and last_eval_step != state.step:
+            # The model a run ends with gets its evaluation, so that `best` can be it: a time
+            # limit ends a run mid-interval (a fitted schedule just before its last step), and
+            # without one its decayed final weights lost to the last interval's (0.09 bits/char
+            # worse on Tiny Shakespeare, notes/issue-10-recipes.md). Signals and early stopping
+            # end without one: the user wants out now; early stopping has just evaluated.
+            if (not stopped_early or time_limit_reason) and last_eval_step != state.step:
                 self._validate(monitor.last_loss)
             # After non-finite steps nothing new is written: the checkpoints already on disk are
             # the last good state, and a save now would rotate one of them away.
             if not nonfinite_stop and self.saved_step != state.step:
                 self._save()
-        return self._finish(stopped_early, monitor)
+        return self._finish(stopped_early, time_limit_reason or self.stop.reason, monitor)
 
     def _step_timer(self) -> time_budget.StepTimer | None:
         t, e = self.cfg.train, self.cfg.eval
@@ -410,10 +420,10 @@ class Trainer:
             fit.message(previous), event="time_fit", step=self.state.step, max_steps=fit.max_steps
         )
 
-    def _finish(self, stopped_early: bool, monitor: TrainMonitor) -> TrainResult:
+    def _finish(self, stopped_early: bool, stop_reason: str, monitor: TrainMonitor) -> TrainResult:
         """Log the `done` or `stopped` event and build the result."""
         state = self.state
-        reason = self.stop.reason if stopped_early else "reached train.max_steps"
+        reason = stop_reason if stopped_early else "reached train.max_steps"
         if stopped_early:
             message = stop_message(self.run_dir, state.step, reason)
             self.log.event(message, event="stopped", reason=reason, step=state.step)
@@ -444,7 +454,7 @@ class Trainer:
         if results is None:
             return False
         val_loss = results[OVERALL].loss
-        state.last_val_loss = val_loss
+        state.last_val_loss, self.val_loss_step = val_loss, state.step
         improved = val_loss < state.best_val_loss - cfg.train.early_stop_min_delta
         if improved:
             state.best_val_loss, state.evals_since_best = val_loss, 0
@@ -488,7 +498,11 @@ class Trainer:
                 train_state=train_state,
                 config=self.cfg,
                 tokenizer=self.tokenizer,
-                val_loss=self.state.last_val_loss,
+                # of these weights only: a checkpoint between evaluations has none, so `best`
+                # never takes a later model for the one that was measured
+                val_loss=self.state.last_val_loss
+                if self.val_loss_step == self.state.step
+                else None,
             )
             checkpoint.rotate(self.run_dir / "checkpoints", self.cfg.checkpoint)
         distributed.barrier(self.dist)
