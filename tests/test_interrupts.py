@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -101,7 +102,9 @@ def test_sigterm_during_prepare_stops_and_reaps_workers_then_resumes(tmp_path):
 
 
 def test_ctrl_c_during_worker_start_up_prints_no_worker_tracebacks(tmp_path):
-    src = _stories(tmp_path, 2500)
+    # 4 MB: a 0.4 MB input was once prepared whole (0.5 s) between the workers being seen and
+    # the signal arriving (failed CI: exit 0, not 130)
+    src = _stories(tmp_path, 25_000)
     out = tmp_path / "out"
     proc = CliProcess(tmp_path, "prepare", src, "--out", out, *PREPARE, new_session=True)
 
@@ -223,3 +226,28 @@ def test_sigkill_during_checkpoint_and_metrics_writes(tmp_path, corpus, capsys):
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
     assert ck.find_latest(run / "checkpoints").name == "step_00000006"
     assert "Traceback" not in capsys.readouterr().err
+
+
+WORKER_MASKS = """
+import multiprocessing, signal
+from concurrent.futures import ProcessPoolExecutor
+from tinylm.interrupts import workers_ignore_sigint
+
+if __name__ == "__main__":
+    with workers_ignore_sigint():
+        pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+        masks = [pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, []) for _ in range(4)]
+        still_blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    print(still_blocked, all(signal.SIGINT in m.result() for m in masks))
+    pool.shutdown()
+"""
+
+
+def test_workers_started_in_the_block_all_keep_sigint_blocked(tmp_path):
+    """In a fresh process (no resource tracker yet): starting spawn workers starts the tracker,
+    whose start-up once unblocked SIGINT in the parent, exposing every later worker."""
+    script = tmp_path / "masks.py"
+    script.write_text(WORKER_MASKS)
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]

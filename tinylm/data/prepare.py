@@ -404,7 +404,11 @@ class _Dispatcher:
                 assert self.held is not None
                 self.pending.append(self.pool.submit(_worker_run, self.held))
             self.held = None
-        self.pending.append(self.pool.submit(_worker_run, chunk))
+        # Under spawn the pool starts its workers on demand, one per submit until it is full, so
+        # every submit may start one: each is made with SIGINT blocked (without this the second
+        # worker could be hit by a Ctrl+C while importing and print "Fatal Python error").
+        with workers_ignore_sigint():
+            self.pending.append(self.pool.submit(_worker_run, chunk))
         while len(self.pending) >= 2 * self.workers:
             yield self.pending.popleft().result()
 
