@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +60,10 @@ def trained_to(run: Path, step: int) -> Callable[[], bool]:
     return lambda: any(r["step"] >= step for r in records(run, "train"))
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class CliProcess:
     """`tinylm ARGS...` in a subprocess, with its output in a file (no pipe to fill up).
 
@@ -83,6 +88,9 @@ class CliProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=new_session,
+            # As from a terminal: a shell without job control starts background commands with
+            # SIGINT ignored, and Python then never turns Ctrl+C into KeyboardInterrupt.
+            preexec_fn=_default_sigint,
         )
         self.pid = self.proc.pid
 
