@@ -60,17 +60,17 @@ def workers_ignore_sigint() -> Iterator[None]:
     if not _in_main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    # The mask is per thread, and the kernel hands a Ctrl+C to any thread not blocking it (a
-    # reader thread, the pool's manager thread being started): Python would then raise the
-    # KeyboardInterrupt in the main thread mid-start-up, leaving a half-built pool whose
-    # shutdown fails. So the Python handler only records it meanwhile, and it is re-raised
-    # once the block ends, as a blocked signal would be.
     # multiprocessing's resource tracker, started with the first spawned worker, *unblocks*
     # SIGINT in the caller once it has started (CPython's resource_tracker.ensure_running),
     # which undid this block for every worker started after it ("Fatal Python error" when a
     # Ctrl+C hit one importing). Started first, it leaves the block alone.
     if hasattr(resource_tracker, "ensure_running"):
         resource_tracker.ensure_running()
+    # The mask is per thread, and the kernel hands a Ctrl+C to any thread not blocking it (a
+    # reader thread, the pool's manager thread being started): Python would then raise the
+    # KeyboardInterrupt in the main thread mid-start-up, leaving a half-built pool whose
+    # shutdown fails. So the Python handler only records it meanwhile, and it is re-raised
+    # once the block ends, as a blocked signal would be.
     received: list[int] = []
     previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

@@ -246,16 +246,16 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
-        self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.ff_dim
-        self.fc = nn.Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        width = 2 * hidden if self.kind == "swiglu" else hidden
+        self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.proj.is_residual_projection = True
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.kind == "relu2":

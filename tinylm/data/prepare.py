@@ -393,24 +393,25 @@ class _Dispatcher:
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn, not fork: the caller may be a training process with torch threads running.
-            # The workers start at the first submit; they never see Ctrl+C (interrupts.py).
-            with workers_ignore_sigint():
-                self.pool = ProcessPoolExecutor(
-                    self.workers,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_worker_init,
-                    initargs=(str(self.out_dir), self.dtype.str, self.eot),
-                )
-                assert self.held is not None
-                self.pending.append(self.pool.submit(_worker_run, self.held))
+            self.pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(str(self.out_dir), self.dtype.str, self.eot),
+            )
+            assert self.held is not None
+            self._submit(self.held)
             self.held = None
-        # Under spawn the pool starts its workers on demand, one per submit until it is full, so
-        # every submit may start one: each is made with SIGINT blocked (without this the second
-        # worker could be hit by a Ctrl+C while importing and print "Fatal Python error").
-        with workers_ignore_sigint():
-            self.pending.append(self.pool.submit(_worker_run, chunk))
+        self._submit(chunk)
         while len(self.pending) >= 2 * self.workers:
             yield self.pending.popleft().result()
+
+    def _submit(self, chunk: _Chunk) -> None:
+        # Under spawn the pool starts its workers on demand, one per submit until it is full, so
+        # any submit may start one: each is made where workers never see Ctrl+C (interrupts.py).
+        assert self.pool is not None
+        with workers_ignore_sigint():
+            self.pending.append(self.pool.submit(_worker_run, chunk))
 
     def drain(self) -> Iterator[dict[str, Any]]:
         if self.held is not None:
