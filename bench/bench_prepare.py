@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/bench_prepare.py                      # 2.1 GB, char, 1 and 2 workers
     .venv/bin/python bench/bench_prepare.py --size-gb 0.3 --tokenizer gpt2
+    # issue 23: GPT-2 prepare (2 workers) vs tiktoken in one process, interleaved, on >= 1 GB of
+    # real text (the shared plays + stories repeated into /tmp), and a 1 GB pretokenized .bin
+    .venv/bin/python bench/bench_prepare.py --vs-tiktoken --size-gb 1.0 --rounds 3
+    .venv/bin/python bench/bench_prepare.py --read-bin-gb 1.0
 
 Generates `<dir>/stories.txt` (synthetic stories, `<|endoftext|>`-separated; reused if present),
 then runs `tinylm prepare` on it in a subprocess per worker count, sampling the RSS of the whole
@@ -80,6 +84,100 @@ def run_prepare(corpus: Path, out: Path, tokenizer: str, workers: int) -> dict:
     }
 
 
+def make_real_corpus(path: Path, size_bytes: int) -> None:
+    """Write >= size_bytes by repeating the shared data's text (plays, Tiny Shakespeare, stories)."""
+    from tinylm.paths import shared_data_dir
+
+    if path.is_file() and path.stat().st_size >= size_bytes:
+        return
+    data = shared_data_dir()
+    files = [
+        *sorted((data / "shakespeare_plays").glob("*")),
+        data / "tinyshakespeare.txt",
+        data / "tinystories_sample.txt",
+    ]
+    block = SEP.join(f.read_text(encoding="utf-8", errors="replace") for f in files).encode()
+    block += SEP.encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        written = 0
+        while written < size_bytes:
+            f.write(block)
+            written += len(block)
+    tmp.replace(path)
+
+
+def tiktoken_single(corpus: Path) -> dict:
+    """tiktoken's GPT-2 encoder in this one process (one thread), the file read in 4 MB pieces."""
+    from tinylm.tokenizer.bpe import gpt2_tokenizer
+
+    enc = gpt2_tokenizer()._enc  # the same tiktoken Encoding prepare's workers use
+    tokens = 0
+    start = time.perf_counter()
+    with open(corpus, encoding="utf-8") as f:
+        while piece := f.read(4 << 20):
+            tokens += len(enc.encode(piece, allowed_special="all"))
+    seconds = time.perf_counter() - start
+    size = corpus.stat().st_size
+    return {"what": "tiktoken 1 process", "seconds": round(seconds, 1), "tokens": tokens,
+            "mb_per_s": round(size / 1e6 / seconds, 2)}  # fmt: skip
+
+
+def vs_tiktoken(scratch: Path, size_gb: float, rounds: int, workers: int) -> None:
+    """Interleaved rounds: tiktoken single-process, then `prepare --workers N`; median ratio."""
+    import os
+    import statistics
+
+    corpus = scratch / f"real_{size_gb:g}gb.txt"
+    make_real_corpus(corpus, int(size_gb * 1e9))
+    print(f"corpus: {corpus} ({corpus.stat().st_size / 1e9:.2f} GB)", flush=True)
+    ratios = []
+    for r in range(rounds):
+        base = tiktoken_single(corpus)
+        ours = run_prepare(corpus, scratch / "prepared", "gpt2", workers)
+        ratios.append(ours["mb_per_s"] / base["mb_per_s"])
+        print(json.dumps({"round": r, "tiktoken": base, "prepare": ours,
+                          "ratio": round(ratios[-1], 2), "loadavg": os.getloadavg()}), flush=True)  # fmt: skip
+    print(json.dumps({"median_ratio": round(statistics.median(ratios), 2),
+                      "ratios": [round(x, 2) for x in ratios]}))  # fmt: skip
+
+
+def read_bin(scratch: Path, size_gb: float) -> None:
+    """Seconds from a pretokenized 1 GB nanoGPT .bin to token arrays ready to train (in place)."""
+    import os
+
+    import numpy as np
+
+    from tinylm.config import DataConfig
+    from tinylm.data import resolve_data
+
+    path = scratch / f"tokens_{size_gb:g}gb.bin"
+    n = int(size_gb * 1e9) // 2
+    if not path.is_file() or path.stat().st_size != 2 * n:
+        rng = np.random.default_rng(0)
+        with open(path, "wb") as f:
+            for i in range(0, n, 1 << 24):
+                ids = rng.integers(0, 50256, size=min(1 << 24, n - i), dtype=np.uint16)
+                ids[::1000] = 50256  # a document every 1,000 tokens
+                ids.tofile(f)
+    cache = scratch / "bin_cache"
+    for attempt in ("first (scan + meta)", "again (cached meta)"):
+        if attempt.startswith("first"):
+            shutil.rmtree(cache, ignore_errors=True)
+        start = time.perf_counter()
+        data = resolve_data(
+            DataConfig(train=str(path), tokenizer="gpt2", cache_dir=str(cache)),
+            None,
+            1024,
+            log=lambda _: None,
+        )
+        seconds = time.perf_counter() - start
+        print(json.dumps({"bin_gb": round(path.stat().st_size / 1e9, 2), "attempt": attempt,
+                          "seconds": round(seconds, 2), "train_tokens": len(data.train[0][1]),
+                          "loadavg": os.getloadavg()}), flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-gb", type=float, default=2.1)
@@ -90,8 +188,18 @@ def main() -> None:
     ap.add_argument(
         "--dir", default="/tmp/tinylm_bench", help="scratch directory (not the repository)"
     )
+    ap.add_argument("--vs-tiktoken", action="store_true", help="GPT-2 prepare vs tiktoken")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (--vs-tiktoken)")
+    ap.add_argument("--read-bin-gb", type=float, default=0, help="time reading a pretokenized .bin")
     args = ap.parse_args()
     scratch = Path(args.dir)
+    if args.vs_tiktoken or args.read_bin_gb:
+        scratch.mkdir(parents=True, exist_ok=True)
+        if args.read_bin_gb:
+            read_bin(scratch, args.read_bin_gb)
+        if args.vs_tiktoken:
+            vs_tiktoken(scratch, args.size_gb, args.rounds, max(args.workers))
+        return
     corpus = scratch / f"stories_{args.size_gb:g}gb.txt"
     t = time.perf_counter()
     make_corpus(corpus, int(args.size_gb * 1e9))

@@ -379,3 +379,68 @@ def test_generate_past_the_context_says_so(trained_run, capsys):
     assert main(["generate", str(trained_run), "--max-new-tokens", "40", "--seed", "1"]) == 0
     out, err = capsys.readouterr()
     assert "past the model's context (32)" in err and out.strip()
+
+
+# ---- pretokenized sources and `data check` (issue 23): files written by the fixture below
+# fmt: off
+PRETOKENIZED_CASES: list[tuple[list[str], str]] = [
+    (T("data.train={p}/short.bin", "data.tokenizer=gpt2"), "truncated llm.c shard"),
+    (T("data.train={p}/cut.bin", "data.tokenizer=gpt2"), "truncated or not an llm.c shard"),
+    (T("data.train={p}/v9.bin", "data.tokenizer=gpt2"), "llm.c shard version 9"),
+    (T("data.train={p}/model.bin", "data.tokenizer=gpt2"), "an llm.c model checkpoint"),
+    (T("data.train={p}/odd.bin", "data.tokenizer=gpt2"), "not a whole number of uint16 ids"),
+    (T("data.train={p}/big.bin", "data.tokenizer=gpt2"), "token id 60,000 is outside"),
+    (T("data.train={p}/ok.bin"), "nothing says which tokenizer made them"),
+    (T("data.train={p}/ok.bin", "data.tokenizer=bpe:300"), "nothing says which tokenizer"),
+    (T("data.train={p}/u8.npy", "data.tokenizer=gpt2"), "uint8 ids cannot hold a vocabulary"),
+    (T("data.train={p}/f.npy", "data.tokenizer=gpt2"), "token ids must be integers"),
+    (T("data.train={p}/ok.bin", "data.tokenizer=gpt2", "data.token_dtype=int64"), "data.token_dtype"),
+    (T("data.train={p}/declared/ok.bin", "data.tokenizer=gpt2"), "different tokenizers"),
+    (T("data.train={p}/ok.bin", "data.val={corpus}", "data.tokenizer=gpt2"), "mix text and token ids"),
+    (["data", "check", "{corpus}", "--fail-on", "ngrams=1"], "--fail-on 'ngrams=1'"),
+    (["data", "check", "{corpus}", "--weights", "1,2"], "--weights: give 1 positive"),
+    (["data", "check", "{p}/nope.txt"], "not found"),
+]
+# fmt: on
+
+
+@pytest.fixture(scope="module")
+def bad_token_files(tmp_path_factory) -> Path:
+    import numpy as np
+
+    from tinylm.data.pretokenized import LLMC_MAGIC
+    from tinylm.tokenizer import CharTokenizer
+
+    d = tmp_path_factory.mktemp("bad-tokens")
+
+    def llmc(name: str, version: int, count: int, ids: int) -> None:
+        header = np.zeros(256, "<i4")
+        header[:3] = (LLMC_MAGIC, version, count)
+        (d / name).write_bytes(header.tobytes() + np.arange(ids, dtype="<u2").tobytes())
+
+    (d / "short.bin").write_bytes(np.array([LLMC_MAGIC, 1, 5], "<i4").tobytes())
+    llmc("cut.bin", 1, 1000, 10)
+    llmc("v9.bin", 9, 10, 10)
+    (d / "model.bin").write_bytes(np.array([20240326, 3, 1024], "<i4").tobytes() * 100)
+    (d / "odd.bin").write_bytes(b"\x01\x00\x02")
+    np.array([1, 2, 60000, 3] * 100, "<u2").tofile(d / "big.bin")
+    np.arange(1000, dtype="<u2").tofile(d / "ok.bin")
+    np.save(d / "u8.npy", np.arange(200, dtype=np.uint8))
+    np.save(d / "f.npy", np.ones(200, dtype=np.float32))
+    (d / "declared").mkdir()
+    np.arange(1000, dtype="<u2").tofile(d / "declared" / "ok.bin")
+    CharTokenizer.fit(["abc"]).save(d / "declared" / "tokenizer.json")
+    return d
+
+
+@pytest.mark.parametrize("argv, fragment", PRETOKENIZED_CASES, ids=[f for _, f in PRETOKENIZED_CASES])
+def test_bad_token_source_is_refused_clearly(
+    argv, fragment, bad_token_files, trained_run, corpus, tmp_path, capsys
+):
+    (tmp_path / "empty").mkdir()
+    filled = [a.replace("{p}", str(bad_token_files)) for a in _fill(argv, trained_run, corpus, tmp_path)]
+    code = main(filled)
+    out, err = capsys.readouterr()
+    assert code == 2, (filled, out, err)
+    assert fragment in err, err
+    assert "Traceback" not in err + out and len(err.strip().splitlines()) == 1, err

@@ -124,6 +124,10 @@ class DataConfig:
     split_seed: int = ranged(1234, ge=0, le=SEED_MAX)
     text_field: str = "text"  # field/column of jsonl, json, parquet and HF sources
     doc_delimiter: str = "<|endoftext|>"  # separates documents inside one plain-text file
+    # pretokenized sources (tinylm/data/pretokenized.py): the column of ids in parquet/arrow/HF
+    # sources, and the id dtype of headerless (nanoGPT) .bin files
+    token_field: str = "input_ids"
+    token_dtype: Literal["uint16", "uint32", "int32"] = "uint16"
     cache_dir: str = ""  # prepared datasets; empty = $TINYLM_CACHE or ~/.cache/tinylm
     # tokenizer worker processes; 0 = one per CPU core
     num_workers: int = ranged(0, ge=0, le=1024, note="0 = one per CPU core")

@@ -53,6 +53,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--delimiter", default=EOT, help=f"document separator in plain text (default {EOT})"
     )
     p.add_argument(
+        "--token-field", default="input_ids", help="column of token ids (pretokenized sources)"
+    )
+    p.add_argument(
+        "--token-dtype",
+        default="uint16",
+        choices=["uint16", "uint32", "int32"],
+        help="id dtype of headerless (nanoGPT) .bin files (default uint16)",
+    )
+    p.add_argument(
         "--seed", type=int_in(0, SEED_MAX), default=1234, help="split seed (default 1234)"
     )
     p.add_argument(
@@ -84,6 +93,55 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--out", help="write: the text file to create (documents separated by <|endoftext|>)"
     )
     d.set_defaults(func=cmd_datasets)
+
+    g = sub.add_parser(
+        "data", help="data tools: `tinylm data check` (is val leaking or mismatched?)"
+    )
+    gsub = g.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    c = gsub.add_parser(
+        "check",
+        help="check a train/val split for leaks and mismatches",
+        description="Compare TRAIN and its validation set (--val, or the split training would "
+        "make): exact duplicate documents, 13-gram overlap, token/character distribution "
+        "distance, document lengths, unknown tokens, mixture shares. Prints a table and a verdict; "
+        "exit status 1 when --fail-on thresholds are crossed.",
+    )
+    c.add_argument(
+        "train", nargs="+", metavar="TRAIN", help="training source(s); several form a mixture"
+    )
+    c.add_argument("--val", default="", help="validation source (default: split from TRAIN)")
+    c.add_argument(
+        "--weights", default="", help="mixture weights, comma-separated (default: equal)"
+    )
+    c.add_argument(
+        "--tokenizer", default="char", help="char | gpt2 | bpe:N | tok.json (default: char)"
+    )
+    c.add_argument("--text-field", default="text", help="field/column of text in jsonl/parquet/hf")
+    c.add_argument("--token-field", default="input_ids", help="column of token ids (pretokenized)")
+    c.add_argument(
+        "--token-dtype",
+        default="uint16",
+        choices=["uint16", "uint32", "int32"],
+        help="nanoGPT .bin ids",
+    )
+    c.add_argument(
+        "--val-fraction", type=float_in(ge=0, lt=1), default=0.1, help="held out when no --val"
+    )
+    c.add_argument(
+        "--sample-mb",
+        type=float_in(gt=0, le=1e5),
+        default=64.0,
+        help="millions of train tokens to read at most (val: a quarter of it)",
+    )
+    c.add_argument("--report", help="write the JSON report to this file")
+    c.add_argument(
+        "--fail-on",
+        default=None,
+        metavar="any|NAME=V,...",
+        help="exit 1 when a check crosses this threshold (any: any flag); names: duplicates, "
+        "ngram, js_token, js_char, length_ratio, unknown, mixture",
+    )
+    c.set_defaults(func=cmd_data_check)
 
 
 def _term_as_interrupt(command: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
@@ -119,7 +177,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val += t + v
     if not 0 <= args.val_fraction < 1:
         raise DataError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if args.tokenizer == "char" or args.tokenizer.startswith("bpe:"):
+    from tinylm.data.pretokenized import pretokenized_tokenizer
+
+    declared = pretokenized_tokenizer(
+        train + val, args.tokenizer, args.token_field, args.token_dtype
+    )
+    if declared is not None:
+        tokenizer = declared
+    elif args.tokenizer == "char" or args.tokenizer.startswith("bpe:"):
         # Fitted on these sources and cached, exactly as `tinylm train` does.
         fit_cfg = DataConfig(
             text_field=args.text_field, doc_delimiter=args.delimiter, num_workers=args.workers or 0
@@ -137,15 +202,28 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         split_seed=args.seed,
         chunk_chars=max(1, int(args.chunk_mb * 1e6)),
     )
-    ds = prepare(
-        train,
-        args.out,
-        tokenizer,
-        val_sources=val,
-        settings=settings,
-        workers=args.workers,
-        progress=False if args.no_progress else None,
-    )
+    if declared is not None:  # token ids: no tokenizing (read in place when they can be)
+        from tinylm.data.pretokenized import prepare_pretokenized
+
+        ds = prepare_pretokenized(
+            train,
+            args.out,
+            tokenizer,
+            val_sources=val,
+            settings=settings,
+            token_field=args.token_field,
+            token_dtype=args.token_dtype,
+        )
+    else:
+        ds = prepare(
+            train,
+            args.out,
+            tokenizer,
+            val_sources=val,
+            settings=settings,
+            workers=args.workers,
+            progress=False if args.no_progress else None,
+        )
     print(ds.summary())
     return 0
 
@@ -202,3 +280,50 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     tmp.replace(out)
     print(f"wrote {n:,} documents to {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from tinylm.config import DataConfig, DataSourceConfig
+    from tinylm.data import resolve_data
+    from tinylm.data.check import check_split, parse_fail_on
+    from tinylm.data.errors import DataError
+
+    try:
+        fail_on = parse_fail_on(args.fail_on) if args.fail_on is not None else None
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    weights = [1.0] * len(args.train)
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise DataError(f"--weights {args.weights!r}: expected numbers, e.g. 0.9,0.1") from None
+        if len(weights) != len(args.train) or not all(w > 0 for w in weights):
+            raise DataError(
+                f"--weights: give {len(args.train)} positive numbers, one per TRAIN source"
+            )
+    cfg = DataConfig(
+        train=args.train[0],
+        mix=[DataSourceConfig(path=t, weight=w) for t, w in zip(args.train, weights, strict=True)]
+        if len(args.train) > 1
+        else [],
+        val=args.val,
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        token_field=args.token_field,
+        token_dtype=args.token_dtype,
+        val_fraction=args.val_fraction,
+    )
+    data = resolve_data(cfg, None, 1, log=lambda m: print(m))
+    report = check_split(
+        data.train,
+        data.val,
+        data.tokenizer,
+        sample_tokens=max(1, int(args.sample_mb * 1e6)),
+        thresholds=fail_on or None,
+    )
+    print(report.table())
+    print(report.verdict)
+    if args.report:
+        print(f"report: {report.write(args.report)}")
+    return 1 if fail_on is not None and report.flags else 0

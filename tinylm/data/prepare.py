@@ -630,6 +630,24 @@ def _assemble_meta(
         for split, info in results[index]["splits"].items():
             ranges[split].append({"file": info["file"], "start": 0, "tokens": info["tokens"]})
             docs[split] += info["documents"]
+    return assemble_meta(ranges, docs, sources, val_sources, tokenizer, dtype, settings)
+
+
+def assemble_meta(
+    ranges: dict[str, list[dict[str, Any]]],
+    docs: dict[str, int],
+    sources: Sequence[str],
+    val_sources: Sequence[str],
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    settings: SplitSettings,
+    *,
+    split_by_tokens: bool = False,
+) -> dict[str, Any]:
+    """`meta.json` for per-split shard ranges; with no val documents, val is the train tokens' end.
+
+    `split_by_tokens`: the source is token streams (read in place), never split by document.
+    """
     split_meta: dict[str, Any] = {
         "mode": "source" if val_sources else "documents",
         "val_fraction": settings.val_fraction,
@@ -648,6 +666,8 @@ def _assemble_meta(
         split_meta["note"] = (
             f"the source has {docs['train']} document(s), too few for a document-level split: "
             f"val is the last {fraction:.1%} of the tokens ({n_val:,}); the document it cuts is in both counts"
+            if not split_by_tokens
+            else f"val is the last {fraction:.1%} of the token stream ({n_val:,} tokens)"
         )
     splits = {
         name: {"tokens": sum(r["tokens"] for r in rs), "documents": docs[name], "shards": rs}

@@ -52,7 +52,19 @@ def source_name(spec: str) -> str:
         spec = spec[3:].split("@")[0].split(":")[0]
     path = Path(spec.split("*")[0].rstrip("/") or ".")
     stem = path.name
-    for suffix in (".gz", ".zst", ".zstd", ".jsonl", ".ndjson", ".json", ".parquet", ".txt"):
+    for suffix in (
+        ".gz",
+        ".zst",
+        ".zstd",
+        ".jsonl",
+        ".ndjson",
+        ".json",
+        ".parquet",
+        ".txt",
+        ".bin",
+        ".npy",
+        ".arrow",
+    ):
         stem = stem.removesuffix(suffix)
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "data"
 
@@ -191,11 +203,22 @@ def train_bpe_on_sources(
 
 
 def _choose_tokenizer(
-    cfg: DataConfig, sources: list[_Source], cache: Path, log: Callable[[str], None]
+    cfg: DataConfig,
+    sources: list[_Source],
+    cache: Path,
+    log: Callable[[str], None],
+    val_specs: list[str] = (),  # type: ignore[assignment]
 ) -> Tokenizer:
     for s in sources:  # a prepared dataset brings its own tokenizer; raw sources then share it
         if s.prepared is not None:
             return s.prepared.tokenizer()
+    from tinylm.data.pretokenized import pretokenized_tokenizer
+
+    # Token ids bring the tokenizer that made them (declared: data.tokenizer or metadata).
+    specs = [spec for s in sources for spec in s.train_specs + s.val_specs] + list(val_specs)
+    declared = pretokenized_tokenizer(specs, cfg.tokenizer, cfg.token_field, cfg.token_dtype)
+    if declared is not None:
+        return declared
     if cfg.tokenizer == "char" or cfg.tokenizer.startswith("bpe:"):
         specs = [spec for s in sources for spec in s.train_specs]
         return fitted_tokenizer(cfg.tokenizer, specs, cfg, cache, log)
@@ -223,6 +246,16 @@ def _prepare_source(
         split_seed=cfg.split_seed,
     )
     key = dataset_key(s.train_specs, val_specs, tokenizer.fingerprint(), settings)
+    from tinylm.data.pretokenized import is_pretokenized, prepare_pretokenized, pretokenized_key
+
+    tokens = [is_pretokenized(spec, cfg.token_field) for spec in s.train_specs + val_specs]
+    if any(tokens) and not all(tokens):
+        raise DataError(
+            f"data source '{s.name}': its train and val sources mix text and token ids; give "
+            "both as text or both as ids made by one tokenizer"
+        )
+    if any(tokens):
+        key = pretokenized_key(key, cfg.token_field, cfg.token_dtype)
     out = cache / "prepared" / f"{source_name(s.train_specs[0]) if s.train_specs else s.name}-{key}"
     if (out / META).is_file():
         log(f"data: {s.name}: using prepared {out}")
@@ -233,6 +266,17 @@ def _prepare_source(
     log(
         f"data: {s.name}: preparing {', '.join(s.train_specs + val_specs)} ({tokenizer.kind} tokenizer) -> {out}"
     )
+    if any(tokens):
+        return prepare_pretokenized(
+            s.train_specs,
+            out,
+            tokenizer,
+            val_sources=val_specs,
+            settings=settings,
+            token_field=cfg.token_field,
+            token_dtype=cfg.token_dtype,
+            log=log,
+        )
     return prepare(
         s.train_specs,
         out,
@@ -295,7 +339,7 @@ def resolve_data(
         val_src = _resolve_source(DataSourceConfig(path=cfg.val), cache)
         val_prepared = val_src.prepared
         explicit_val = val_src.train_specs + val_src.val_specs
-    tokenizer = tokenizer or _choose_tokenizer(cfg, sources, cache, log)
+    tokenizer = tokenizer or _choose_tokenizer(cfg, sources, cache, log, explicit_val)
 
     # An explicit val source joins a single raw training source's dataset (one cache entry);
     # otherwise (a mixture, or a prepared training set) it is a dataset of its own.

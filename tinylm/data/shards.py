@@ -10,9 +10,12 @@ A prepared dataset is a directory:
 Each document's ids are followed by the end-of-text id. `meta.json` lists, per split, the shard
 ranges `{"file", "start", "tokens"}` (a range of a file, in tokens) that make up the split, in
 order, so that a split can also be a range of another split's files (a single-document source is
-split by a token range at its end, without copying). Every file is written under a temporary
-name and renamed when complete (after fsync, `fileio.atomic_write`), so a shard name never refers
-to a half-written file.
+split by a token range at its end, without copying). A pretokenized source already in this layout
+(a nanoGPT or llm.c `.bin`, a 1-D `.npy`) is read in place instead of copied: its ranges name the
+file by absolute `"path"` (instead of `"file"`) and skip its header with `"offset"` (bytes), and
+`meta.json` says `"in_place": true` (only such a dataset may name files outside its directory).
+Every file is written under a temporary name and renamed when complete (after fsync,
+`fileio.atomic_write`), so a shard name never refers to a half-written file.
 
 `PreparedDataset.open` checks `meta.json` against its schema before anything is mapped: field
 types, a dtype that holds the vocabulary, shard names that are plain names inside the directory
@@ -81,6 +84,11 @@ def invalid_utf8_note(stats: dict[str, Any]) -> str | None:
     )
 
 
+def range_path(directory: Path, r: dict[str, Any]) -> Path:
+    """The file a shard range reads: a shard of the dataset, or a source file read in place."""
+    return Path(r["path"]) if "path" in r else Path(directory) / r["file"]
+
+
 def _is_int(value: Any, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
@@ -131,10 +139,16 @@ def check_meta(directory: Path, meta: Any) -> None:
         total = 0
         for r in info["shards"]:
             if not isinstance(r, dict) or not (
-                _is_int(r.get("start")) and _is_int(r.get("tokens"))
+                _is_int(r.get("start")) and _is_int(r.get("tokens")) and _is_int(r.get("offset", 0))
             ):
                 raise bad(f"split '{name}': shard range {r!r} needs 'file', 'start' and 'tokens'")
-            confined(directory, r.get("file"), path, DataError)
+            if "path" in r:
+                if meta.get("in_place") is not True or not (
+                    isinstance(r["path"], str) and Path(r["path"]).is_absolute()
+                ):
+                    raise bad(f"split '{name}': range {r!r} names an outside file")
+            else:
+                confined(directory, r.get("file"), path, DataError)
             total += r["tokens"]
         if total != info["tokens"]:
             raise bad(
@@ -176,10 +190,10 @@ class TokenArray:
         if m is None:
             r = self._ranges[k]
             m = np.memmap(
-                self.directory / r["file"],
+                range_path(self.directory, r),
                 dtype=self.dtype,
                 mode="r",
-                offset=r["start"] * self.dtype.itemsize,
+                offset=r.get("offset", 0) + r["start"] * self.dtype.itemsize,
                 shape=(r["tokens"],),
             )
             self._maps[k] = m
@@ -249,16 +263,16 @@ class PreparedDataset:
         ds = cls(directory, meta)
         # Every file must be exactly as long as the furthest range that uses it: shorter is a
         # truncated copy, longer means the file is not the one the metadata describes.
-        ends: dict[str, tuple[int, str]] = {}
+        # A file read in place may hold more than the ranges use (a header, another split).
+        ends: dict[Path, tuple[int, str]] = {}
         for split, info in meta["splits"].items():
             for r in info["shards"]:
-                end = (r["start"] + r["tokens"]) * ds.dtype.itemsize
-                if end > ends.get(r["file"], (-1, ""))[0]:
-                    ends[r["file"]] = (end, split)
-        for name, (need, split) in ends.items():
-            path = directory / name
+                end = r.get("offset", 0) + (r["start"] + r["tokens"]) * ds.dtype.itemsize
+                if end > ends.get(range_path(directory, r), (-1, ""))[0]:
+                    ends[range_path(directory, r)] = (end, split)
+        for path, (need, split) in ends.items():
             size = path.stat().st_size if path.is_file() else -1
-            if size != need:
+            if size != need and not (meta.get("in_place") and size > need):
                 raise DataError(
                     f"{path}: {'missing' if size < 0 else f'{size:,} bytes, expected {need:,}'} "
                     f"({split} split, from {META}); the dataset is damaged: delete '{directory}' "

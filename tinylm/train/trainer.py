@@ -132,6 +132,12 @@ class Trainer:
                 cfg.data, tokenizer, cfg.model.context_length, log=lambda _: None
             )
         self.tokenizer = self.data.tokenizer
+        self.data_check = None
+        if self.is_main:  # leaks and mismatches between train and val (tinylm/data/check.py)
+            from tinylm.data.check import start_check
+
+            self.data_check, note = start_check(self.data.train, self.data.val, self.tokenizer)
+            self.messages.append(note)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         elif cfg.model.vocab_size < self.tokenizer.vocab_size:
@@ -271,6 +277,8 @@ class Trainer:
         with self.stop:
             if self.is_main:
                 checkpoint.write_run_files(self.run_dir, self.cfg, self.tokenizer)
+                if self.data_check is not None:
+                    self.data_check.write(self.run_dir / "data_check.json")
             self.log = sinks.RunLogger(
                 self.run_dir,
                 self.cfg.log,
