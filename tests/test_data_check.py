@@ -138,7 +138,9 @@ def test_mixture_shares_that_differ_are_flagged(tmp_path):
     )
     data = resolve_data(cfg, None, 8, **QUIET)
     report = check_split(data.train, data.val, data.tokenizer)
-    assert "mixture" in report.flags and "'b' is 90% of the training mixture" in report.verdict
+    assert "mixture" in report.flags and "of the training mixture but" in report.verdict
+    shares = report.metrics["mixture_shares"]
+    assert shares["b"]["train"] == pytest.approx(0.9) and shares["b"]["val"] < 0.1
 
 
 def test_cli_table_verdict_report_and_fail_on(tmp_path, capsys):

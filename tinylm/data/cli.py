@@ -326,4 +326,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     print(report.verdict)
     if args.report:
         print(f"report: {report.write(args.report)}")
-    return 1 if fail_on is not None and report.flags else 0
+    if fail_on is None:
+        return 0
+    # `any`: every flag fails; NAME=V,...: only those checks (at those thresholds) fail the run.
+    failing = [n for n in report.flags if not fail_on or n in fail_on]
+    if failing:
+        print(f"data check failed: {', '.join(failing)} over the --fail-on threshold")
+    return 1 if failing else 0
