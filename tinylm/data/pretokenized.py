@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import hashlib
+import itertools
 import json
 import random
 import shutil
@@ -629,9 +629,7 @@ def _stream(
 
     eot = tokenizer.eot_id
     vocab = tokenizer.vocab_size
-    to_val: Callable[[int], bool] = lambda i: doc_goes_to_val(
-        i, settings.split_seed, settings.val_fraction
-    )  # noqa: E731
+    chosen: set[int] | None = None
     if settings.val_count > 0:
         total = sum(1 for item, v in items if not v for _ in _documents(item, token_field))
         if settings.val_count >= total:
@@ -640,7 +638,12 @@ def _stream(
                 "(rows) of the source; hold out fewer (data.val_count) or use a fraction"
             )
         chosen = set(random.Random(settings.split_seed).sample(range(1, total), settings.val_count))
-        to_val = chosen.__contains__
+
+    def to_val(i: int) -> bool:
+        if chosen is not None:
+            return i in chosen
+        return doc_goes_to_val(i, settings.split_seed, settings.val_fraction)
+
     ranges: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
     docs = {"train": 0, "val": 0}
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}

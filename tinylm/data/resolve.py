@@ -237,7 +237,7 @@ def _prepare_source(
 ) -> PreparedDataset:
     from tinylm.data.prepare import SplitSettings, dataset_key, prepare
 
-    val_specs = s.val_specs or explicit_val
+    val_specs = explicit_val or s.val_specs  # data.val wins over a named dataset's own val
     settings = SplitSettings(
         text_field=cfg.text_field,
         delimiter=cfg.doc_delimiter,
