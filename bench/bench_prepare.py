@@ -41,6 +41,11 @@ def make_corpus(path: Path, size_bytes: int) -> None:
         SEP.join(s for seed in range(22) for s in generate_stories(5000, seed)).encode()
         + SEP.encode()
     )
+    write_repeated(path, block, size_bytes)
+
+
+def write_repeated(path: Path, block: bytes, size_bytes: int) -> None:
+    """`block` written again and again until `path` holds >= size_bytes (renamed when complete)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         written = 0
@@ -99,13 +104,7 @@ def make_real_corpus(path: Path, size_bytes: int) -> None:
     block = SEP.join(f.read_text(encoding="utf-8", errors="replace") for f in files).encode()
     block += SEP.encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        written = 0
-        while written < size_bytes:
-            f.write(block)
-            written += len(block)
-    tmp.replace(path)
+    write_repeated(path, block, size_bytes)
 
 
 def tiktoken_single(corpus: Path) -> dict:

@@ -478,15 +478,7 @@ def prepare(
     make_dir(out_dir, DataError, "dataset directory")
     try:
         with DirectoryLock(out_dir, "prepare a dataset", wait=True, error=DataError, log=log):
-            if (out_dir / META).is_file():
-                ds = PreparedDataset.open(out_dir)
-                if ds.meta.get("key") != key:
-                    raise DataError(
-                        f"'{out_dir}' already holds a prepared dataset made from other sources, tokenizer or "
-                        "settings; choose another output directory or delete that one"
-                    )
-                for note in ds.notes():
-                    log(f"prepare: {note}")
+            if (ds := finished_dataset(out_dir, key, log)) is not None:
                 return ds
             foreign = _foreign_files(out_dir, tokenizer)
             if foreign:
@@ -559,6 +551,21 @@ def prepare(
             with contextlib.suppress(OSError):
                 out_dir.rmdir()
     return PreparedDataset.open(out_dir)
+
+
+def finished_dataset(out_dir: Path, key: str, log: Callable[[str], None]) -> PreparedDataset | None:
+    """The dataset already prepared at `out_dir` from the same inputs (`key`), or None if none is."""
+    if not (out_dir / META).is_file():
+        return None
+    ds = PreparedDataset.open(out_dir)
+    if ds.meta.get("key") != key:
+        raise DataError(
+            f"'{out_dir}' already holds a prepared dataset made from other sources, tokenizer or "
+            "settings; choose another output directory or delete that one"
+        )
+    for note in ds.notes():
+        log(f"prepare: {note}")
+    return ds
 
 
 def _run(

@@ -507,7 +507,13 @@ def prepare_pretokenized(
     log: Callable[[str], None] = print,
 ) -> PreparedDataset:
     """Make a prepared dataset at `out_dir` from pretokenized sources (see the module docstring)."""
-    from tinylm.data.prepare import SplitSettings, _effective, _remove_partial, dataset_key
+    from tinylm.data.prepare import (
+        SplitSettings,
+        _effective,
+        _remove_partial,
+        dataset_key,
+        finished_dataset,
+    )
     from tinylm.fileio import make_dir
     from tinylm.locks import DirectoryLock
 
@@ -533,13 +539,7 @@ def prepare_pretokenized(
     make_dir(out_dir, DataError, "dataset directory")
     try:
         with DirectoryLock(out_dir, "prepare a dataset", wait=True, error=DataError, log=log):
-            if (out_dir / META).is_file():
-                ds = PreparedDataset.open(out_dir)
-                if ds.meta.get("key") != key:
-                    raise DataError(
-                        f"'{out_dir}' already holds a prepared dataset made from other sources; "
-                        "choose another output directory or delete that one"
-                    )
+            if (ds := finished_dataset(out_dir, key, log)) is not None:
                 return ds
             in_place = all(isinstance(i, FlatFile) and i.dtype == dtype for i, _ in train + val)
             try:
