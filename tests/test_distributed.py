@@ -97,7 +97,7 @@ def assert_written_once(run: Path, launches: int) -> None:
     steps = [r["step"] for r in read_metrics(run, "train")]
     assert steps == sorted(set(steps))
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoints", "config.yaml", "metrics.jsonl", "tokenizer.json",
+        "checkpoints", "config.yaml", "data_check.json", "metrics.jsonl", "tokenizer.json",
     ]  # fmt: skip
     assert not list((run / "checkpoints").glob(".*"))  # no stray temporary directories
 

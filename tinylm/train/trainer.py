@@ -277,7 +277,7 @@ class Trainer:
         with self.stop:
             if self.is_main:
                 checkpoint.write_run_files(self.run_dir, self.cfg, self.tokenizer)
-                if self.data_check is not None:
+                if self.data_check is not None and self.data_check.flags:  # what the warning cites
                     self.data_check.write(self.run_dir / "data_check.json")
             self.log = sinks.RunLogger(
                 self.run_dir,
