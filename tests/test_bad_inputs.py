@@ -433,12 +433,16 @@ def bad_token_files(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("argv, fragment", PRETOKENIZED_CASES, ids=[f for _, f in PRETOKENIZED_CASES])
+@pytest.mark.parametrize(
+    "argv, fragment", PRETOKENIZED_CASES, ids=[f for _, f in PRETOKENIZED_CASES]
+)
 def test_bad_token_source_is_refused_clearly(
     argv, fragment, bad_token_files, trained_run, corpus, tmp_path, capsys
 ):
     (tmp_path / "empty").mkdir()
-    filled = [a.replace("{p}", str(bad_token_files)) for a in _fill(argv, trained_run, corpus, tmp_path)]
+    filled = [
+        a.replace("{p}", str(bad_token_files)) for a in _fill(argv, trained_run, corpus, tmp_path)
+    ]
     code = main(filled)
     out, err = capsys.readouterr()
     assert code == 2, (filled, out, err)
