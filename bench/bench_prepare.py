@@ -62,10 +62,14 @@ def run_prepare(corpus: Path, out: Path, tokenizer: str, workers: int) -> dict:
     start = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak_tree = peak_main = 0
+    cpu: dict[int, float] = {}  # pid -> last seen user + system seconds (the tree's CPU time)
     while proc.poll() is None:
         try:
             procs = [proc, *proc.children(recursive=True)]
             rss = [p.memory_info().rss for p in procs]
+            for p in procs:
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
         except psutil.NoSuchProcess:
             continue
         peak_tree, peak_main = max(peak_tree, sum(rss)), max(peak_main, rss[0])
@@ -85,6 +89,7 @@ def run_prepare(corpus: Path, out: Path, tokenizer: str, workers: int) -> dict:
         "mb_per_s": round(size / 1e6 / seconds, 1),
         "peak_rss_tree_mb": round(peak_tree / 2**20),
         "peak_rss_main_mb": round(peak_main / 2**20),
+        "cpu_s": round(sum(cpu.values()), 1),  # on a loaded machine: MB per CPU-second is fairer
         "tokens": sum(s["tokens"] for s in meta["splits"].values()),
     }
 
@@ -113,14 +118,15 @@ def tiktoken_single(corpus: Path) -> dict:
 
     enc = gpt2_tokenizer()._enc  # the same tiktoken Encoding prepare's workers use
     tokens = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with open(corpus, encoding="utf-8") as f:
         while piece := f.read(4 << 20):
             tokens += len(enc.encode(piece, allowed_special="all"))
     seconds = time.perf_counter() - start
     size = corpus.stat().st_size
     return {"what": "tiktoken 1 process", "seconds": round(seconds, 1), "tokens": tokens,
-            "mb_per_s": round(size / 1e6 / seconds, 2)}  # fmt: skip
+            "mb_per_s": round(size / 1e6 / seconds, 2),
+            "cpu_s": round(time.process_time() - cpu, 1)}  # fmt: skip
 
 
 def vs_tiktoken(scratch: Path, size_gb: float, rounds: int, workers: int) -> None:
