@@ -216,6 +216,11 @@ CASES: list[tuple[list[str], str]] = [
     (["serve", "{run}", "--device", "gpu"], "argument --device"),
     (["serve", "{run}", "--log-level", "loud"], "argument --log-level"),
     (["serve", "{tmp}/no-runs"], "no such run or runs directory"),
+    (["serve", "{file}"], "is a file"),
+    (["serve", "{run}", "--api-key", ""], "--api-key (or $TINYLM_API_KEY) is empty"),
+    (["serve", "{run}", "--api-key", "a key"], "--api-key: use printable ASCII"),
+    (["serve", "{run}", "--max-models", "0"], "argument --max-models"),
+    (["generate", "{run}", "--stop", ""], "--stop: a stop string cannot be empty"),
     # ---- runs, plot, datasets, top level
     (["runs", "{tmp}/no-runs"], "no-runs"),
     (["plot", "{tmp}/no-run", "--out", "{tmp}/p.png"], "no-run"),

@@ -240,86 +240,106 @@ def make_figure(run_dirs: list[str | Path]):
 
     Panels: loss vs steps, loss vs tokens (train solid, val dashed), validation bits per byte vs
     steps (the measure that compares across tokenizers: loss per token does not), learning rate
-    and tokens/s vs steps. Each run is labeled with its data and tokenizer.
+    and tokens/s vs steps. A panel none of the runs has data for is left out (no empty frames),
+    and the legend (each run labeled with its data and tokenizer, then the line styles) sits
+    below the panels, outside the data, however many runs there are.
     """
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, and no GUI toolkit imported
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
-    (ax_step, ax_tok, ax_bpb), (ax_lr, ax_tps, ax_unused) = axes
-    ax_unused.remove()
     names = [Path(r).name for r in run_dirs]
     if len(set(names)) < len(names):  # same run name in two directories: show the paths
         names = [str(r) for r in run_dirs]
-    for name, run_dir in zip(names, run_dirs, strict=True):
-        label = run_label(run_dir, name)
+    panels = {  # key -> (title, x label, y label, [(xs, ys, style kwargs)])
+        "step": ("loss vs steps", "step", "loss (nats/token)", []),
+        "tokens": ("loss vs tokens", "tokens", "loss (nats/token)", []),
+        "bpb": ("validation bits per byte (compares across tokenizers)", "step", "bits/byte", []),
+        "lr": ("learning rate", "step", "lr", []),
+        "tps": ("throughput", "step", "tokens/s", []),
+    }
+    run_handles = []
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    any_val = False
+    val_style = {"linestyle": "--", "marker": "o", "markersize": 3}
+
+    def add(key: str, xs: list, ys: list, style: dict) -> None:
+        if any(y is not None for y in ys):
+            panels[key][3].append((xs, ys, style))
+
+    for i, (name, run_dir) in enumerate(zip(names, run_dirs, strict=True)):
+        color = colors[i % len(colors)]
+        run_handles.append(Line2D([], [], color=color, label=run_label(run_dir, name)))
         records = read_metrics(run_dir)
         train = [r for r in records if r.get("kind") == "train"]
         evals = [r for r in records if r.get("kind") == "eval" and "val/loss" in r]
         # Tokens per step is constant within a run; eval lines carry only the step.
         per_step = train[-1]["tokens"] / train[-1]["step"] if train else 0.0
         steps = [r["step"] for r in train]
+        solid = {"color": color, **_style(len(steps))}
+        val = {"color": color, **val_style}
         losses = [metric_number(r.get("loss")) for r in train]
-        (line,) = ax_step.plot(steps, losses, label=f"{label} train", **_style(len(steps)))
-        color = line.get_color()
-        ax_tok.plot(
-            [r["tokens"] for r in train],
-            losses,
-            color=color,
-            label=f"{label} train",
-            **_style(len(steps)),
-        )
+        add("step", steps, losses, solid)
+        add("tokens", [r["tokens"] for r in train], losses, solid)
         if evals:
             vsteps = [r["step"] for r in evals]
             vloss = [metric_number(r["val/loss"]) for r in evals]
-            ax_step.plot(vsteps, vloss, "--o", color=color, markersize=3, label=f"{label} val")
-            ax_tok.plot(
-                [s * per_step for s in vsteps],
-                vloss,
-                "--o",
-                color=color,
-                markersize=3,
-                label=f"{label} val",
-            )
+            any_val = any_val or any(v is not None for v in vloss)
+            add("step", vsteps, vloss, val)
+            add("tokens", [s * per_step for s in vsteps], vloss, val)
             bpb = [(r["step"], metric_number(r.get("val/bits_per_byte"))) for r in evals]
             bpb = [(s, b) for s, b in bpb if b is not None]
             if bpb:
-                ax_bpb.plot(*zip(*bpb, strict=True), "--o", color=color, markersize=3, label=label)
-        ax_lr.plot(
-            steps, [r.get("lr") for r in train], color=color, label=label, **_style(len(steps))
-        )
-        ax_tps.plot(
-            steps,
-            [r.get("tokens_per_second") for r in train],
-            color=color,
-            label=label,
-            **_style(len(steps)),
-        )
-    for ax, title, xlabel, ylabel in (
-        (ax_step, "loss vs steps", "step", "loss (nats/token)"),
-        (ax_tok, "loss vs tokens", "tokens", "loss (nats/token)"),
-        (ax_bpb, "validation bits per byte (compares across tokenizers)", "step", "bits/byte"),
-        (ax_lr, "learning rate", "step", "lr"),
-        (ax_tps, "throughput", "step", "tokens/s"),
-    ):
+                add("bpb", *map(list, zip(*bpb, strict=True)), val)
+        add("lr", steps, [r.get("lr") for r in train], solid)
+        add("tps", steps, [r.get("tokens_per_second") for r in train], solid)
+
+    shown = [k for k, p in panels.items() if p[3]] or ["step"]
+    # One or two rows with every slot used: 5 panels are 3 above and 2 (wider) below.
+    rows = 1 if len(shown) <= 3 else 2
+    top = math.ceil(len(shown) / rows)
+    bottom = len(shown) - top
+    width = top * bottom if bottom else top
+    fig = plt.figure(figsize=(16, 4.2 * rows + 1.2), layout="constrained")
+    grid = fig.add_gridspec(rows, width)
+    axes = {}
+    for j, key in enumerate(shown):
+        row, col = (0, j) if j < top else (1, j - top)
+        span = width // (top if row == 0 else bottom)
+        axes[key] = ax = fig.add_subplot(grid[row, col * span : (col + 1) * span])
+        title, xlabel, ylabel, lines = panels[key]
+        for xs, ys, style in lines:
+            ax.plot(xs, ys, **style)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    for ax in (ax_step, ax_tok):
-        ax.set_yscale("log")  # loss falls by orders of magnitude early, then slowly
-        # Plain numbers at 1, 2, 3, 5 per decade (0.3, 2) rather than 3x10^-1 or no label at all.
-        plain = FuncFormatter(lambda value, _pos: f"{value:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
-        ax.yaxis.set_minor_formatter(plain)
+    for key in ("step", "tokens"):
+        if key in axes and panels[key][3]:
+            ax = axes[key]
+            ax.set_yscale("log")  # loss falls by orders of magnitude early, then slowly
+            # Plain numbers at 1, 2, 3, 5 per decade (0.3, 2) rather than 3x10^-1 or no label.
+            plain = FuncFormatter(lambda value, _pos: f"{value:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
+            ax.yaxis.set_minor_formatter(plain)
+    styles = [Line2D([], [], color="0.3", label="train")]
+    if any_val:
+        styles.append(Line2D([], [], **{**val_style, "color": "0.3"}, label="val"))
+    handles = run_handles + styles
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncols=min(len(handles), 4),
+        fontsize=9,
+        frameon=False,
+    )
     fig.suptitle(f"tinylm: {len(names)} run(s) compared: {', '.join(names)}")
-    fig.tight_layout()
     return fig
 
 

@@ -1,12 +1,15 @@
 """The page at `/` in a real headless Chromium (Debian's chromium + chromedriver, via selenium):
 the dashboard lists the runs and draws their curves (checked point by point against
-metrics.jsonl), a run training during the test gets new points without a reload, and the
-playground streams a completion and stops one. Screenshots go to tests/artifacts/."""
+metrics.jsonl), a run training during the test gets new points without a reload, the
+playground streams a completion and stops one, and the chart's unit switches to bits/byte when
+a run with another tokenizer appears while run colours stay. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import shutil as _shutil
 import signal
 import subprocess
 import sys
@@ -56,11 +59,12 @@ def _wait(predicate, timeout: float, what: str):
 
 @pytest.fixture(scope="module")
 def live_root(serve_root, corpus, tmp_path_factory):
-    """The finished runs (linked) and a run `live` that trains while the tests look at it."""
+    """The finished runs (copied: a symlink to a run outside the served directory is not
+    served) and a run `live` that trains while the tests look at it."""
     root = tmp_path_factory.mktemp("browser") / "runs"
     root.mkdir()
     for name in ("alpha", "beta"):
-        (root / name).symlink_to(serve_root / name, target_is_directory=True)
+        _shutil.copytree(serve_root / name, root / name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TINYLM_CACHE": str(serve_root.parent / "cache")}
     cmd = [sys.executable, "-m", "tinylm.cli", "train", "tiny", "run_name=live"]
     args = [f"data.train={corpus}", f"out_dir={root}", *SERVE_MODEL, "train.max_steps=100000"]
@@ -126,8 +130,13 @@ def test_dashboard_shows_runs_and_their_curves(page, live_root):
         assert _points(browser, run, "val") == [[r["step"], r["val/loss"]] for r in evals]
     best = min(r["val/loss"] for r in read_metrics(live_root / "alpha", "eval"))
     assert f"{best:.4f}" in rows["alpha"]
-    samples = browser.find_element("id", "samples").text
+    # Samples sit below a fold (closed: the playground is not pushed down) until opened.
+    fold = browser.find_element("id", "samples-fold")
+    assert fold.get_attribute("open") is None
+    browser.find_element("css selector", "#samples-fold summary").click()
+    samples = _wait(lambda: browser.find_element("id", "samples").text, 10, "the samples")
     assert "alpha" in samples and "step 30" in samples
+    browser.find_element("css selector", "#samples-fold summary").click()
     # By tokens: the same losses at tokens = step * tokens per step.
     browser.find_element("css selector", "input[name=xaxis][value=tokens]").click()
     tokens = _points(browser, "alpha", "train")
@@ -195,3 +204,46 @@ def test_playground_streams_and_stops(page):
     stopped_at = len(text())
     time.sleep(0.5)
     assert len(text()) == stopped_at < 50  # nothing more arrives after the stop
+
+
+def _y_label(browser) -> str:
+    return browser.execute_script(
+        "const labels = document.querySelectorAll('#chart .u-axis .u-label');"
+        "return labels.length > 1 ? labels[1].textContent : '';"
+    )
+
+
+def test_units_switch_to_bits_per_byte_and_colours_stay(page, live_root):
+    """A run with another tokenizer appears: the y axis turns to bits/byte by itself (val
+    points are the logged val/bits_per_byte; train losses scaled by the run's bits per nat),
+    existing runs keep their colours (also after a page reload), and the user can switch back."""
+    browser, server = page
+    _wait(lambda: _points(browser, "alpha", "val"), 60, "alpha's curve")
+    assert browser.execute_script("return window.tinylmDashboard.yUnit()") == "nats"
+    assert _y_label(browser) == "loss (nats/token)"
+    colors = browser.execute_script("return window.tinylmDashboard.colors()")
+    gamma = live_root / "gamma"  # a logged run with the GPT-2 tokenizer (no training needed)
+    gamma.mkdir()
+    (gamma / "config.yaml").write_text("data:\n  tokenizer: gpt2\n")
+    lines = [{"kind": "train", "step": s, "tokens": 512 * s, "loss": 9.0 - s} for s in (1, 2, 3)]
+    lines.append({"kind": "eval", "step": 3, "val/loss": 6.0, "val/bits_per_byte": 2.4})
+    (gamma / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    _wait(lambda: _points(browser, "gamma", "val"), 30, "gamma's curve")
+    assert browser.execute_script("return window.tinylmDashboard.yUnit()") == "bpb"
+    assert _y_label(browser) == "bits/byte"
+    assert _points(browser, "gamma", "val") == [[3, 2.4]]
+    scaled = [[s, y] for s, y in _points(browser, "gamma", "train")]
+    assert [s for s, _ in scaled] == [1, 2, 3]
+    assert all(abs(y - (9.0 - s) * 0.4) < 1e-9 for s, y in scaled)
+    evals = read_metrics(live_root / "alpha", "eval")
+    assert _points(browser, "alpha", "val") == [[r["step"], r["val/bits_per_byte"]] for r in evals]
+    now = browser.execute_script("return window.tinylmDashboard.colors()")
+    assert {k: now[k] for k in colors} == colors and now["gamma"] not in colors.values()
+    browser.save_screenshot(str(ARTIFACTS / "serve-dashboard-bpb.png"))
+    browser.find_element("css selector", "input[name=yunit][value=nats]").click()
+    assert _y_label(browser) == "loss (nats/token)"
+    assert _points(browser, "gamma", "val") == [[3, 6.0]]
+    browser.get(f"{server.url}/?poll={POLL_MS}")  # a new page: same colours for the same runs
+    _wait(lambda: _points(browser, "gamma", "val"), 30, "the reloaded page's curves")
+    again = browser.execute_script("return window.tinylmDashboard.colors()")
+    assert {k: again[k] for k in now} == now

@@ -91,12 +91,20 @@ def test_engine_batches_ragged_prompts_like_generate():
     engine.close(wait=True)
 
 
-def test_engine_stops_at_context_and_on_cancel():
+def test_engine_slides_past_the_context_like_generate_and_stops_on_cancel():
+    """Past the context (48) the engine slides as `generate` does: the same greedy ids, the
+    request marked `slid`, and a row beside it in the cache undisturbed."""
     model = _model(pos_emb="learned")
     engine = BatchEngine(model, max_batch=2)
-    out, result, done, _ = _run(engine, list(range(40)), max_tokens=100, temperature=0.0)
-    assert done.wait(30)
-    assert result["reason"] == "length" and len(out) == 48 - 40 + 1  # the context is full
+    out, result, done, req = _run(engine, list(range(40)), max_tokens=30, temperature=0.0)
+    short, short_result, short_done, short_req = _run(
+        engine, [3, 4], max_tokens=20, temperature=0.0
+    )
+    assert done.wait(30) and short_done.wait(30)
+    assert result["reason"] == "length" and req.slid and len(out) == 30  # 22 past the context
+    assert out == generate(model, list(range(40)), max_new_tokens=30, temperature=0.0)
+    assert short == generate(model, [3, 4], max_new_tokens=20, temperature=0.0)
+    assert short_result["reason"] == "length" and not short_req.slid
 
     got_three = threading.Event()
     tokens: list[int] = []

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinylm.serve import completions, dashboard
 from tinylm.serve.protocol import ApiError, error_body, validation_message
-from tinylm.serve.registry import ModelRegistry
+from tinylm.serve.registry import DEFAULT_MAX_MODELS, ModelRegistry
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("tinylm.serve")
@@ -41,6 +41,7 @@ class ServeSettings:
     max_batch: int = 16
     auto_reload: bool = True
     device: str = "cpu"
+    max_models: int = DEFAULT_MAX_MODELS
 
 
 class BodyLimit:
@@ -90,7 +91,10 @@ def _require_key(request: Request) -> None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip(), key):
+    # Bytes, not str: compare_digest refuses non-ASCII strings (a header of any bytes was a 500).
+    # Starlette decodes headers as latin-1, so this gives back the bytes the client sent.
+    given_bytes = given.strip().encode("latin-1", "replace")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given_bytes, key.encode()):
         raise ApiError(
             401,
             "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'",
@@ -105,6 +109,7 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None) -
         device=settings.device,
         max_batch=settings.max_batch,
         auto_reload=settings.auto_reload,
+        max_models=settings.max_models,
     )
 
     @asynccontextmanager
@@ -145,8 +150,13 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None) -
     async def health() -> dict:
         return {
             "status": "ok",
+            "memory": registry.memory(),
             "models": {
-                s.model_id: {"checkpoint": s.checkpoint.name, **vars(s.engine.stats)}
+                s.model_id: {
+                    "checkpoint": s.checkpoint.name,
+                    "parameter_bytes": s.parameter_bytes,
+                    **vars(s.engine.stats),
+                }
                 for s in registry.loaded()
             },
         }

@@ -3,18 +3,30 @@
 Prompt length. A prompt must leave room for at least one new token (fewer than
 `context_length` ids) or the request is refused (400, code `context_length_exceeded`). With
 `tinylm serve --truncate` a prompt that leaves less room than `max_tokens` is cut from the left
-instead, keeping its last `context_length - max_tokens` ids (at least one). Either way, a
-completion that reaches the end of the context stops there with `finish_reason: "length"`.
+instead, keeping its last `context_length - max_tokens` ids (at least one).
 
-Stop sequences are matched on the decoded text (so they may span tokens): the text is cut before
-the match, the request's row stops decoding, and a stream never sends the part of the text that
-could still turn into a stop sequence (nor a half-decoded UTF-8 character) until it is certain.
-A client that disconnects (or whose stream is closed) cancels its rows at the next step.
+Past the context. A completion that fills the context does not stop there: like `tinylm
+generate`, it slides (each further token sees the last `context_length` ids), so both give the
+same text. A choice that slid says so: `"context_slid": true` in the choice (in a stream, on its
+last chunk) and a `warnings` entry in the response; `finish_reason` is `"length"` only when
+`max_tokens` is reached.
+
+Stop sequences are matched on the decoded text (`tinylm.stops.TextStream`): the text is cut
+before the match, the request's row stops decoding, and a stream never sends the part of the
+text that could still turn into a stop sequence until it is certain.
+
+Cancellation. A client that disconnects cancels its rows at the next decode step: a stream when
+its response is closed, a plain request through a task that waits for the connection's
+`http.disconnect` while the request decodes.
+
+`POST /v1/chat/completions`: tinylm models are base models without a chat template, so it is a
+404 in OpenAI's error shape saying that this server offers completions only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -26,54 +38,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tinylm.serve.engine import GenerationRequest
-from tinylm.serve.protocol import ApiError, CompletionRequest
-from tinylm.serve.registry import ServedModel, UnknownModel
-from tinylm.tokenizer.base import Tokenizer
+from tinylm.serve.protocol import ApiError, CompletionRequest, error_body
+from tinylm.serve.registry import ServedModel, UnknownModel, canonical_id
+from tinylm.stops import TextStream
+from tinylm.train.checkpoint import CheckpointError
 
 router = APIRouter()
 
-DISCONNECT_POLL_SECONDS = 0.25  # how soon a non-streaming request notices its client left
 MAX_CHOICES = 128  # prompts x n per request: each is a queued row; more is a batch job, not a call
-
-
-class TextStream:
-    """Decoded text of one choice, released as it becomes final (see the module docstring)."""
-
-    def __init__(self, tokenizer: Tokenizer, stops: list[str], prefix: str = "") -> None:
-        self.tokenizer, self.stops, self.prefix = tokenizer, stops, prefix
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0  # characters of `text` already released
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        """Add an id; return the newly final text (sets `stopped` on a stop sequence)."""
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        for stop in self.stops:
-            at = self.text.find(stop, max(0, self.sent - len(stop)))
-            if at >= 0:
-                self.text, self.stopped = self.text[:at], True
-        if self.stopped:
-            return self._release(len(self.text))
-        safe = len(self.text.rstrip("\ufffd"))  # a multi-byte character still incomplete
-        for stop in self.stops:  # hold back a tail that may become a stop sequence
-            for k in range(min(len(stop) - 1, safe), 0, -1):
-                if self.text[safe - k : safe] == stop[:k]:
-                    safe -= k
-                    break
-        return self._release(max(safe, self.sent))
-
-    def flush(self) -> str:
-        """The rest of the text (the request ended, so nothing more can complete a stop)."""
-        return self._release(len(self.text))
-
-    def _release(self, upto: int) -> str:
-        out = self.text[self.sent : upto]
-        if self.sent == 0 and self.prefix:
-            out, self.prefix = self.prefix + out, ""
-        self.sent = max(self.sent, upto)
-        return out
 
 
 @dataclass
@@ -137,6 +109,8 @@ async def _served(request: Request, model_id: str) -> ServedModel:
         return await run_in_threadpool(request.app.state.registry.get, model_id)
     except UnknownModel as e:
         raise ApiError(404, str(e), param="model", code="model_not_found") from e
+    except CheckpointError as e:  # damaged on disk: the server's side, said in one line
+        raise ApiError(503, f"the model cannot be loaded: {e}", type="server_error") from e
 
 
 @router.get("/v1/models")
@@ -148,19 +122,38 @@ async def list_models(request: Request) -> dict:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> dict:
     ids = dict(await run_in_threadpool(request.app.state.registry.model_ids))
+    with contextlib.suppress(UnknownModel):  # not an id at all: the 404 below
+        model_id = canonical_id(model_id)
     if model_id not in ids:
-        raise ApiError(404, f"The model '{model_id}' does not exist", code="model_not_found")
+        raise ApiError(404, f"The model '{model_id[:200]}' does not exist", code="model_not_found")
     return _model_card(model_id, ids[model_id])
 
 
 def _model_card(model_id: str, path) -> dict:
+    try:
+        created = int(path.stat().st_mtime)
+    except OSError:  # rotated away since the listing
+        created = 0
     return {
         "id": model_id,
         "object": "model",
-        "created": int(path.stat().st_mtime),
+        "created": created,
         "owned_by": "tinylm",
         "checkpoint": path.name,
     }
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> JSONResponse:
+    """No tinylm model has a chat template (they are base models): say so in OpenAI's shape."""
+    return JSONResponse(
+        status_code=404,
+        content=error_body(
+            "tinylm serves base models without a chat template: this server offers "
+            "completions only (POST /v1/completions with a 'prompt')",
+            code="chat_not_supported",
+        ),
+    )
 
 
 @router.post("/v1/completions")
@@ -212,27 +205,52 @@ async def create_completion(request: Request, req: CompletionRequest):
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+    left = asyncio.Event()
+    watcher = asyncio.create_task(_watch_disconnect(request, choices, left))
     try:
-        async for _ in _drive(choices, events, request):
+        async for _ in _drive(choices, events):
             pass
     finally:
+        watcher.cancel()
         for c in choices:
             c.job.cancel()
-    if any(c.finish_reason is None for c in choices):  # the client left: nobody reads this
+    if left.is_set():  # the client left: nobody reads this
         return JSONResponse(status_code=499, content={})
-    return {
-        **head,
-        "choices": [
-            {
-                "text": "".join(c.out),
-                "index": c.index,
-                "logprobs": None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        "usage": _usage(usage_prompt, choices),
-    }
+    body = {**head, "choices": [_choice(c, c.finish_reason, "".join(c.out)) for c in choices]}
+    body["usage"] = _usage(usage_prompt, choices)
+    if warning := _slid_warning(choices, served.context_length):
+        body["warnings"] = [warning]
+    return body
+
+
+async def _watch_disconnect(request: Request, choices: list[Choice], left: asyncio.Event) -> None:
+    """Cancel the choices' rows as soon as the client disconnects. The body has been read, so
+    the next ASGI message is `http.disconnect` (uvicorn sends it when the connection closes;
+    this task is cancelled when the answer is ready first)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            left.set()
+            for c in choices:
+                c.job.cancel()
+            return
+
+
+def _choice(c: Choice, finish_reason: str | None, text: str) -> dict:
+    out = {"text": text, "index": c.index, "logprobs": None, "finish_reason": finish_reason}
+    if finish_reason is not None and c.job.slid:
+        out["context_slid"] = True
+    return out
+
+
+def _slid_warning(choices: list[Choice], context: int) -> str | None:
+    slid = [c.index for c in choices if c.job.slid]
+    if not slid:
+        return None
+    return (
+        f"choice(s) {slid} went past the model's context of {context} tokens: it slid, each "
+        f"further token seeing only the last {context} (as tinylm generate does)"
+    )
 
 
 def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
@@ -244,20 +262,13 @@ def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
     }
 
 
-async def _drive(
-    choices: list[Choice], events: asyncio.Queue, request: Request | None = None
-) -> AsyncIterator[tuple[Choice, str]]:
+async def _drive(choices: list[Choice], events: asyncio.Queue) -> AsyncIterator[tuple[Choice, str]]:
     """Apply engine events to the choices; yield (choice, new text) as text becomes final
-    (with the finish reason set on a choice's last yield). Ends when every choice finished,
-    or (non-streaming, `request` given) when the client disconnects."""
+    (with the finish reason set on a choice's last yield). Ends when every choice finished
+    (a cancelled row finishes too)."""
     remaining = len(choices)
     while remaining:
-        try:
-            index, kind, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
-        except asyncio.TimeoutError:
-            if request is not None and await request.is_disconnected():
-                return
-            continue
+        index, kind, value = await events.get()
         c = choices[index]
         if c.finish_reason is not None:
             continue  # an event that raced with a stop sequence
@@ -292,17 +303,7 @@ async def _sse(
     Closing the stream (the client went away) cancels every row still decoding."""
     try:
         async for c, delta in _drive(choices, events):
-            chunk = {
-                **head,
-                "choices": [
-                    {
-                        "text": delta,
-                        "index": c.index,
-                        "logprobs": None,
-                        "finish_reason": c.finish_reason,
-                    }
-                ],
-            }
+            chunk = {**head, "choices": [_choice(c, c.finish_reason, delta)]}
             yield f"data: {json.dumps(chunk)}\n\n"
         if include_usage:
             usage = {**head, "choices": [], "usage": _usage(prompt_tokens, choices)}

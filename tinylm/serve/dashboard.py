@@ -47,6 +47,19 @@ def _finite(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def run_tokenizer(run_dir: Path) -> str | None:
+    """The tokenizer a run was configured with (`data.tokenizer` in its config.yaml): the page
+    plots bits/byte by default when the runs shown differ in it."""
+    import yaml
+
+    try:
+        data = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    tokenizer = data.get("tokenizer") if isinstance(data, dict) else None
+    return str(tokenizer) if tokenizer is not None else None
+
+
 def run_row(run_dir: Path) -> dict[str, Any]:
     """One run for the dashboard table."""
     s = summarize(run_dir)
@@ -65,6 +78,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "best_bits_per_byte": min(bpb) if bpb else None,
         "last_train_loss": _finite(s.last_train_loss),
         "last_checkpoint": s.last_checkpoint,
+        "tokenizer": run_tokenizer(run_dir),
     }
 
 

@@ -10,9 +10,13 @@ of its sequence, so rows of different lengths share the cache without padding th
 - each decode step feeds the last token of every active row at once, with per-row positions
   (`GPT.forward(positions=...)`): a row writes its own next slot and attends only to its own
   slots 0..position, so another row's longer history (or an old request's leftovers) is masked;
-- a row that finishes (end-of-text, `max_tokens`, context full, or cancelled by its client) is
-  removed at once; the last active row moves into its place, so the active rows stay a prefix
-  `0..A-1` of the cache and a step computes exactly A rows.
+- a row that finishes (end-of-text, `max_tokens`, or cancelled by its client) is removed at
+  once; the last active row moves into its place, so the active rows stay a prefix `0..A-1` of
+  the cache and a step computes exactly A rows;
+- a row whose prompt + output fill the context leaves the cache the same way and slides, as
+  `tinylm.generate` does: each further token recomputes the last `context` ids (one row, no
+  cache), so serving and `tinylm generate` give the same tokens past the context, and the
+  request is marked `slid` (the API says so in its response).
 
 Every request samples with its own `torch.Generator` (seeded by its `seed`), so a seed
 reproduces a request's text whatever else is decoding beside it (up to float rounding of the
@@ -57,12 +61,14 @@ class GenerationRequest:
     seed: int | None = None
     eot_id: int | None = None
     cancelled: bool = False
+    slid: bool = False  # went past the context: the oldest ids dropped out of view
     # Engine state
     generator: torch.Generator | None = field(default=None, repr=False)
     length: int = 0  # positions written to the cache
     last: int = 0  # the last sampled id (not yet in the cache)
     produced: int = 0
     finish: str | None = None
+    ids: list[int] = field(default_factory=list, repr=False)  # prompt + output (for sliding)
 
     def cancel(self) -> None:
         self.cancelled = True  # a bool store is atomic; the engine checks it between steps
@@ -101,7 +107,8 @@ class BatchEngine:
         self.cache = model.make_kv_cache(max_batch, self.context, self.device, weight.dtype)
         self.stats = EngineStats()
         self._pending: queue.Queue[GenerationRequest | None] = queue.Queue()
-        self._active: list[GenerationRequest] = []
+        self._active: list[GenerationRequest] = []  # rows 0..A-1 of the cache
+        self._sliding: list[GenerationRequest] = []  # past the context: recomputed, no cache
         self._closing = False
         self._closing_seen = False
         self._slow = float(os.environ.get(SLOW_ENV, "0") or 0)
@@ -134,7 +141,7 @@ class BatchEngine:
                 if not self._admit():
                     return
                 self._drop_finished()
-                if self._active:
+                if self._active or self._sliding:
                     try:
                         self._step()
                     except Exception as e:  # fail these requests, keep serving others
@@ -142,9 +149,10 @@ class BatchEngine:
 
     def _admit(self) -> bool:
         """Move queued requests into free rows (waiting when idle); False when closed and done."""
-        while len(self._active) < self.max_batch:
+        while len(self._active) + len(self._sliding) < self.max_batch:
+            busy = self._active or self._sliding
             try:
-                request = self._pending.get(block=not self._active and not self._closing_seen)
+                request = self._pending.get(block=not busy and not self._closing_seen)
             except queue.Empty:
                 break
             if request is None:  # close(): finish what is active and queued, then stop
@@ -158,7 +166,8 @@ class BatchEngine:
                 self._prefill(request)
             except Exception as e:
                 self._finish(request, "error", f"{type(e).__name__}: {e}")
-        return not (self._closing_seen and not self._active and self._pending.empty())
+        idle = not self._active and not self._sliding
+        return not (self._closing_seen and idle and self._pending.empty())
 
     def _prefill(self, request: GenerationRequest) -> None:
         row = len(self._active)
@@ -170,6 +179,7 @@ class BatchEngine:
         idx = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
         logits, _ = self.model(idx, kv_cache=_rows(self.cache, row, row + 1), last_only=True)
         request.length = len(request.prompt)
+        request.ids = list(request.prompt)
         self._active.append(request)
         self._emit([request], logits[:, -1])
 
@@ -177,13 +187,19 @@ class BatchEngine:
         active = self._active
         if self._slow:
             time.sleep(self._slow)
-        idx = torch.tensor([[r.last] for r in active], dtype=torch.long, device=self.device)
-        positions = torch.tensor([r.length for r in active], dtype=torch.long, device=self.device)
-        logits, _ = self.model(idx, kv_cache=_rows(self.cache, 0, len(active)), positions=positions)
-        for r in active:
-            r.length += 1
+        if active:
+            idx = torch.tensor([[r.last] for r in active], dtype=torch.long, device=self.device)
+            positions = torch.tensor([r.length for r in active], device=self.device)
+            cache = _rows(self.cache, 0, len(active))
+            logits, _ = self.model(idx, kv_cache=cache, positions=positions)
+            for r in active:
+                r.length += 1
+            self._emit(active, logits[:, -1])
+        for r in self._sliding:  # as generate's sliding window: the last `context` ids
+            idx = torch.tensor([r.ids[-self.context :]], dtype=torch.long, device=self.device)
+            logits, _ = self.model(idx, last_only=True)
+            self._emit([r], logits[:, -1])
         self.stats.steps += 1
-        self._emit(active, logits[:, -1])
 
     def _emit(self, rows: list[GenerationRequest], logits: torch.Tensor) -> None:
         """Sample each row's next id with its own settings and generator; deliver it."""
@@ -203,6 +219,7 @@ class BatchEngine:
                 r.finish = "stop"  # end-of-text: not delivered
                 continue
             r.last = nxt
+            r.ids.append(nxt)
             r.produced += 1
             self.stats.tokens += 1
             try:
@@ -210,35 +227,53 @@ class BatchEngine:
             except Exception:  # the receiver is gone (its event loop closed): stop the row
                 r.cancelled = True
 
+    @staticmethod
+    def _reason(r: GenerationRequest) -> str | None:
+        if r.cancelled:
+            return "cancelled"
+        if r.finish:
+            return r.finish
+        return "length" if r.produced >= r.max_tokens else None
+
     def _drop_finished(self) -> None:
-        """Remove finished rows, keeping the active rows a prefix of the cache."""
+        """Remove finished rows, and rows whose context is full (they slide from now on),
+        keeping the active rows a prefix of the cache."""
         i = 0
         while i < len(self._active):
             r = self._active[i]
-            if r.cancelled:
-                reason = "cancelled"
-            elif r.finish:
-                reason = r.finish
-            elif r.produced >= r.max_tokens or r.length >= self.context:
-                reason = "length"  # no room for the next position: the context is full
-            else:
+            reason = self._reason(r)
+            full = r.length >= self.context  # no room for the next position in the cache
+            if reason is None and not full:
                 i += 1
                 continue
-            last = len(self._active) - 1
-            if i != last:
-                moved = self._active[last]
-                for k, v in zip(self.cache.k, self.cache.v, strict=True):
-                    k[i, :, : moved.length] = k[last, :, : moved.length]
-                    v[i, :, : moved.length] = v[last, :, : moved.length]
-                self._active[i] = moved
-            self._active.pop()
-            self._finish(r, reason)
-        self.stats.active = len(self._active)
+            self._free_row(i)
+            if reason is None:
+                r.slid = True
+                self._sliding.append(r)
+            else:
+                self._finish(r, reason)
+        for r in list(self._sliding):
+            if (reason := self._reason(r)) is not None:
+                self._sliding.remove(r)
+                self._finish(r, reason)
+        self.stats.active = len(self._active) + len(self._sliding)
+
+    def _free_row(self, i: int) -> None:
+        """Take row i out of the cache: the last active row moves into its place."""
+        last = len(self._active) - 1
+        if i != last:
+            moved = self._active[last]
+            for k, v in zip(self.cache.k, self.cache.v, strict=True):
+                k[i, :, : moved.length] = k[last, :, : moved.length]
+                v[i, :, : moved.length] = v[last, :, : moved.length]
+            self._active[i] = moved
+        self._active.pop()
 
     def _fail_all(self, message: str) -> None:
-        for r in self._active:
+        for r in self._active + self._sliding:
             self._finish(r, "error", message)
         self._active.clear()
+        self._sliding.clear()
         self.stats.active = 0
 
     def _finish(self, r: GenerationRequest, reason: str, error: str | None = None) -> None:

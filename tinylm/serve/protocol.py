@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tinylm.config import MAX_NEW_TOKENS
+
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 MAX_N = 16  # completions per prompt: each is a row of the batch
 
@@ -64,7 +66,9 @@ class CompletionRequest(BaseModel):
 
     model: str = Field(min_length=1)
     prompt: str | list[str] | list[int] | list[list[int]] = ""
-    max_tokens: int = Field(16, ge=1)
+    # Bounded like `generate --max-new-tokens`: past the context a completion slides, so the
+    # context no longer bounds how long one request decodes.
+    max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)

@@ -1,8 +1,20 @@
-"""Which models the server can serve, and the loaded ones (each loaded once, with its engine).
+"""Which models the server can serve, and the loaded ones (each checkpoint loaded once).
 
 Model ids (what `/v1/models` lists and a request's `model` names):
   `RUN`              the run's newest intact checkpoint, following the run as it trains
   `RUN/step_NNNNNNNN` one checkpoint, pinned
+
+Confinement and canonical ids. An id is parsed, never joined onto a path: `RUN` must be one of
+the runs found under the served root and `step_N` a checkpoint name (`step_30` and
+`step_00000030` are the same checkpoint; `.`, empty parts and a trailing `/` are dropped; `..`
+or any other part is an unknown model). The run directory and the checkpoint directory must
+lie inside the served root after resolving symlinks, so a link to another disk location is not
+served. Loaded models are keyed by the checkpoint's real path: every spelling of an id, and a
+run id and the pinned id of the same checkpoint, share one loaded model and one engine.
+
+Memory. At most `max_models` checkpoints stay loaded (least recently used first out); an
+evicted or replaced model's engine is closed, so its thread ends once its requests are done
+(no thread or memory grows per load). `memory()` reports RSS, threads and parameter bytes.
 
 Reload policy. A model is loaded on its first request and kept. For a `RUN` id, a request
 checks (at most every `check_seconds`, a directory listing: no hashing) whether the run has a
@@ -10,21 +22,35 @@ newer intact checkpoint; if so the newer one is loaded and used from then on (`a
 the default; `tinylm serve --no-auto-reload` turns it off). `POST /api/reload` does the same at
 once. Requests already decoding finish on the model they started with: the old engine is closed
 and ends when they are done. Pinned ids never change.
+
+Rotation. A training run deletes old checkpoints while the server reads them. A run id is
+therefore loaded through the run directory (`checkpoint.load_model(run_dir)`, which resolves
+the newest checkpoint again when the one it found is rotated away mid-read) and keyed by the
+checkpoint actually read; a pinned checkpoint that disappears is an unknown model (404), and
+files vanishing while a listing looks at them are skipped, never an error.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 
 from tinylm.runs import find_runs
 from tinylm.serve.engine import BatchEngine
 from tinylm.tokenizer.base import Tokenizer
 from tinylm.train import checkpoint
+
+# Each loaded model holds its weights and a KV cache of max_batch rows (the `small` preset at
+# context 1024 and 16 rows: ~0.5 GiB); 4 covers comparing a few runs without unbounded growth.
+DEFAULT_MAX_MODELS = 4
 
 
 class UnknownModel(LookupError):
@@ -41,11 +67,40 @@ class ServedModel:
     tokenizer: Tokenizer
     context_length: int
     engine: BatchEngine
+    parameter_bytes: int = 0
     loaded_at: float = field(default_factory=time.time)
 
     @property
     def step(self) -> int:
         return int(self.checkpoint.name.split("_")[-1])
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def parse_id(model_id: str) -> tuple[str, int | None]:
+    """(run name, pinned step or None) of an id; UnknownModel when it is not of either form."""
+    parts = [p for p in model_id.split("/") if p not in ("", ".")]
+    pinned = re.fullmatch(r"step_(\d{1,12})", parts[1]) if len(parts) == 2 else None
+    if not (len(parts) == 1 or pinned) or parts[0] == "..":
+        raise UnknownModel(
+            f"The model '{model_id[:200]}' does not exist: ids are RUN or RUN/step_N for the runs "
+            "under the served directory (see GET /v1/models)"
+        )
+    return parts[0], int(pinned.group(1)) if pinned else None
+
+
+def canonical_id(model_id: str) -> str:
+    """The one spelling of an id: `RUN` or `RUN/step_NNNNNNNN`."""
+    name, step = parse_id(model_id)
+    return name if step is None else f"{name}/{checkpoint.checkpoint_name(step)}"
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident memory and thread count (what /health reports)."""
+    proc = psutil.Process()
+    return {"rss_bytes": proc.memory_info().rss, "threads": proc.num_threads()}
 
 
 class ModelRegistry:
@@ -58,95 +113,201 @@ class ModelRegistry:
         max_batch: int = 16,
         auto_reload: bool = True,
         check_seconds: float = 2.0,
+        max_models: int = DEFAULT_MAX_MODELS,
     ) -> None:
         self.root = Path(root)
         if not self.root.exists():
             raise FileNotFoundError(f"{root}: no such run or runs directory")
+        if not self.root.is_dir():
+            raise NotADirectoryError(
+                f"{root} is a file: serve a runs directory or one run directory (with checkpoints/)"
+            )
+        self.real_root = self.root.resolve()
         self.device = device
         self.max_batch = max_batch
         self.auto_reload = auto_reload
         self.check_seconds = check_seconds
-        self._loaded: dict[str, ServedModel] = {}
+        self.max_models = max_models
+        # checkpoint real path -> model, least recently used first
+        self._loaded: OrderedDict[Path, ServedModel] = OrderedDict()
+        self._following: dict[str, Path] = {}  # run id -> real path of the checkpoint it serves
         self._checked: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.evicted = 0
 
     def runs(self) -> dict[str, Path]:
-        """Run name -> directory, for every run under the root (or the root itself)."""
-        return {p.name: p for p in find_runs(self.root)}
+        """Run name -> directory, for every run under the root (or the root itself) whose real
+        location is inside the root (a symlink to a run elsewhere is not served)."""
+        out = {}
+        for p in find_runs(self.root):
+            try:
+                real = p.resolve()
+            except OSError:
+                continue
+            if _inside(real, self.real_root):
+                out[p.name] = p
+        return out
+
+    def _intact(self, run_dir: Path) -> list[Path]:
+        ckpts = []
+        for p in checkpoint.list_checkpoints(run_dir / "checkpoints"):
+            try:
+                ok = checkpoint.check_checkpoint(p, verify_hashes=False) is None
+            except OSError:  # rotated away while being looked at
+                continue
+            if ok and _inside(p.resolve(), self.real_root):
+                ckpts.append(p)
+        return ckpts
 
     def model_ids(self) -> list[tuple[str, Path]]:
         """(id, checkpoint) for each servable id: every run with a checkpoint, then its checkpoints."""
         out = []
         for name, run_dir in self.runs().items():
-            ckpts = [
-                p
-                for p in checkpoint.list_checkpoints(run_dir / "checkpoints")
-                if checkpoint.check_checkpoint(p, verify_hashes=False) is None
-            ]
+            ckpts = self._intact(run_dir)
             if ckpts:
                 out.append((name, ckpts[-1]))
                 out.extend((f"{name}/{p.name}", p) for p in ckpts)
         return out
 
-    def _resolve(self, model_id: str) -> tuple[Path, Path]:
-        """(run directory, checkpoint directory) for an id; UnknownModel when there is none."""
-        name, _, pinned = model_id.partition("/")
+    def _run_dir(self, model_id: str, name: str) -> Path:
         run_dir = self.runs().get(name)
         if run_dir is None:
-            raise UnknownModel(f"The model '{model_id}' does not exist: see GET /v1/models")
-        root = run_dir / "checkpoints"
-        if pinned:
-            path = root / pinned
-            if not path.is_dir() or checkpoint.check_checkpoint(path, verify_hashes=False):
-                raise UnknownModel(
-                    f"The model '{model_id}' does not exist: run '{name}' has no intact "
-                    f"checkpoint '{pinned}' (see GET /v1/models)"
-                )
-            return run_dir, path
-        latest = checkpoint.find_latest(root, verify_hashes=False)
-        if latest is None:
-            raise UnknownModel(
-                f"The model '{model_id}' has no checkpoint yet: wait for the run to save one"
-            )
-        return run_dir, latest
+            raise UnknownModel(f"The model '{model_id[:200]}' does not exist: see GET /v1/models")
+        return run_dir
 
     def get(self, model_id: str) -> ServedModel:
         """The loaded model for an id (loading it, or a newer checkpoint of its run, if needed)."""
+        model_id = canonical_id(model_id)
         with self._lock:
-            served = self._loaded.get(model_id)
-            pinned = "/" in model_id
-            if served is not None and (pinned or not self.auto_reload):
-                return served
-            now = time.monotonic()
-            if served is not None and now - self._checked.get(model_id, 0.0) < self.check_seconds:
-                return served
-            self._checked[model_id] = now
-            return self._load(model_id, served)
+            return self._get(model_id, force=False)
 
     def reload(self, model_id: str) -> ServedModel:
         """Load the run's newest checkpoint now (a no-op when it is the one loaded)."""
+        model_id = canonical_id(model_id)
         with self._lock:
-            self._checked[model_id] = time.monotonic()
-            return self._load(model_id, self._loaded.get(model_id))
+            return self._get(model_id, force=True)
+
+    def _get(self, model_id: str, force: bool) -> ServedModel:
+        name, step = parse_id(model_id)
+        run_dir = self._run_dir(model_id, name)
+        if step is not None:
+            return self._pinned(model_id, run_dir, checkpoint.checkpoint_name(step))
+        key = self._following.get(model_id)
+        served = self._loaded.get(key) if key is not None else None
+        now = time.monotonic()
+        if served is not None and not force:
+            fresh = now - self._checked.get(model_id, 0.0) < self.check_seconds
+            if not self.auto_reload or fresh:
+                self._loaded.move_to_end(key)
+                return served
+        self._checked[model_id] = now
+        return self._follow(model_id, run_dir)
+
+    def _pinned(self, model_id: str, run_dir: Path, name: str) -> ServedModel:
+        path = run_dir / "checkpoints" / name
+        missing = UnknownModel(
+            f"The model '{model_id}' does not exist: run '{run_dir.name}' has no intact "
+            f"checkpoint '{name}' (see GET /v1/models)"
+        )
+        try:
+            real = path.resolve()
+            if not path.is_dir() or checkpoint.check_checkpoint(path, verify_hashes=False):
+                raise missing
+        except OSError:
+            raise missing from None
+        if not _inside(real, self.real_root):
+            raise missing
+        if real in self._loaded:
+            self._loaded.move_to_end(real)
+            return self._loaded[real]
+        try:
+            return self._load(model_id, run_dir, path)
+        except (FileNotFoundError, checkpoint.CheckpointError):
+            if not path.exists():  # rotated away between the check and the read
+                raise missing from None
+            raise
+
+    def _follow(self, run_id: str, run_dir: Path) -> ServedModel:
+        """The newest intact checkpoint of a run, loaded (or already loaded) and followed."""
+        try:
+            newest = checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False)
+        except OSError:  # a checkpoint vanished during the listing: the load looks again
+            newest = None
+        if newest is not None:
+            real = newest.resolve()
+            if real in self._loaded and _inside(real, self.real_root):
+                self._loaded.move_to_end(real)
+                self._switch(run_id, real)
+                return self._loaded[real]
+        elif not self._intact(run_dir):
+            raise UnknownModel(
+                f"The model '{run_id}' has no checkpoint yet: wait for the run to save one"
+            )
+        # Through the run directory, not `newest`: if rotation deletes the checkpoint found
+        # above before it is read, the loader resolves the run's newest one again.
+        served = self._load(run_id, run_dir, run_dir)
+        self._switch(run_id, served.checkpoint.resolve())
+        return served
+
+    def _switch(self, run_id: str, new: Path) -> None:
+        old = self._following.get(run_id)
+        self._following[run_id] = new
+        if old is None or old == new or old in self._following.values():
+            return
+        # The run moved on: its previous checkpoint is only reachable pinned (loaded again on
+        # demand); its engine ends once the requests decoding on it are done.
+        if (served := self._loaded.pop(old, None)) is not None:
+            served.engine.close()
+
+    def _load(self, model_id: str, run_dir: Path, target: Path) -> ServedModel:
+        model, cfg, tokenizer, path = checkpoint.load_model(target, device=self.device)
+        real = path.resolve()
+        if not _inside(real, self.real_root):
+            raise UnknownModel(f"The model '{model_id}' does not exist: see GET /v1/models")
+        if real in self._loaded:  # another id loaded the same checkpoint meanwhile
+            self._loaded.move_to_end(real)
+            return self._loaded[real]
+        engine = BatchEngine(model, self.max_batch, name=f"engine-{model_id}")
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        served = ServedModel(
+            model_id, run_dir, path, tokenizer, cfg.model.context_length, engine, size
+        )
+        self._loaded[real] = served
+        self._evict()
+        return served
+
+    def _evict(self) -> None:
+        """Close the least recently used models beyond `max_models`: their requests in flight
+        finish on them, then their engine threads end."""
+        while len(self._loaded) > self.max_models:
+            _, served = self._loaded.popitem(last=False)
+            served.engine.close()
+            self.evicted += 1
+        for run_id, key in list(self._following.items()):
+            if key not in self._loaded:
+                del self._following[run_id]
 
     def loaded(self) -> list[ServedModel]:
         with self._lock:
             return list(self._loaded.values())
 
-    def _load(self, model_id: str, current: ServedModel | None) -> ServedModel:
-        run_dir, path = self._resolve(model_id)
-        if current is not None and current.checkpoint == path:
-            return current
-        model, cfg, tokenizer, path = checkpoint.load_model(path, device=self.device)
-        engine = BatchEngine(model, self.max_batch, name=f"engine-{model_id}")
-        served = ServedModel(model_id, run_dir, path, tokenizer, cfg.model.context_length, engine)
-        self._loaded[model_id] = served
-        if current is not None:
-            current.engine.close()  # its requests in flight finish on the old weights
-        return served
+    def memory(self) -> dict[str, int]:
+        """RSS, threads, models loaded and their parameter bytes (for /health)."""
+        with self._lock:
+            params = sum(s.parameter_bytes for s in self._loaded.values())
+            count = len(self._loaded)
+        return {
+            **process_memory(),
+            "models_loaded": count,
+            "max_models": self.max_models,
+            "parameter_bytes": params,
+            "models_evicted": self.evicted,
+            "pid": os.getpid(),
+        }
 
     def close(self) -> None:
         with self._lock:
             for served in self._loaded.values():
                 served.engine.close()
             self._loaded.clear()
+            self._following.clear()

@@ -135,6 +135,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="recompute attention over the whole context each token",
     )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STRING",
+        help="end a sample before this text (repeatable; matched on the decoded text)",
+    )
     p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.set_defaults(func=cmd_generate)
 
@@ -322,10 +329,14 @@ def _print_result(name: str, r) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tinylm.generate import generate
+    from tinylm.generate import generate, generate_stream
     from tinylm.train import runtime
     from tinylm.train.checkpoint import load_model
 
+    if any(s == "" for s in args.stop):
+        from tinylm.config import ConfigError
+
+        raise ConfigError("--stop: a stop string cannot be empty")
     device, _ = runtime.select_device(args.device)
     model, cfg, tokenizer, _path = load_model(args.run, args.checkpoint, device)
     if args.max_new_tokens > cfg.model.context_length:
@@ -345,9 +356,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         shown_prompt = args.prompt
     for i in range(args.num_samples):
-        ids = generate(
-            model,
-            prompt,
+        kwargs = dict(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k or None,
@@ -356,7 +365,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
             seed=None if args.seed is None else args.seed + i,
             use_cache=not args.no_cache,
         )
+        if args.stop:
+            text = _until_stop(generate_stream(model, prompt, **kwargs), tokenizer, args.stop)
+        else:
+            ids = generate(model, prompt, **kwargs)
+            text = tokenizer.decode([t for t in ids if t != tokenizer.eot_id])
         if args.num_samples > 1:
             print(f"--- sample {i} ---")
-        print(shown_prompt + tokenizer.decode([t for t in ids if t != tokenizer.eot_id]))
+        print(shown_prompt + text)
     return 0
+
+
+def _until_stop(ids, tokenizer, stops: list[str]) -> str:
+    """The decoded text of `ids` up to (not including) the first stop string; stops sampling there."""
+    from contextlib import closing
+
+    from tinylm.stops import TextStream
+
+    text = TextStream(tokenizer, stops)
+    with closing(ids):
+        for token in ids:
+            text.push(token)
+            if text.stopped:
+                break
+    return text.text

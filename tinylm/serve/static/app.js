@@ -4,13 +4,41 @@
 
 const params = new URLSearchParams(location.search);
 const POLL_MS = Number(params.get("poll")) || 3000; // ?poll=500 for a faster page (tests)
-const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
+const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
+                "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d"];
+const LN2 = Math.log(2);
 const MAX_SELECTED = 8; // runs drawn by default: more lines than colours stop being readable
 
 let apiKey = params.get("key") || localStorage.getItem("tinylm-api-key") || "";
 const runs = new Map(); // name -> {row, train: [], evals: [], offset, file, selected, color}
 let chart = null;
 let chartKey = "";
+let yUnitChosen = null; // "nats" | "bpb" once the user picks one; until then chosen per runs
+
+// A run's colour depends on its name (and is remembered in this browser), never on the order
+// in which runs appear: a new run does not repaint the others. Two names that hash alike get
+// the next free colour.
+function colorFor(name) {
+  let saved = {};
+  try { saved = JSON.parse(localStorage.getItem("tinylm-run-colors") || "{}"); } catch (e) { saved = {}; }
+  if (saved[name]) return saved[name];
+  const taken = new Set([...runs.values()].map((r) => r.color));
+  let hash = 0;
+  for (const ch of name) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
+  let i = hash % COLORS.length;
+  for (let k = 0; k < COLORS.length && taken.has(COLORS[i]); k++) i = (i + 1) % COLORS.length;
+  saved[name] = COLORS[i];
+  try { localStorage.setItem("tinylm-run-colors", JSON.stringify(saved)); } catch (e) { /* private mode */ }
+  return COLORS[i];
+}
+
+// Loss per token cannot be compared across tokenizers; bits per byte can. The default unit is
+// bits/byte when the selected runs use different tokenizers, until the user picks one.
+function yUnit() {
+  if (yUnitChosen) return yUnitChosen;
+  const tokenizers = new Set([...runs.values()].filter((r) => r.selected && r.row).map((r) => r.row.tokenizer));
+  return tokenizers.size > 1 ? "bpb" : "nats";
+}
 
 function $(id) { return document.getElementById(id); }
 
@@ -54,13 +82,14 @@ async function refreshRuns() {
     let run = runs.get(row.name);
     if (!run) {
       run = { train: [], evals: [], offset: 0, file: "", selected: index < MAX_SELECTED,
-              color: COLORS[index % COLORS.length] };
+              color: colorFor(row.name) };
       runs.set(row.name, run);
       index++;
     }
     run.row = row;
   }
   renderTable();
+  for (const el of document.querySelectorAll("input[name=yunit]")) el.checked = el.value === yUnit();
 }
 
 function renderTable() {
@@ -119,14 +148,17 @@ async function pollMetrics(name, run) {
 async function refreshSamples() {
   const box = $("samples");
   const parts = [];
+  let count = 0;
   for (const [name, run] of runs) {
     if (!run.selected) continue;
     const body = await apiJSON(`/api/runs/${encodeURIComponent(name)}/samples?limit=2`);
     for (const s of body.samples) {
+      count++;
       parts.push(`<div class="sample"><b style="color:${run.color}">${escapeHTML(name)}</b> step ${s.step} ${escapeHTML(s.tag || "")}\n${escapeHTML(s.text)}</div>`);
     }
   }
   box.innerHTML = parts.join("") || "<p>No samples yet.</p>";
+  $("samples-count").textContent = `(${count})`;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -135,9 +167,20 @@ async function refreshSamples() {
 
 function xMode() { return document.querySelector("input[name=xaxis]:checked").value; }
 
+function bitsPerNat(run) {
+  // bits/byte per nat/token of this run's data, from its latest evaluation with both figures
+  // (val/bits_per_byte = val/loss / ln 2 / bytes per token): converts its train loss too.
+  for (let i = run.evals.length - 1; i >= 0; i--) {
+    const e = run.evals[i], bpb = Number(e["val/bits_per_byte"]), nats = Number(e["val/loss"]);
+    if (Number.isFinite(bpb) && Number.isFinite(nats) && nats > 0 && e["val/bits_per_byte"] !== null) return bpb / nats;
+  }
+  return null;
+}
+
 function curves() {
   // One [xs, ys] table per series; uPlot.join aligns them on the union of the x values.
   const mode = xMode();
+  const bpb = yUnit() === "bpb";
   const logX = $("xlog").checked;
   const tables = [];
   const series = [];
@@ -146,9 +189,12 @@ function curves() {
     const last = run.train[run.train.length - 1];
     const perStep = last && last.step ? last.tokens / last.step : 0;
     const x = (r, isEval) => (mode === "step" ? r.step : isEval ? r.step * perStep : r.tokens);
+    const scale = bpb ? bitsPerNat(run) : 1;
     for (const [kind, records, key] of [["train", run.train, "loss"], ["val", run.evals, "val/loss"]]) {
+      const y = (r) => (!bpb ? Number(r[key]) : kind === "val" ? Number(r["val/bits_per_byte"] ?? NaN)
+        : scale === null ? NaN : Number(r[key]) * scale);
       const pts = records
-        .map((r) => [x(r, kind === "val"), Number(r[key])])
+        .map((r) => [x(r, kind === "val"), y(r)])
         .filter(([xv, yv]) => Number.isFinite(xv) && Number.isFinite(yv) && yv > 0 && (!logX || xv > 0));
       pts.sort((a, b) => a[0] - b[0]);
       tables.push([pts.map((p) => p[0]), pts.map((p) => p[1])]);
@@ -164,7 +210,8 @@ function curves() {
 function drawChart() {
   const { tables, series } = curves();
   const box = $("chart");
-  const key = [xMode(), $("xlog").checked, $("ylog").checked, ...series.map((s) => s.label)].join("|");
+  const unit = yUnit();
+  const key = [xMode(), unit, $("xlog").checked, $("ylog").checked, ...series.map((s) => s.label)].join("|");
   const data = tables.length ? uPlot.join(tables) : [[]];
   if (chart && key === chartKey) {
     chart.setData(data);
@@ -179,7 +226,8 @@ function drawChart() {
       x: { time: false, distr: $("xlog").checked ? 3 : 1 },
       y: { distr: $("ylog").checked ? 3 : 1 },
     },
-    axes: [{ label: xMode() === "step" ? "step" : "tokens" }, { label: "loss" }],
+    axes: [{ label: xMode() === "step" ? "step" : "tokens" },
+           { label: unit === "bpb" ? "bits/byte" : "loss (nats/token)" }],
     series: [{ label: xMode() }, ...series],
   };
   chart = new uPlot(opts, data, box);
@@ -188,6 +236,8 @@ function drawChart() {
 // For tests and the curious: the chart's data points per run and kind.
 window.tinylmDashboard = {
   chart: () => chart,
+  yUnit,
+  colors() { return Object.fromEntries([...runs].map(([n, r]) => [n, r.color])); },
   points(run, kind) {
     if (!chart) return [];
     const i = chart.series.findIndex((s) => s.run === run && s.kind === kind);
@@ -334,6 +384,9 @@ function init() {
   });
   for (const el of document.querySelectorAll("input[name=xaxis], #xlog, #ylog")) {
     el.addEventListener("change", drawChart);
+  }
+  for (const el of document.querySelectorAll("input[name=yunit]")) {
+    el.addEventListener("change", () => { yUnitChosen = el.value; drawChart(); });
   }
   $("pg-go").addEventListener("click", generate);
   $("pg-stop").addEventListener("click", () => controller && controller.abort());
