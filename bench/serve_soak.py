@@ -236,7 +236,7 @@ def main() -> int:
                 f"data.train={args.data}",
                 *SMALL,
                 "train.max_steps=1000000",
-                "checkpoint.interval=3",
+                "checkpoint.interval=10",
                 "checkpoint.keep_last=2",
             ],
             Path(tmp) / "train.log",

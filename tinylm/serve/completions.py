@@ -45,6 +45,9 @@ from tinylm.train.checkpoint import CheckpointError
 
 router = APIRouter()
 
+# A reload can close the engine a request just looked up; the registry serves the newer model by
+# then, so submitting again succeeds (a 503 only if reloads kept racing this request).
+SUBMIT_TRIES = 3
 MAX_CHOICES = 128  # prompts x n per request: each is a queued row; more is a batch job, not a call
 
 
@@ -158,39 +161,21 @@ async def chat_completions(request: Request) -> JSONResponse:
 
 @router.post("/v1/completions")
 async def create_completion(request: Request, req: CompletionRequest):
-    served = await _served(request, req.model)
-    prompts = encode_prompts(req, served, request.app.state.settings.truncate)
-    tok = served.tokenizer
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-
-    def post(*item) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, item)
-
-    choices: list[Choice] = []
-    for ids in prompts:
-        for j in range(req.n):
-            index = len(choices)
-            job = GenerationRequest(
-                prompt=ids,
-                max_tokens=req.max_tokens,
-                temperature=req.temperature,
-                top_k=req.top_k or None,
-                top_p=req.top_p if req.top_p < 1.0 else None,
-                seed=None if req.seed is None else req.seed + j,
-                eot_id=tok.eot_id,
-                on_token=lambda t, i=index: post(i, "token", t),
-                on_done=lambda reason, err, i=index: post(i, "done", (reason, err)),
-            )
-            prefix = tok.decode(ids) if req.echo else ""
-            choices.append(Choice(index, job, TextStream(tok, req.stop or [], prefix)))
-    try:
-        for c in choices:
-            served.engine.submit(c.job)
-    except RuntimeError as e:  # a reload closed this engine between lookup and submit
-        for c in choices:
-            c.job.cancel()
-        raise ApiError(503, "the model is being reloaded: retry", type="server_error") from e
+    for attempt in range(SUBMIT_TRIES):
+        served = await _served(request, req.model)
+        prompts = encode_prompts(req, served, request.app.state.settings.truncate)
+        choices, events = _choices(req, served, prompts)
+        try:
+            for c in choices:
+                served.engine.submit(c.job)
+            break
+        except RuntimeError as e:  # a reload closed this engine between lookup and submit
+            for c in choices:
+                c.job.cancel()
+            if attempt == SUBMIT_TRIES - 1:  # the registry has the newer model by now
+                raise ApiError(
+                    503, "the model is being reloaded: retry", type="server_error"
+                ) from e
     usage_prompt = sum(len(ids) for ids in prompts)
     head = {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",
@@ -251,6 +236,37 @@ def _slid_warning(choices: list[Choice], context: int) -> str | None:
         f"choice(s) {slid} went past the model's context of {context} tokens: it slid, each "
         f"further token seeing only the last {context} (as tinylm generate does)"
     )
+
+
+def _choices(
+    req: CompletionRequest, served: ServedModel, prompts: list[list[int]]
+) -> tuple[list[Choice], asyncio.Queue]:
+    """One engine request per (prompt, sample), reporting into a new event queue."""
+    tok = served.tokenizer
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def post(*item) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, item)
+
+    choices: list[Choice] = []
+    for ids in prompts:
+        for j in range(req.n):
+            index = len(choices)
+            job = GenerationRequest(
+                prompt=ids,
+                max_tokens=req.max_tokens,
+                temperature=req.temperature,
+                top_k=req.top_k or None,
+                top_p=req.top_p if req.top_p < 1.0 else None,
+                seed=None if req.seed is None else req.seed + j,
+                eot_id=tok.eot_id,
+                on_token=lambda t, i=index: post(i, "token", t),
+                on_done=lambda reason, err, i=index: post(i, "done", (reason, err)),
+            )
+            prefix = tok.decode(ids) if req.echo else ""
+            choices.append(Choice(index, job, TextStream(tok, req.stop or [], prefix)))
+    return choices, events
 
 
 def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tinylm.runs import METRICS_FILE, read_metrics, summarize
 from tinylm.serve.protocol import ApiError
-from tinylm.serve.registry import UnknownModel
+from tinylm.serve.registry import UnknownModel, canonical_id
 
 router = APIRouter(prefix="/api")
 
@@ -153,4 +153,6 @@ async def reload(request: Request, body: ReloadRequest) -> dict:
         served = await run_in_threadpool(request.app.state.registry.reload, body.model)
     except UnknownModel as e:
         raise ApiError(404, str(e), param="model", code="model_not_found") from e
-    return {"model": served.model_id, "checkpoint": served.checkpoint.name, "step": served.step}
+    # The id asked for (canonical): the model may have been loaded first under another id.
+    model = canonical_id(body.model)
+    return {"model": model, "checkpoint": served.checkpoint.name, "step": served.step}

@@ -32,6 +32,8 @@ files vanishing while a listing looks at them are skipped, never an error.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import threading
@@ -47,6 +49,8 @@ from tinylm.runs import find_runs
 from tinylm.serve.engine import BatchEngine
 from tinylm.tokenizer.base import Tokenizer
 from tinylm.train import checkpoint
+
+log = logging.getLogger("tinylm.serve")
 
 # Each loaded model holds its weights and a KV cache of max_batch rows (the `small` preset at
 # context 1024 and 16 rows: ~0.5 GiB); 4 covers comparing a few runs without unbounded growth.
@@ -133,6 +137,9 @@ class ModelRegistry:
         self._following: dict[str, Path] = {}  # run id -> real path of the checkpoint it serves
         self._checked: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._id_locks: dict[str, threading.Lock] = {}  # one load at a time per id
+        self._refreshing: set[str] = set()  # run ids whose newer checkpoint is loading
+        self._closed = False
         self.evicted = 0
 
     def runs(self) -> dict[str, Path]:
@@ -176,59 +183,94 @@ class ModelRegistry:
         return run_dir
 
     def get(self, model_id: str) -> ServedModel:
-        """The loaded model for an id (loading it, or a newer checkpoint of its run, if needed)."""
-        model_id = canonical_id(model_id)
-        with self._lock:
-            return self._get(model_id, force=False)
+        """The loaded model for an id (loading it if needed; a run id whose run has a newer
+        checkpoint is served on the loaded one while the newer one loads in the background)."""
+        return self._get(canonical_id(model_id), force=False)
 
     def reload(self, model_id: str) -> ServedModel:
         """Load the run's newest checkpoint now (a no-op when it is the one loaded)."""
-        model_id = canonical_id(model_id)
-        with self._lock:
-            return self._get(model_id, force=True)
+        return self._get(canonical_id(model_id), force=True)
 
     def _get(self, model_id: str, force: bool) -> ServedModel:
+        # Loading happens outside the registry lock (requests for loaded models never wait
+        # for a load), one load per id at a time (a cold id hit by 32 clients loads once).
         name, step = parse_id(model_id)
-        run_dir = self._run_dir(model_id, name)
-        if step is not None:
-            return self._pinned(model_id, run_dir, checkpoint.checkpoint_name(step))
-        key = self._following.get(model_id)
-        served = self._loaded.get(key) if key is not None else None
-        now = time.monotonic()
-        if served is not None and not force:
-            fresh = now - self._checked.get(model_id, 0.0) < self.check_seconds
-            if not self.auto_reload or fresh:
-                self._loaded.move_to_end(key)
+        with self._lock:
+            run_dir = self._run_dir(model_id, name)
+            if not force and (served := self._cached(model_id, run_dir, step)) is not None:
                 return served
-        self._checked[model_id] = now
-        return self._follow(model_id, run_dir)
+            id_lock = self._id_locks.setdefault(model_id, threading.Lock())
+        with id_lock:
+            with self._lock:
+                if not force and (served := self._cached(model_id, run_dir, step)) is not None:
+                    return served
+                target = self._target(model_id, run_dir, step)
+                if isinstance(target, ServedModel):
+                    return target
+            try:
+                loaded = checkpoint.load_model(target, device=self.device)
+            except (FileNotFoundError, checkpoint.CheckpointError) as e:
+                if step is not None and not target.exists():  # rotated away meanwhile
+                    raise self._missing(model_id, run_dir, step) from None
+                with self._lock:
+                    current = self._loaded.get(self._following.get(model_id))
+                if step is not None or current is None:
+                    raise
+                # A reload that lost every race with rotation: the loaded checkpoint still
+                # serves (the next check or reload tries again), not an error for the client.
+                log.warning(
+                    "reloading %s failed, still serving %s: %s", model_id, current.checkpoint, e
+                )
+                return current
+            with self._lock:
+                return self._install(model_id, run_dir, loaded, follow=step is None)
 
-    def _pinned(self, model_id: str, run_dir: Path, name: str) -> ServedModel:
-        path = run_dir / "checkpoints" / name
-        missing = UnknownModel(
+    def _missing(self, model_id: str, run_dir: Path, step: int) -> UnknownModel:
+        return UnknownModel(
             f"The model '{model_id}' does not exist: run '{run_dir.name}' has no intact "
-            f"checkpoint '{name}' (see GET /v1/models)"
+            f"checkpoint '{checkpoint.checkpoint_name(step)}' (see GET /v1/models)"
         )
-        try:
-            real = path.resolve()
-            if not path.is_dir() or checkpoint.check_checkpoint(path, verify_hashes=False):
-                raise missing
-        except OSError:
-            raise missing from None
-        if not _inside(real, self.real_root):
-            raise missing
-        if real in self._loaded:
-            self._loaded.move_to_end(real)
-            return self._loaded[real]
-        try:
-            return self._load(model_id, run_dir, path)
-        except (FileNotFoundError, checkpoint.CheckpointError):
-            if not path.exists():  # rotated away between the check and the read
-                raise missing from None
-            raise
 
-    def _follow(self, run_id: str, run_dir: Path) -> ServedModel:
-        """The newest intact checkpoint of a run, loaded (or already loaded) and followed."""
+    def _cached(self, model_id: str, run_dir: Path, step: int | None) -> ServedModel | None:
+        """The loaded model for an id, if any (under the lock). A run id past its check
+        interval starts a background load of its run's newer checkpoint, if there is one."""
+        if step is not None:
+            try:
+                key = (run_dir / "checkpoints" / checkpoint.checkpoint_name(step)).resolve()
+            except OSError:
+                return None
+        else:
+            key = self._following.get(model_id)
+        served = self._loaded.get(key) if key is not None else None
+        if served is None:
+            return None
+        self._loaded.move_to_end(key)
+        now = time.monotonic()
+        due = now - self._checked.get(model_id, 0.0) >= self.check_seconds
+        if step is None and self.auto_reload and due:
+            self._checked[model_id] = now
+            self._refresh_later(model_id, run_dir)
+        return served
+
+    def _target(self, model_id: str, run_dir: Path, step: int | None) -> Path | ServedModel:
+        """What to load for an id (under the lock): a checkpoint directory (pinned), the run
+        directory (a run id: the loader picks the newest intact checkpoint as it reads), or
+        the model already loaded from the same checkpoint under another id."""
+        if step is not None:
+            path = run_dir / "checkpoints" / checkpoint.checkpoint_name(step)
+            try:
+                real = path.resolve()
+                if not path.is_dir() or checkpoint.check_checkpoint(path, verify_hashes=False):
+                    raise self._missing(model_id, run_dir, step)
+            except OSError:
+                raise self._missing(model_id, run_dir, step) from None
+            if not _inside(real, self.real_root):
+                raise self._missing(model_id, run_dir, step)
+            if real in self._loaded:
+                self._loaded.move_to_end(real)
+                return self._loaded[real]
+            return path
+        self._checked[model_id] = time.monotonic()
         try:
             newest = checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False)
         except OSError:  # a checkpoint vanished during the listing: the load looks again
@@ -237,17 +279,43 @@ class ModelRegistry:
             real = newest.resolve()
             if real in self._loaded and _inside(real, self.real_root):
                 self._loaded.move_to_end(real)
-                self._switch(run_id, real)
+                self._switch(model_id, real)
                 return self._loaded[real]
         elif not self._intact(run_dir):
             raise UnknownModel(
-                f"The model '{run_id}' has no checkpoint yet: wait for the run to save one"
+                f"The model '{model_id}' has no checkpoint yet: wait for the run to save one"
             )
-        # Through the run directory, not `newest`: if rotation deletes the checkpoint found
-        # above before it is read, the loader resolves the run's newest one again.
-        served = self._load(run_id, run_dir, run_dir)
-        self._switch(run_id, served.checkpoint.resolve())
-        return served
+        # The run directory, not `newest`: if rotation deletes the checkpoint found above
+        # before it is read, the loader resolves the run's newest one again.
+        return run_dir
+
+    def _refresh_later(self, run_id: str, run_dir: Path) -> None:
+        """Load a run's newer checkpoint in a short-lived thread (under the lock)."""
+        if run_id in self._refreshing or self._closed:
+            return
+        try:
+            newest = checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False)
+        except OSError:
+            return  # rotating right now: the next check looks again
+        if newest is None or newest.resolve() == self._following.get(run_id):
+            return
+        self._refreshing.add(run_id)
+        threading.Thread(
+            target=self._refresh, args=(run_id, run_dir), name=f"reload-{run_id}", daemon=True
+        ).start()
+
+    def _refresh(self, run_id: str, run_dir: Path) -> None:
+        try:
+            loaded = checkpoint.load_model(run_dir, device=self.device)
+        except Exception as e:  # a thread's error would otherwise be lost
+            # The loaded checkpoint stays in service; the next check tries again.
+            log.warning("reloading %s failed, still serving the loaded checkpoint: %s", run_id, e)
+            loaded = None
+        with self._lock:
+            self._refreshing.discard(run_id)
+            if loaded is not None and not self._closed:
+                with contextlib.suppress(UnknownModel):
+                    self._install(run_id, run_dir, loaded, follow=True)
 
     def _switch(self, run_id: str, new: Path) -> None:
         old = self._following.get(run_id)
@@ -259,20 +327,23 @@ class ModelRegistry:
         if (served := self._loaded.pop(old, None)) is not None:
             served.engine.close()
 
-    def _load(self, model_id: str, run_dir: Path, target: Path) -> ServedModel:
-        model, cfg, tokenizer, path = checkpoint.load_model(target, device=self.device)
+    def _install(self, model_id: str, run_dir: Path, loaded: tuple, follow: bool) -> ServedModel:
+        """Put a loaded checkpoint in service (under the lock), once per real path."""
+        model, cfg, tokenizer, path = loaded
         real = path.resolve()
         if not _inside(real, self.real_root):
             raise UnknownModel(f"The model '{model_id}' does not exist: see GET /v1/models")
-        if real in self._loaded:  # another id loaded the same checkpoint meanwhile
-            self._loaded.move_to_end(real)
-            return self._loaded[real]
-        engine = BatchEngine(model, self.max_batch, name=f"engine-{model_id}")
-        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        served = ServedModel(
-            model_id, run_dir, path, tokenizer, cfg.model.context_length, engine, size
-        )
-        self._loaded[real] = served
+        served = self._loaded.get(real)
+        if served is None:  # else another id loaded the same checkpoint meanwhile
+            engine = BatchEngine(model, self.max_batch, name=f"engine-{model_id}")
+            size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            served = ServedModel(
+                model_id, run_dir, path, tokenizer, cfg.model.context_length, engine, size
+            )
+            self._loaded[real] = served
+        self._loaded.move_to_end(real)
+        if follow:
+            self._switch(model_id, real)
         self._evict()
         return served
 
@@ -307,6 +378,7 @@ class ModelRegistry:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for served in self._loaded.values():
                 served.engine.close()
             self._loaded.clear()

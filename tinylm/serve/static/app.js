@@ -4,8 +4,10 @@
 
 const params = new URLSearchParams(location.search);
 const POLL_MS = Number(params.get("poll")) || 3000; // ?poll=500 for a faster page (tests)
+// Ten colours that stay apart (Tableau 10): with the probe in colorFor, up to ten runs on screen
+// never share one.
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
-                "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d"];
+                "#bcbd22", "#7f7f7f"];
 const LN2 = Math.log(2);
 const MAX_SELECTED = 8; // runs drawn by default: more lines than colours stop being readable
 
@@ -21,8 +23,9 @@ let yUnitChosen = null; // "nats" | "bpb" once the user picks one; until then ch
 function colorFor(name) {
   let saved = {};
   try { saved = JSON.parse(localStorage.getItem("tinylm-run-colors") || "{}"); } catch (e) { saved = {}; }
-  if (saved[name]) return saved[name];
   const taken = new Set([...runs.values()].map((r) => r.color));
+  // A colour remembered from another runs directory may be in use here: then probe anew.
+  if (saved[name] && !taken.has(saved[name])) return saved[name];
   let hash = 0;
   for (const ch of name) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
   let i = hash % COLORS.length;
