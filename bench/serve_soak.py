@@ -35,19 +35,17 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = [
+sys.path.insert(0, str(REPO / "tests"))
+from helpers import SMALL  # noqa: E402  (the tests' small model: a step takes milliseconds)
+
+RUN = [
+    *SMALL,
     "model.context_length=64",
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.d_model=32",
-    "train.batch_size=8",
-    "eval.max_batches=2",
-    "eval.sample_tokens=16",
     "eval.interval=10",
     "log.interval=5",
-    "log.tensorboard=false",
-    "log.progress=false",
-    "data.num_workers=1",
+    "train.max_steps=1000000",
+    "checkpoint.interval=10",
+    "checkpoint.keep_last=2",
 ]
 
 
@@ -234,10 +232,7 @@ def main() -> int:
                 "run_name=soak",
                 f"out_dir={root}",
                 f"data.train={args.data}",
-                *SMALL,
-                "train.max_steps=1000000",
-                "checkpoint.interval=10",
-                "checkpoint.keep_last=2",
+                *RUN,
             ],
             Path(tmp) / "train.log",
         )

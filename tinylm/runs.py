@@ -305,7 +305,7 @@ def make_figure(run_dirs: list[str | Path]):
     top = math.ceil(len(shown) / rows)
     bottom = len(shown) - top
     width = top * bottom if bottom else top
-    fig = plt.figure(figsize=(16, 4.2 * rows + 1.2), layout="constrained")
+    fig = plt.figure(figsize=(16, 8 if rows == 2 else 4.8), layout="constrained")
     grid = fig.add_gridspec(rows, width)
     axes = {}
     for j, key in enumerate(shown):

@@ -131,3 +131,12 @@ def serve_root(tmp_path_factory, corpus) -> Path:
         )
     torch.set_num_threads(threads)
     return root
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An httpx client with the API key, for the test module's own `server` fixture."""
+    with httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
+    ) as c:
+        yield c

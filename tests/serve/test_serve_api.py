@@ -26,12 +26,6 @@ def server(serve_root):
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
-        yield c
-
-
 def _complete(client: httpx.Client, **body) -> dict:
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text

@@ -12,15 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import ThreadServer
+from conftest import API_KEY, ThreadServer
 
 from tinylm.generate import generate
 from tinylm.serve.engine import SLOW_ENV
 from tinylm.serve.registry import ModelRegistry, UnknownModel, canonical_id
 from tinylm.train import checkpoint
 
-KEY = "k-boundaries-1"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +43,9 @@ def roots(serve_root, tmp_path_factory):
 def server(roots):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(SLOW_ENV, "0.02")  # 20 ms per decode step: long enough to leave mid-request
-        s = ThreadServer(roots[0], api_key=KEY, max_models=2)
+        s = ThreadServer(roots[0], api_key=API_KEY, max_models=2)
         yield s
         s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
-        yield c
 
 
 def _health(client) -> dict:

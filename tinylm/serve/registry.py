@@ -55,6 +55,8 @@ log = logging.getLogger("tinylm.serve")
 # Each loaded model holds its weights and a KV cache of max_batch rows (the `small` preset at
 # context 1024 and 16 rows: ~0.5 GiB); 4 covers comparing a few runs without unbounded growth.
 DEFAULT_MAX_MODELS = 4
+# How long a run id's load keeps trying while rotation deletes what it reads (see `_read`).
+RUN_LOAD_SECONDS = 60.0
 
 
 class UnknownModel(LookupError):
@@ -208,7 +210,7 @@ class ModelRegistry:
                 if isinstance(target, ServedModel):
                     return target
             try:
-                loaded = checkpoint.load_model(target, device=self.device)
+                loaded = self._read(target)
             except (FileNotFoundError, checkpoint.CheckpointError) as e:
                 if step is not None and not target.exists():  # rotated away meanwhile
                     raise self._missing(model_id, run_dir, step) from None
@@ -306,7 +308,7 @@ class ModelRegistry:
 
     def _refresh(self, run_id: str, run_dir: Path) -> None:
         try:
-            loaded = checkpoint.load_model(run_dir, device=self.device)
+            loaded = self._read(run_dir)
         except Exception as e:  # a thread's error would otherwise be lost
             # The loaded checkpoint stays in service; the next check tries again.
             log.warning("reloading %s failed, still serving the loaded checkpoint: %s", run_id, e)
@@ -316,6 +318,31 @@ class ModelRegistry:
             if loaded is not None and not self._closed:
                 with contextlib.suppress(UnknownModel):
                     self._install(run_id, run_dir, loaded, follow=True)
+
+    def _read(self, target: Path) -> tuple:
+        """`checkpoint.load_model(target)`; for a run directory, again while training keeps
+        rotating the checkpoint being read away (a loaded machine lost the loader's own 10 s of
+        retries to a checkpoint every few seconds: tests in notes/issue-21-serve.md). A failure
+        with the same newest checkpoint before and after is a real one and raised at once."""
+        deadline = time.monotonic() + RUN_LOAD_SECONDS
+        while True:
+            before = self._newest_name(target)
+            try:
+                return checkpoint.load_model(target, device=self.device)
+            except (FileNotFoundError, checkpoint.CheckpointError):
+                if before is None or time.monotonic() > deadline:
+                    raise
+                if self._newest_name(target) == before:
+                    raise
+
+    @staticmethod
+    def _newest_name(target: Path) -> str | None:
+        """The newest checkpoint's name when `target` is a run directory, else None."""
+        try:
+            names = [p.name for p in checkpoint.list_checkpoints(target / "checkpoints")]
+        except OSError:
+            return ""
+        return names[-1] if names else None
 
     def _switch(self, run_id: str, new: Path) -> None:
         old = self._following.get(run_id)
