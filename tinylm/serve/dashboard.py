@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from tinylm.runs import METRICS_FILE, read_metrics, summarize
 from tinylm.serve.protocol import ApiError
 from tinylm.serve.registry import UnknownModel, canonical_id
+from tinylm.train.checkpoint import CheckpointError
 
 router = APIRouter(prefix="/api")
 
@@ -153,6 +154,8 @@ async def reload(request: Request, body: ReloadRequest) -> dict:
         served = await run_in_threadpool(request.app.state.registry.reload, body.model)
     except UnknownModel as e:
         raise ApiError(404, str(e), param="model", code="model_not_found") from e
+    except CheckpointError as e:  # damaged on disk: the server's side, said in one line
+        raise ApiError(503, f"the model cannot be loaded: {e}", type="server_error") from e
     # The id asked for (canonical): the model may have been loaded first under another id.
     model = canonical_id(body.model)
     return {"model": model, "checkpoint": served.checkpoint.name, "step": served.step}
