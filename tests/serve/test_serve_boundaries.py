@@ -274,3 +274,20 @@ def test_generate_stop_strings(serve_root, capsys):
     assert stop and cut >= 0
     assert run_cli(*base, "--max-new-tokens", "40", "--stop", "never-there", "--stop", stop) == 0
     assert capsys.readouterr().out.rstrip("\n") == "ANNA:" + generated[:cut]
+
+
+def test_truncate_cuts_only_prompts_that_do_not_fit(roots):
+    """--truncate keeps a fitting prompt whole (it used to cut it to context - max_tokens ids,
+    down to one id) and cuts a too long one to its last context - 1 ids."""
+    from tinylm.serve.completions import encode_prompts
+    from tinylm.serve.protocol import CompletionRequest
+
+    registry = ModelRegistry(roots[0])
+    try:
+        served = registry.get("beta")
+        fits = CompletionRequest(model="beta", prompt=list(range(1, 11)), max_tokens=100)
+        assert encode_prompts(fits, served, truncate=True) == [list(range(1, 11))]
+        long = CompletionRequest(model="beta", prompt=[1, 2] * 50, max_tokens=5)
+        assert encode_prompts(long, served, truncate=True) == [([1, 2] * 50)[-63:]]
+    finally:
+        registry.close()

@@ -2,8 +2,8 @@
 
 Prompt length. A prompt must leave room for at least one new token (fewer than
 `context_length` ids) or the request is refused (400, code `context_length_exceeded`). With
-`tinylm serve --truncate` a prompt that leaves less room than `max_tokens` is cut from the left
-instead, keeping its last `context_length - max_tokens` ids (at least one).
+`tinylm serve --truncate` a prompt too long is cut from the left instead, keeping its last
+`context_length - 1` ids (the completion then slides, below). A prompt that fits is never cut.
 
 Past the context. A completion that fills the context does not stop there: like `tinylm
 generate`, it slides (each further token sees the last `context_length` ids), so both give the
@@ -93,8 +93,8 @@ def encode_prompts(req: CompletionRequest, served: ServedModel, truncate: bool) 
                 f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {tok.vocab_size})",
                 param="prompt",
             )
-        if len(ids) + req.max_tokens > ctx and truncate:
-            ids = ids[-max(1, ctx - req.max_tokens) :]
+        if len(ids) >= ctx and truncate:  # the completion slides on from a full context
+            ids = ids[-(ctx - 1) :]
         if len(ids) >= ctx:
             raise ApiError(
                 400,
