@@ -281,8 +281,10 @@ def make_figure(run_dirs: list[str | Path]):
         # Tokens per step is constant within a run; eval lines carry only the step.
         per_step = train[-1]["tokens"] / train[-1]["step"] if train else 0.0
         steps = [r["step"] for r in train]
-        solid = {"color": color, **_style(len(steps))}
-        val = {"color": color, **val_style}
+        label = run_handles[-1].get_label()
+        # Each line keeps its label (for inspection); the legend is the figure's, below.
+        solid = {"color": color, "label": f"{label} train", **_style(len(steps))}
+        val = {"color": color, "label": f"{label} val", **val_style}
         losses = [metric_number(r.get("loss")) for r in train]
         add("step", steps, losses, solid)
         add("tokens", [r["tokens"] for r in train], losses, solid)
@@ -295,9 +297,9 @@ def make_figure(run_dirs: list[str | Path]):
             bpb = [(r["step"], metric_number(r.get("val/bits_per_byte"))) for r in evals]
             bpb = [(s, b) for s, b in bpb if b is not None]
             if bpb:
-                add("bpb", *map(list, zip(*bpb, strict=True)), val)
-        add("lr", steps, [r.get("lr") for r in train], solid)
-        add("tps", steps, [r.get("tokens_per_second") for r in train], solid)
+                add("bpb", *map(list, zip(*bpb, strict=True)), {**val, "label": label})
+        add("lr", steps, [r.get("lr") for r in train], {**solid, "label": label})
+        add("tps", steps, [r.get("tokens_per_second") for r in train], {**solid, "label": label})
 
     shown = [k for k, p in panels.items() if p[3]] or ["step"]
     # One or two rows with every slot used: 5 panels are 3 above and 2 (wider) below.
