@@ -15,6 +15,10 @@ from tinylm.paths import shared_data_dir
 # process made tiny-model steps ~8x slower (83 vs 11 ms/step). Tiny models gain nothing from more.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+# `train.precision=auto` on CPU is a timing probe (tinylm/train/precision.py): tests pin its
+# outcome to fp32 so that exact-numerics tests never depend on a measurement; the probe's own
+# tests (tests/test_precision.py) unset this and inject timings.
+os.environ["TINYLM_PRECISION_AUTO"] = "fp32"
 
 
 @pytest.fixture(scope="session")

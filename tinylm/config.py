@@ -186,6 +186,9 @@ class TrainConfig:
     fit_steps_to_time: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool | Literal["auto"] = "auto"  # auto: on when the run repays compile time
+    # Recompute each block in the backward pass instead of keeping its activations (per block,
+    # non-reentrant torch.utils.checkpoint); auto: on only when the run would not fit without it
+    activation_checkpointing: bool | Literal["auto"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = ranged(1337, ge=0, le=SEED_MAX)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto = ddp

@@ -37,7 +37,9 @@ GPT2_VOCAB = 50257
 CHAR_VOCAB_GUESS = 256  # a char tokenizer's size is known only once fitted on the corpus
 
 
-def activation_bytes_per_token(m: ModelConfig, vocab_size: int, precision: str) -> int:
+def activation_bytes_per_token(
+    m: ModelConfig, vocab_size: int, precision: str, checkpointing: bool = False
+) -> int:
     """Bytes kept for the backward pass per token of a micro-batch (approximate).
 
     Counted from the tensors autograd saves in tinylm/model.py (checked against
@@ -52,6 +54,9 @@ def activation_bytes_per_token(m: ModelConfig, vocab_size: int, precision: str) 
       masks where dropout > 0 (in the activation dtype, as on CPU; CUDA keeps 1 byte); with
       attention dropout SDPA takes the unfused path and keeps T x T probabilities per head.
     Plus the final norm, the head's input ad and the fp32 log-softmax over the vocabulary.
+    With activation checkpointing (`train.activation_checkpointing`) a block keeps only its
+    input (the fp32 residual stream, 4d) and the backward pass recomputes one block at a time,
+    so the blocks cost n_layer x 4d plus one block's activations.
     """
     a = ACT_BYTES[precision]
     d, kv, f = m.d_model, m.kv_heads * m.head_dim, m.ff_dim
@@ -67,7 +72,8 @@ def activation_bytes_per_token(m: ModelConfig, vocab_size: int, precision: str) 
     if m.attn_dropout > 0:  # the unfused path, in fp32 on CPU: probabilities, mask, q k v copies
         block += 4 * (2 * m.n_head * m.context_length + d + 2 * kv)
     embedding_dropout = 4 * d if m.dropout > 0 else 0
-    return m.n_layer * block + embedding_dropout + norm + a * d + 4 * vocab_size
+    blocks = m.n_layer * 4 * d + block if checkpointing else m.n_layer * block
+    return blocks + embedding_dropout + norm + a * d + 4 * vocab_size
 
 
 def _built_counts(m: ModelConfig) -> tuple[int, int, int, int]:
@@ -121,6 +127,7 @@ class Estimate:
     seconds_at_throughput: float | None
     seconds_at_peak: float | None
     devices: int = 1
+    activation_checkpointing: bool = False
 
     @property
     def fsdp_memory(self) -> int:
@@ -164,12 +171,14 @@ def estimate(
     peak_tflops: float | None = None,
     mfu: float = 0.4,
     devices: int = 1,
+    activation_checkpointing: bool | None = None,
 ) -> Estimate:
     """Parameters, FLOPs, memory and time for `cfg` (see the module docstring).
 
     tokens defaults to the run's budget: max_steps x batch_size x grad_accum x context_length x
     devices. Time is given at `tokens_per_second` and/or `peak_tflops` (per second) x `mfu`,
-    both per device, times `devices`.
+    both per device, times `devices`. `activation_checkpointing` defaults to the config's
+    (its `auto` counts as off: the preflight turns it on only when the run does not fit).
     """
     vocab, vocab_note = resolve_vocab(cfg)
     m = dataclasses.replace(cfg.model, vocab_size=vocab)
@@ -177,7 +186,9 @@ def estimate(
 
     precision, precision_note = cfg.train.precision, ""
     if precision == "auto":
-        precision, precision_note = "bf16", "auto: bf16 on a GPU that has it, fp32 on CPU"
+        precision, precision_note = "bf16", "auto: bf16 on a GPU; on a CPU a probe decides"
+    if activation_checkpointing is None:
+        activation_checkpointing = cfg.train.activation_checkpointing is True
     t = cfg.train
     batch_tokens = t.batch_size * m.context_length
     if tokens is None:
@@ -196,7 +207,8 @@ def estimate(
         weights=4 * params,
         gradients=4 * params,
         optimizer=8 * params,
-        activations=batch_tokens * activation_bytes_per_token(m, vocab, precision),
+        activations=batch_tokens
+        * activation_bytes_per_token(m, vocab, precision, activation_checkpointing),
         weight_copies=0 if precision == "fp32" else ACT_BYTES[precision] * matmul_weights,
         tokens=tokens,
         seconds_at_throughput=tokens / (tokens_per_second * devices) if tokens_per_second else None,
@@ -204,6 +216,7 @@ def estimate(
             tokens * flops / (peak_tflops * 1e12 * mfu * devices) if peak_tflops else None
         ),
         devices=devices,
+        activation_checkpointing=activation_checkpointing,
     )
 
 
@@ -262,7 +275,8 @@ def format_estimate(
         f"  weights         {format_bytes(e.weights)} (fp32)",
         f"  gradients       {format_bytes(e.gradients)} (fp32)",
         f"  AdamW state     {format_bytes(e.optimizer)} (2 x fp32)",
-        f"  activations     {format_bytes(e.activations)} (approximate; see tinylm/estimate.py)",
+        f"  activations     {format_bytes(e.activations)} (approximate; see tinylm/estimate.py"
+        + ("; with activation checkpointing)" if e.activation_checkpointing else ")"),
         *(
             [f"  autocast copies {format_bytes(e.weight_copies)} ({e.precision} matmul weights)"]
             if e.weight_copies
@@ -314,7 +328,51 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             e, tokens_per_second=args.tokens_per_second, peak_tflops=args.peak_tflops, mfu=args.mfu
         )
     )
+    if args.gpu_memory is not None:
+        print(format_memory_plan(cfg, args.gpu_memory, e.precision))
     return 0
+
+
+def format_memory_plan(cfg: Config, gib: float, precision: str) -> str:
+    """`--gpu-memory G`: micro-batch, accumulation and checkpointing that fit G GiB."""
+    from tinylm.preflight import HEADROOM, plan_for_memory
+
+    t = cfg.train
+    global_batch = t.batch_size * t.grad_accum
+    head = (
+        f"fit in {gib:g} GiB ({precision}, global batch {global_batch} x "
+        f"{cfg.model.context_length} tokens, +{HEADROOM - 1:.0%} headroom):"
+    )
+    plan = plan_for_memory(cfg, int(gib * 2**30), precision)
+    if plan is None:
+        return (
+            f"{head}\n  does not fit even at micro-batch 1 with activation checkpointing: use a "
+            "smaller model (model.n_layer, model.d_model) or a shorter model.context_length"
+        )
+    same = (plan.batch_size, plan.grad_accum, plan.activation_checkpointing) == (
+        t.batch_size,
+        t.grad_accum,
+        t.activation_checkpointing is True,
+    )
+    how = "fits as configured" if same else "proposed"
+    alternative = ""
+    if not plan.activation_checkpointing and plan.batch_size < global_batch:
+        recompute = plan_for_memory(cfg, int(gib * 2**30), precision, checkpointing_only=True)
+        if recompute is not None and recompute.batch_size > plan.batch_size:
+            alternative = (
+                f"\n  or, recomputing each block in the backward pass (~1/3 more compute, "
+                f"fewer micro-batches): {recompute.overrides()}"
+            )
+    return (
+        f"{head}\n  {how}: {plan.overrides()}\n"
+        f"  estimated {format_bytes(plan.need)} per device"
+        + (
+            " (recomputing each block in the backward pass: ~1/3 more compute)"
+            if plan.activation_checkpointing
+            else ""
+        )
+        + alternative
+    )
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -350,5 +408,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=int_in(1, 2**20),
         default=1,
         help="number of devices (GPUs) training together: time divides, FSDP memory is shown",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float_in(gt=0, le=1e6),
+        metavar="GIB",
+        help="propose train.batch_size / grad_accum / activation_checkpointing that fit a card "
+        "with this much memory (GiB) for the same global batch",
     )
     p.set_defaults(func=cmd_estimate)

@@ -43,6 +43,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tinylm.config import ModelConfig
 
@@ -301,6 +302,9 @@ class GPT(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        # Per-block activation checkpointing (train.activation_checkpointing): a training forward
+        # keeps only each block's input and recomputes the block in the backward pass.
+        self.activation_checkpointing = False
         self.norm_f = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, self.padded_vocab, bias=False)
         if cfg.tie_embeddings:
@@ -406,8 +410,12 @@ class GPT(nn.Module):
                 self.rope_cos[start_pos : start_pos + T],
                 self.rope_sin[start_pos : start_pos + T],
             )
+        recompute = self.activation_checkpointing and kv_cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, kv_cache, start_pos)
+            if recompute:  # non-reentrant: works with autocast, torch.compile and kwargs-free calls
+                x = checkpoint(block, x, rope, None, start_pos, use_reentrant=False)
+            else:
+                x = block(x, rope, kv_cache, start_pos)
         if kv_cache is not None:
             kv_cache.pos = start_pos + T
         x = self.norm_f(x)

@@ -63,12 +63,14 @@ def _resolved_precision(cfg: Config, device: torch.device) -> str:
     return select_precision(cfg.train.precision, device).name
 
 
-def _need(cfg: Config, device: torch.device) -> tuple[int, Estimate]:
+def _need(
+    cfg: Config, device: torch.device, checkpointing: bool | None = None
+) -> tuple[int, Estimate]:
     """Estimated training bytes per host for `cfg` on `device` (see the module docstring)."""
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, precision=_resolved_precision(cfg, device))
     )
-    e = estimate(cfg)
+    e = estimate(cfg, activation_checkpointing=checkpointing)
     state = e.weights + e.gradients + e.optimizer + e.weight_copies
     if cfg.train.distributed == "fsdp":
         state //= int(os.environ.get("WORLD_SIZE", "1"))
@@ -78,9 +80,11 @@ def _need(cfg: Config, device: torch.device) -> tuple[int, Estimate]:
     return need, e
 
 
-def measure(cfg: Config, device: torch.device) -> MemoryCheck:
-    """The estimated training memory per host (see the module docstring) and what is free."""
-    need, e = _need(cfg, device)
+def measure(cfg: Config, device: torch.device, checkpointing: bool | None = None) -> MemoryCheck:
+    """The estimated training memory per host (see the module docstring) and what is free.
+
+    `checkpointing`: with or without activation checkpointing (None: as the config says)."""
+    need, e = _need(cfg, device, checkpointing)
     available, where = available_memory(device)
     return MemoryCheck(need=need, available=available, where=where, estimate=e)
 
@@ -121,6 +125,10 @@ def check_memory(cfg: Config, device: torch.device) -> MemoryCheck:
     check = measure(cfg, device)
     if check.fits:
         return check
+    if cfg.train.activation_checkpointing == "auto":  # the run will turn it on (decide_...)
+        recomputing = measure(cfg, device, checkpointing=True)
+        if recomputing.fits:
+            return recomputing
     e = check.estimate
     raise ConfigError(
         f"this run needs about {format_bytes(check.need)} for training "
@@ -131,3 +139,57 @@ def check_memory(cfg: Config, device: torch.device) -> MemoryCheck:
         f"{HEADROOM - 1:.0%} headroom, but only {format_bytes(check.available)} {check.where}. "
         f"Try {_advice(cfg, check, device)}; or pass --force to try anyway"
     )
+
+
+def decide_activation_checkpointing(cfg: Config, device: torch.device) -> tuple[bool, str]:
+    """`train.activation_checkpointing`, resolved: `auto` is on only when the run's estimate
+    does not fit the device without it (the preflight's own comparison); and a reason."""
+    setting = cfg.train.activation_checkpointing
+    if setting is True or setting is False:
+        return setting, f"train.activation_checkpointing={str(setting).lower()}"
+    check = measure(cfg, device, checkpointing=False)
+    if check.available is None:
+        return False, f"auto: off (free memory unknown on {device.type})"
+    figures = f"{format_bytes(check.need)} needed, {format_bytes(check.available)} {check.where}"
+    if check.fits:
+        return False, f"auto: off (fits without it: {figures})"
+    return True, f"auto: on (without it the run would not fit: {figures})"
+
+
+@dataclass
+class MemoryPlan:
+    """Settings that fit a memory budget for the same global batch (`tinylm estimate --gpu-memory`)."""
+
+    batch_size: int
+    grad_accum: int
+    activation_checkpointing: bool
+    need: int  # estimated bytes with these settings (before HEADROOM)
+
+    def overrides(self) -> str:
+        return (
+            f"train.batch_size={self.batch_size} train.grad_accum={self.grad_accum} "
+            f"train.activation_checkpointing={str(self.activation_checkpointing).lower()}"
+        )
+
+
+def plan_for_memory(
+    cfg: Config, budget: int, precision: str = "bf16", checkpointing_only: bool = False
+) -> MemoryPlan | None:
+    """The largest micro-batch (a divisor of the global batch, grad_accum making up the rest)
+    whose estimate plus HEADROOM fits `budget` bytes: without activation checkpointing when any
+    micro-batch fits (recomputing costs about one more forward pass, ~1/3 of a step), else
+    with it. None when even one sequence with checkpointing does not fit."""
+    t = cfg.train
+    global_batch = t.batch_size * t.grad_accum
+    divisors = [b for b in range(global_batch, 0, -1) if global_batch % b == 0]
+    for checkpointing in (True,) if checkpointing_only else (False, True):
+        for batch in divisors:
+            train = dataclasses.replace(
+                t, batch_size=batch, grad_accum=global_batch // batch, precision=precision
+            )
+            e = estimate(
+                dataclasses.replace(cfg, train=train), activation_checkpointing=checkpointing
+            )
+            if e.total_memory * HEADROOM <= budget:
+                return MemoryPlan(batch, global_batch // batch, checkpointing, e.total_memory)
+    return None

@@ -131,6 +131,7 @@ class TrainMonitor:
         self.session_start, self.session_start_step = time.perf_counter(), 0
         self.slow_reported = False
         self.interval_cpu = self._cpu_seconds()
+        self.scaler: torch.amp.GradScaler | None = None  # fp16: its scale goes in the record
 
     def log_start(self, step: int, run_dir: Path, messages: list[str]) -> None:
         """The set-up messages, the run line, and the `start` event."""
@@ -186,6 +187,8 @@ class TrainMonitor:
             flops = self.flops_per_token * tokens_per_second / self.dist.world_size
             record["mfu"] = flops / self.peak_flops
         record["memory_gb"] = self._memory_gb()
+        if self.scaler is not None:  # halves on each overflow, grows after clean steps
+            record["grad_scale"] = self.scaler.get_scale()
         skipped = int(self.nonfinite_total.item())
         if skipped:
             record["skipped_steps"] = skipped

@@ -62,15 +62,20 @@ def build_adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> t
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, device: torch.device
+    model: nn.Module, cfg: OptimConfig, device: torch.device, auto_ns_dtype: str | None = None
 ) -> torch.optim.AdamW | MuonAdamW:
-    """AdamW over every parameter, or (`optim.name=muon`) Muon + AdamW as one optimizer."""
+    """AdamW over every parameter, or (`optim.name=muon`) Muon + AdamW as one optimizer.
+
+    `auto_ns_dtype`: what `optim.muon_ns_dtype=auto` means here, when the precision probe
+    measured it (tinylm/train/precision.py); None = the device default."""
     if cfg.name == "muon":
-        return build_muon_adamw(model, cfg, device)
+        return build_muon_adamw(model, cfg, device, auto_ns_dtype)
     return build_adamw(param_groups(model, cfg.weight_decay), cfg, device)
 
 
-def build_muon_adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> MuonAdamW:
+def build_muon_adamw(
+    model: nn.Module, cfg: OptimConfig, device: torch.device, auto_ns_dtype: str | None = None
+) -> MuonAdamW:
     """Muon over the hidden matrices (`muon.muon_parameters`), AdamW over the rest."""
     hidden = [p for _, p in muon_parameters(model)]
     if not hidden:
@@ -86,10 +91,11 @@ def build_muon_adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -
     )
     rest = param_groups(model, cfg.weight_decay, exclude={id(p) for p in hidden})
     adamw = build_adamw([g for g in rest if g["params"]], cfg, device)
-    # bfloat16 Newton-Schulz is fast on GPUs, ~19x slower than float32 on an AVX2 CPU (muon.py)
+    # bfloat16 Newton-Schulz is fast on GPUs, ~19x slower than float32 on an AVX2 CPU (muon.py),
+    # faster on an AMX CPU: there the precision probe measures it (auto_ns_dtype)
     ns = cfg.muon_ns_dtype
     if ns == "auto":
-        ns = "bfloat16" if device.type == "cuda" else "float32"
+        ns = auto_ns_dtype or ("bfloat16" if device.type == "cuda" else "float32")
     return MuonAdamW(muon, adamw, ns_dtype=getattr(torch, ns))
 
 

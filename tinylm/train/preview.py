@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -96,10 +97,16 @@ def dry_run(cfg: Config, run_dir: Path) -> str:
         f"tokenizer: {tok.kind}, {tok.vocab_size:,} tokens; data: {train_tokens:,} train tokens, "
         f"{sum(len(t) for t in data.val.values()):,} val tokens (details above)"
     )
-    e = estimate(cfg, tokens=None)
+    resolved = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, precision=trainer.precision.name)
+    )
+    checkpointing = trainer.raw_model.activation_checkpointing
+    e = estimate(resolved, tokens=None, activation_checkpointing=checkpointing)
+    recompute = ", blocks recomputed in the backward pass" if checkpointing else ""
     lines.append(
         f"memory estimate for training: {format_bytes(e.total_memory)} (weights, gradients, AdamW "
-        f"state, activations at batch {e.batch_size} x {e.context_length}; see `tinylm estimate`)"
+        f"state, {e.precision} activations at batch {e.batch_size} x {e.context_length}"
+        f"{recompute}; see `tinylm estimate`)"
     )
 
     model.train()

@@ -7,13 +7,13 @@ import os
 import random
 import shutil
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from tinylm.config import ConfigError
+from tinylm.config import Config, ConfigError
+from tinylm.train.precision import Precision, autocast_context, choose_cpu_precision
 
 
 def select_device(spec: str = "auto", local_rank: int = 0) -> tuple[torch.device, str]:
@@ -47,37 +47,19 @@ def select_device(spec: str = "auto", local_rank: int = 0) -> tuple[torch.device
     return device, device.type
 
 
-@dataclass(frozen=True)
-class Precision:
-    """How the forward pass runs: autocast dtype (None = fp32) and whether a grad scaler is needed."""
-
-    name: str  # fp32 | bf16 | fp16
-    reason: str
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
-
-    @property
-    def needs_grad_scaler(self) -> bool:
-        return self.name == "fp16"
-
-
-def select_precision(spec: str, device: torch.device) -> Precision:
-    """Resolve `train.precision`; `auto` picks bf16 on GPUs that support it, else fp16, else fp32."""
+def select_precision(spec: str, device: torch.device, cfg: Config | None = None) -> Precision:
+    """Resolve `train.precision`; `auto` picks bf16 on GPUs that support it, else fp16; on a CPU
+    the probe decides (tinylm/train/precision.py) when the run's `cfg` is given, else fp32."""
     if spec == "auto":
         if device.type == "cuda":
             if torch.cuda.is_bf16_supported():
                 return Precision(
-                    "bf16", "auto: bf16 autocast (supported by this GPU, no grad scaler needed)"
+                    "bf16", "auto -> bf16 (supported by this GPU, no grad scaler needed)"
                 )
-            return Precision(
-                "fp16", "auto: fp16 autocast with a grad scaler (this GPU has no bf16)"
-            )
-        # On CPU, bf16 autocast is slower than fp32 for small matmuls on most chips (see notes/model.md).
-        return Precision("fp32", f"auto: fp32 on {device.type} (autocast does not pay off here)")
-    if spec == "fp16" and device.type == "cpu":
-        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on cpu")
+            return Precision("fp16", "auto -> fp16 with a grad scaler (this GPU has no bf16)")
+        if device.type == "cpu" and cfg is not None:
+            return choose_cpu_precision(cfg)
+        return Precision("fp32", f"auto -> fp32 on {device.type}")
     if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             "train.precision=bf16 is not supported by this GPU; use fp16 (with a grad scaler)"
@@ -86,10 +68,8 @@ def select_precision(spec: str, device: torch.device) -> Precision:
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[Any]:
-    """The autocast context for forward passes (a no-op in fp32)."""
-    if precision.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=precision.autocast_dtype)
+    """The autocast context for forward passes (a no-op in fp32); see precision.KINDS."""
+    return autocast_context(device, precision)
 
 
 def seed_everything(seed: int) -> None:

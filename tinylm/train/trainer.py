@@ -23,10 +23,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tinylm import interrupts
+from tinylm import interrupts, preflight
 from tinylm.config import Config, ConfigError
 from tinylm.eval.evaluate import OVERALL
-from tinylm.train import checkpoint, distributed, optim, runtime, signals, sinks, time_budget
+from tinylm.train import (
+    checkpoint,
+    distributed,
+    optim,
+    precision,
+    runtime,
+    signals,
+    sinks,
+    time_budget,
+)
 from tinylm.train.monitor import TrainMonitor
 from tinylm.train.resume import open_for_resume, refuse_existing_run, run_lock, stop_message
 from tinylm.train.validation import Validator
@@ -79,8 +88,6 @@ class Trainer:
         self.dist = distributed.setup()
         self.is_main = self.dist.is_main
         self.device, device_reason = runtime.select_device(cfg.train.device, self.dist.local_rank)
-        self.precision = runtime.select_precision(cfg.train.precision, self.device)
-        self.autocast = runtime.autocast(self.device, self.precision)
         self.state = LoopState()
         # Tracked by step, not by returned path: only the main process gets a path, and every
         # process must agree on whether to enter the collective `_save`.
@@ -88,7 +95,7 @@ class Trainer:
         self.val_loss_step = -1  # the step whose weights `state.last_val_loss` measured
         # Under torchrun one Ctrl+C arrives twice (terminal + launcher): see signals.py.
         self.stop = signals.GracefulStop(repeat_grace_s=2.0 if self.dist.enabled else 0.0)
-        self.messages = [f"device: {device_reason}", f"precision: {self.precision.reason}"]
+        self.messages = [f"device: {device_reason}"]
 
         resumed = None
         if resume:
@@ -103,6 +110,10 @@ class Trainer:
         start = resumed or init
         runtime.seed_everything(cfg.train.seed)
         self._build_data(start.tokenizer if start else None)
+        # After the data: a CPU probe times the run's own model, whose vocabulary comes from it.
+        self.precision = runtime.select_precision(cfg.train.precision, self.device, cfg)
+        self.autocast = runtime.autocast(self.device, self.precision)
+        self.messages.append(f"precision: {self.precision.reason}")
         self._build_model(start.model_state if start else None)
         self._build_optimizer()
         if resumed is not None:
@@ -163,6 +174,9 @@ class Trainer:
         from tinylm.model import GPT
 
         self.raw_model = GPT(self.cfg.model).to(self.device)
+        ckpt, reason = preflight.decide_activation_checkpointing(self.cfg, self.device)
+        self.raw_model.activation_checkpointing = ckpt
+        self.messages.append(f"activation checkpointing: {reason}")
         if weights is not None:  # into the plain module: FSDP then shards what was loaded
             self.raw_model.load_state_dict(weights)
         if self.cfg.train.trainable != "all":
@@ -202,11 +216,11 @@ class Trainer:
     def _build_optimizer(self) -> None:
         # After wrapping: FSDP2 replaces the parameters with sharded ones, and an optimizer
         # built before would update the discarded originals.
-        self.optimizer = optim.build_optimizer(self.raw_model, self.cfg.optim, self.device)
-        self.fused_optimizer = bool(self.optimizer.defaults.get("fused"))
-        self.scaler = (
-            torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
+        self.optimizer = optim.build_optimizer(
+            self.raw_model, self.cfg.optim, self.device, self.precision.muon_ns_dtype
         )
+        self.fused_optimizer = bool(self.optimizer.defaults.get("fused"))
+        self.scaler = precision.make_grad_scaler(self.device, self.precision)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
 
     def _restore(self, loaded: checkpoint.LoadedCheckpoint) -> None:
@@ -258,6 +272,7 @@ class Trainer:
         nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
 
         if self.scaler is not None:  # fp16: the scaler skips steps with inf/nan grads itself
+            nonfinite = precision.scaler_gave_up(self.scaler, loss, grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif self.fused_optimizer:
@@ -314,6 +329,7 @@ class Trainer:
             dist=self.dist,
             flops_per_token=self.flops_per_token,
         )
+        monitor.scaler = self.scaler
         monitor.log_start(state.step, self.run_dir, self.messages)
         self.validator = Validator(
             cfg,

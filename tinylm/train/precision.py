@@ -1,0 +1,353 @@
+"""Precision: what each `train.precision` means, and the measurement behind `auto` on a CPU.
+
+One table, `KINDS`, maps a precision name to how a step runs it: the autocast dtype (None =
+plain fp32) and whether it needs a grad scaler. `autocast_context` and `make_grad_scaler` are the
+only places that turn a precision into a context manager or a `torch.amp.GradScaler`; another
+module adds a kind (fp8) with `register_kind`, giving its own context factory when autocast
+alone does not express it.
+
+`train.precision=auto` on a CPU is decided by `probe` (`choose_cpu_precision`): forward +
+backward of the run's own model at its micro-batch (fewer rows when one step would blow the
+budget), alternating fp32 and bf16 autocast, within `PROBE_BUDGET_S` seconds at the thread count
+the run will use. bf16 is chosen only when it is at least `BF16_MARGIN` faster: the choice is
+never slower than fp32 (beyond noise), and bf16 costs some precision for nothing when it merely
+ties. Whether bf16 pays depends on the host (native bf16 matrix units: Intel AMX / AVX512-BF16)
+and on the shape (measured on an AMX host, 2 threads, notes/issue-18-precision.md: bf16 is
+about 2x fp32 at nanoGPT's 6L/384 shape and slower than fp32 at the `tiny` shape), so it is
+measured, not assumed. The same probe times Muon's Newton-Schulz on the model's hidden matrices
+in float32 and bfloat16 (`optim.muon_ns_dtype=auto`).
+
+Results are cached in `<cache dir>/precision-probe.json`, keyed by the host's CPU model and
+bf16 flags, torch version, thread count, the model config, micro-batch and the compile setting,
+so a resumed or repeated run makes the same choice without probing again.
+`TINYLM_PRECISION_AUTO=fp32|bf16` makes `auto` that precision without a probe (the test suite
+pins fp32 this way so exact-numerics tests never depend on a timing).
+
+Compiled runs: compiling the model twice (fp32 and bf16) costs 20-60 s on a 2-core CPU, far over
+the probe's budget, so the probe times eager steps. On the AMX host the eager ratio agreed in
+direction with the compiled one at every shape measured (notes/issue-18-precision.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrecisionKind:
+    """How one precision runs: its autocast dtype and whether the step needs a grad scaler.
+
+    `context`, when given, builds the forward pass's context itself (device -> context manager)
+    for kinds autocast does not express (fp8 swaps modules instead).
+    """
+
+    autocast_dtype: torch.dtype | None
+    grad_scaler: bool = False
+    context: Callable[[torch.device], contextlib.AbstractContextManager[Any]] | None = None
+
+
+KINDS: dict[str, PrecisionKind] = {
+    "fp32": PrecisionKind(None),
+    "bf16": PrecisionKind(torch.bfloat16),
+    "fp16": PrecisionKind(torch.float16, grad_scaler=True),
+}
+
+
+def register_kind(name: str, kind: PrecisionKind) -> None:
+    """Add a precision (another module's: fp8) to the table the step reads."""
+    KINDS[name] = kind
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The resolved precision of a run and a one-line reason (the run header's `precision:`)."""
+
+    name: str  # a key of KINDS
+    reason: str
+    muon_ns_dtype: str | None = None  # the probe's Newton-Schulz choice; None = device default
+
+    @property
+    def kind(self) -> PrecisionKind:
+        return KINDS[self.name]
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.kind.autocast_dtype
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.kind.grad_scaler
+
+
+def autocast_context(
+    device: torch.device, precision: Precision
+) -> contextlib.AbstractContextManager[Any]:
+    """The forward pass's context for `precision` (a no-op in fp32)."""
+    kind = precision.kind
+    if kind.context is not None:
+        return kind.context(device)
+    if kind.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=kind.autocast_dtype)
+
+
+def make_grad_scaler(device: torch.device, precision: Precision) -> torch.amp.GradScaler | None:
+    """A grad scaler for kinds that need one (fp16), else None."""
+    return torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
+
+
+# ------------------------------------------------------------------------------ the CPU probe
+
+PROBE_BUDGET_S = 3.0
+# bf16 must beat fp32 by this much to be chosen: below it the two are within the noise of a
+# 3-second probe on a shared machine, and fp32 then keeps full precision at no cost.
+BF16_MARGIN = 1.10
+# Above this per-step time the probe takes fewer rows of the micro-batch (per-row cost is what
+# the precisions differ in; the rows only multiply it).
+PROBE_STEP_S = 0.35
+AUTO_ENV = "TINYLM_PRECISION_AUTO"
+CACHE_FILE = "precision-probe.json"
+
+
+@dataclass
+class ProbeResult:
+    """What the probe measured: seconds per fwd+bwd step in each precision, and the choice."""
+
+    fp32_s: float
+    bf16_s: float
+    rows: int  # micro-batch rows the probe ran (the run's, or fewer for a large step)
+    ns_fp32_s: float | None = None  # Newton-Schulz over the hidden matrices, per dtype
+    ns_bf16_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        """bf16 tokens/s over fp32 tokens/s."""
+        return self.fp32_s / self.bf16_s if self.bf16_s > 0 else 0.0
+
+    @property
+    def choice(self) -> str:
+        return "bf16" if self.speedup >= BF16_MARGIN else "fp32"
+
+    @property
+    def ns_choice(self) -> str | None:
+        if self.ns_fp32_s is None or self.ns_bf16_s is None:
+            return None
+        return "bfloat16" if self.ns_fp32_s >= BF16_MARGIN * self.ns_bf16_s else "float32"
+
+
+def cpu_signature() -> str:
+    """The host's CPU model and its bf16-relevant flags (the cache key's host part)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    native = sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2"})
+    return f"{model} [{' '.join(native)}]"
+
+
+def _probe_key(model_cfg: Any, rows: int, compile_setting: Any, muon: bool) -> str:
+    shape = json.dumps(asdict(model_cfg), sort_keys=True, default=str)
+    parts = [
+        cpu_signature(),
+        f"torch {torch.__version__}",
+        f"threads {torch.get_num_threads()}",
+        f"rows {rows}",
+        f"compile {compile_setting}",
+        f"muon {muon}",
+        hashlib.sha256(shape.encode()).hexdigest()[:16],
+    ]
+    return " | ".join(parts)
+
+
+def _time_alternating(steps: dict[str, Callable[[], None]], budget_s: float) -> dict[str, float]:
+    """Median seconds per call of each step, called in alternation until the budget is spent."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds == 0 or time.perf_counter() - start < budget_s:  # at least one round
+        order = list(steps) if rounds % 2 == 0 else list(reversed(steps))
+        for name in order:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
+def measure(
+    model_cfg: Any, rows: int, seq_len: int, *, muon: bool, budget_s: float = PROBE_BUDGET_S
+) -> ProbeResult:
+    """Time fwd+bwd of `GPT(model_cfg)` at `rows` x `seq_len` in fp32 and bf16 autocast (CPU)."""
+    from tinylm.model import GPT
+
+    deadline = time.perf_counter() + budget_s
+    with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay untouched
+        torch.manual_seed(0)
+        model = GPT(model_cfg)
+        vocab = max(1, model_cfg.vocab_size)
+        x = torch.randint(0, vocab, (rows, seq_len))
+
+    def step_fn(dtype: torch.dtype | None, n: int) -> Callable[[], None]:
+        def step() -> None:
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                _, loss = model(x[:n], x[:n])
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return step
+
+    # One row first (warm-up: first-call allocations, oneDNN kernel choice), then as many rows
+    # of the micro-batch as keep a step under PROBE_STEP_S: a full-batch warm-up of a large
+    # model alone would spend the whole budget.
+    step_fn(None, 1)()
+    t0 = time.perf_counter()
+    step_fn(None, 1)()
+    one_row = time.perf_counter() - t0
+    n = max(1, min(rows, int(PROBE_STEP_S / max(one_row, 1e-6))))
+    step_fn(None, n)()
+    step_fn(torch.bfloat16, n)()
+    ns_share = 0.25 if muon else 0.0
+    left = max(0.0, deadline - time.perf_counter())
+    timed = _time_alternating(
+        {"fp32": step_fn(None, n), "bf16": step_fn(torch.bfloat16, n)},
+        left * (1 - ns_share),
+    )
+    result = ProbeResult(fp32_s=timed["fp32"], bf16_s=timed["bf16"], rows=n)
+    if muon:
+        result.ns_fp32_s, result.ns_bf16_s = _measure_newton_schulz(
+            model, max(0.0, deadline - time.perf_counter())
+        )
+    return result
+
+
+def _measure_newton_schulz(model: torch.nn.Module, budget_s: float) -> tuple[float, float]:
+    """Seconds to orthogonalize every hidden matrix once, in float32 and in bfloat16."""
+    from tinylm.train.muon import muon_parameters, newton_schulz
+
+    shapes = [tuple(p.shape) for _, p in muon_parameters(model)]
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    coefficients = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's defaults
+
+    def run(dtype: torch.dtype) -> Callable[[], None]:
+        return lambda: [newton_schulz(g, coefficients, 5, 1e-7, dtype) for g in grads]
+
+    run(torch.bfloat16)()  # warm-up
+    timed = _time_alternating(
+        {"float32": run(torch.float32), "bfloat16": run(torch.bfloat16)}, budget_s
+    )
+    return timed["float32"], timed["bfloat16"]
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def cached_probe(
+    model_cfg: Any,
+    rows: int,
+    seq_len: int,
+    *,
+    compile_setting: Any,
+    muon: bool,
+    cache: Path,
+    measure_fn: Callable[..., ProbeResult] | None = None,
+) -> tuple[ProbeResult, bool]:
+    """The probe's result for this host and shape, from the cache or measured now (then saved).
+
+    Returns (result, from_cache). `measure_fn` is `measure`; tests inject timings through it.
+    """
+    from tinylm.fileio import atomic_write_text
+
+    key = _probe_key(model_cfg, rows, compile_setting, muon)
+    path = cache / CACHE_FILE
+    entry = _read_cache(path).get(key)
+    if isinstance(entry, dict):
+        with contextlib.suppress(TypeError, ValueError):
+            return ProbeResult(**entry), True
+    result = (measure_fn or measure)(model_cfg, rows, seq_len, muon=muon)
+    with contextlib.suppress(OSError):  # a read-only cache costs a probe next time, nothing else
+        cache.mkdir(parents=True, exist_ok=True)
+        entries = _read_cache(path)  # re-read: another run may have added its shape meanwhile
+        entries[key] = asdict(result)
+        atomic_write_text(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+    return result, False
+
+
+def describe(result: ProbeResult, from_cache: bool) -> str:
+    """`auto -> bf16 (probe: 2.2x fp32 on this CPU)`, where the figure came from, and the Muon
+    Newton-Schulz choice when the probe made one."""
+    source = "cached probe" if from_cache else "probe"
+    notes = f", {result.rows} rows" if result.extra.get("rows_reduced") else ""
+    if result.ns_choice:
+        notes += f"; Muon Newton-Schulz in {result.ns_choice}"
+    if result.choice == "bf16":
+        return f"auto -> bf16 ({source}: {result.speedup:.1f}x fp32 on this CPU{notes})"
+    return (
+        f"auto -> fp32 ({source}: bf16 autocast {result.speedup:.2f}x fp32 on this CPU, "
+        f"under the {BF16_MARGIN:.2f}x needed{notes})"
+    )
+
+
+def choose_cpu_precision(
+    cfg: Any, *, measure_fn: Callable[..., ProbeResult] | None = None
+) -> Precision:
+    """`train.precision=auto` on a CPU: the env pin, else the (cached) probe's choice."""
+    from tinylm.paths import cache_dir
+
+    pinned = os.environ.get(AUTO_ENV, "").strip()
+    if pinned:
+        if pinned not in ("fp32", "bf16"):
+            from tinylm.config import ConfigError
+
+            raise ConfigError(f"{AUTO_ENV}={pinned!r}: use fp32 or bf16 (or unset it to probe)")
+        return Precision(pinned, f"auto -> {pinned} ({AUTO_ENV}={pinned}, no probe)")
+    muon = cfg.optim.name == "muon"
+    result, from_cache = cached_probe(
+        cfg.model,
+        cfg.train.batch_size,
+        cfg.model.context_length,
+        compile_setting=cfg.train.compile,
+        muon=muon,
+        cache=cache_dir(cfg.data.cache_dir),
+        measure_fn=measure_fn,
+    )
+    if result.rows < cfg.train.batch_size:
+        result.extra["rows_reduced"] = True
+    return Precision(result.choice, describe(result, from_cache), result.ns_choice)
+
+
+def scaler_gave_up(
+    scaler: torch.amp.GradScaler, loss: torch.Tensor, grad_norm: torch.Tensor
+) -> torch.Tensor:
+    """The non-finite guard's flag for a step under a grad scaler (a device tensor, no sync).
+
+    The scaler skips a step whose gradients overflowed and halves its scale: that is its normal
+    way of finding the scale, not a diverging run, so such a step does not count towards
+    `train.max_nonfinite_steps`. It counts when the loss itself is not finite, or when the
+    gradients are not finite at a scale of 1 or less (no scaling is left to back off from).
+    """
+    scale = scaler._scale  # set by the step's `scale()`; read as a tensor: no host sync
+    exhausted = (scale <= 1.0).reshape(()) if scale is not None else torch.tensor(True)
+    return ~torch.isfinite(loss) | (~torch.isfinite(grad_norm) & exhausted.to(loss.device))
