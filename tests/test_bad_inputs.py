@@ -108,6 +108,7 @@ CASES: list[tuple[list[str], str]] = [
     (T("model.norm=batchnorm"), "model.norm: must be one of"),
     (T("model.qk_norm=maybe"), "model.qk_norm: expected true or false"),
     (T("train.precision=fp8"), "train.precision: must be one of"),
+    (T("train.activation_checkpointing=maybe"), "train.activation_checkpointing"),
     (T("train.device=gpu"), "train.device='gpu' is not a device"),
     (T("data.tokenizer=bpe:abc"), "bpe:abc"),
     # ---- names and keys
@@ -203,6 +204,8 @@ CASES: list[tuple[list[str], str]] = [
     (["estimate", "tiny", "--mfu", "2"], "argument --mfu"),
     (["estimate", "tiny", "--mfu", "nan"], "argument --mfu"),
     (["estimate", "tiny", "--tokens", "-1"], "argument --tokens"),
+    (["estimate", "tiny", "--gpu-memory", "0"], "argument --gpu-memory"),
+    (["estimate", "tiny", "--gpu-memory", "nan"], "argument --gpu-memory"),
     (["estimate", "tiny", "--tokens", "inf"], "argument --tokens"),
     (["estimate", "tiny", "--tokens-per-second", "0"], "argument --tokens-per-second"),
     (["estimate", "tiny", "--peak-tflops", "-1"], "argument --peak-tflops"),
