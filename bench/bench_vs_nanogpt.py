@@ -26,6 +26,8 @@ Shapes (vocabulary: the 65 characters of Tiny Shakespeare):
   has no RoPE/RMSNorm/SwiGLU, so there the networks differ in those details).
 
 `--compile` adds tinylm with `train.compile=true` (compile time reported separately);
+`--auto` adds tinylm with its defaults, `train.precision=auto train.compile=auto` (the
+precision probe and the compile decision of a long run; issue 18's acceptance comparison);
 `--profile` prints the op table (torch.profiler, CPU self time) of a few steps of each.
 """
 
@@ -67,7 +69,7 @@ def load_nanogpt(path: Path):
     return module
 
 
-def tinylm_config(shape: str, text: Path, workdir: Path, compile_: bool):
+def tinylm_config(shape: str, text: Path, workdir: Path, compile_: bool | str):
     """The tinylm config of a shape: the tiny preset, resized for the nanoGPT shapes."""
     s = SHAPES[shape]
     overrides = [
@@ -75,6 +77,8 @@ def tinylm_config(shape: str, text: Path, workdir: Path, compile_: bool):
         f"data.cache_dir={workdir / 'cache'}",
         "data.tokenizer=char",
         f"train.compile={str(compile_).lower()}",
+        # the fixed variants stay fp32 (as before the probe existed); --auto lets it decide
+        f"train.precision={'auto' if compile_ == 'auto' else 'fp32'}",
         "train.max_steps=100000",
         "log.tensorboard=false",
         "log.progress=false",
@@ -228,6 +232,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--compile", action="store_true", help="also tinylm with compile")
+    parser.add_argument("--auto", action="store_true", help="also tinylm with its defaults")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -250,6 +255,15 @@ def main() -> None:
             if args.compile:
                 ccfg = tinylm_config(shape, text, workdir, compile_=True)
                 variants["tinylm compiled"] = TinylmStep(ccfg, workdir, f"{shape}-compiled")
+            if args.auto:
+                acfg = tinylm_config(shape, text, workdir, compile_="auto")
+                variants["tinylm auto"] = TinylmStep(acfg, workdir, f"{shape}-auto")
+                chosen = [
+                    m
+                    for m in variants["tinylm auto"].trainer.messages
+                    if m.startswith(("precision:", "compile:"))
+                ]
+                print(f"{shape}: tinylm auto: " + "; ".join(chosen))
             for name, step in variants.items():
                 t0 = time.process_time()  # CPU seconds: includes compiling, if any
                 for _ in range(args.warmup):

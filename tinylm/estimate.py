@@ -89,6 +89,9 @@ def _built_counts(m: ModelConfig) -> tuple[int, int, int, int]:
     return model.num_params(), model.num_params(True), model.flops_per_token(), matmul_weights
 
 
+_COUNTS: dict[str, tuple[int, int, int, int]] = {}  # by repr(ModelConfig): counts are pure
+
+
 def model_counts(m: ModelConfig) -> tuple[int, int, int, int]:
     """(parameters, non-embedding parameters, FLOPs per token, matmul weights) of `GPT(m)`.
 
@@ -96,6 +99,13 @@ def model_counts(m: ModelConfig) -> tuple[int, int, int, int]:
     linear in n_layer, so a deep model is counted exactly from one and two layers: building
     1,000 meta blocks took ~2 s, which a preflight that must refuse instantly cannot spend.
     """
+    key = repr(m)
+    if key not in _COUNTS:  # the preflight asks again for the same model (advice, checkpointing)
+        _COUNTS[key] = _counts(m)
+    return _COUNTS[key]
+
+
+def _counts(m: ModelConfig) -> tuple[int, int, int, int]:
     if m.n_layer <= 2:
         return _built_counts(m)
     one = _built_counts(dataclasses.replace(m, n_layer=1))
