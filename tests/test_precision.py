@@ -104,8 +104,8 @@ def test_the_run_header_and_dry_run_show_the_probe(probing, tmp_path, corpus, ca
 
 
 def test_bf16_loss_tracks_fp32_over_200_steps(tmp_path, corpus):
-    """Same seed, 200 steps: the bf16 run's mean loss over the last 50 steps is within 3% of
-    fp32's (measured: 0.4%), and both learned (well below the initial ~ln(vocab))."""
+    """Same seed, 200 steps: the bf16 run's mean loss over the last 50 steps is within 2% of
+    fp32's (measured: 0.2343 vs 0.2330, 0.6%; fp16 0.2329), and both learned (from ~2.95)."""
     common = [
         f"data.train={corpus}", f"out_dir={tmp_path}", "train.max_steps=200", "eval.interval=0",
         "log.interval=50", "checkpoint.interval=0", "eval.samples=0", "optim.lr=3e-3",
@@ -116,8 +116,8 @@ def test_bf16_loss_tracks_fp32_over_200_steps(tmp_path, corpus):
     for p in ("fp32", "bf16"):
         assert run_cli("train", "tiny", f"run_name={p}", f"train.precision={p}", *common) == 0
     fp32, bf16 = (read_metrics(tmp_path / p, "train")[-1]["loss"] for p in ("fp32", "bf16"))
-    assert fp32 < 2.0 and bf16 < 2.0
-    assert abs(bf16 - fp32) / fp32 < 0.03, (fp32, bf16)
+    assert fp32 < 0.5 and bf16 < 0.5
+    assert abs(bf16 - fp32) / fp32 < 0.02, (fp32, bf16)
 
 
 @pytest.mark.parametrize("prec", ["bf16", "fp16"])
