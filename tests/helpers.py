@@ -40,6 +40,18 @@ def read_metrics(run: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def full_and_split_losses(tmp_path: Path, common: list[str], steps: int) -> tuple[list, list]:
+    """(step, loss) of each train record of two runs of the tiny preset with `common`: `steps`
+    in one go (`full`), and half of them, then a resume to `steps` (`split`)."""
+    assert run_cli("train", "tiny", "run_name=full", f"train.max_steps={steps}", *common) == 0
+    assert run_cli("train", "tiny", "run_name=split", f"train.max_steps={steps // 2}", *common) == 0
+    assert run_cli("train", "--resume", tmp_path / "split", f"train.max_steps={steps}") == 0
+    return tuple(
+        [(r["step"], r["loss"]) for r in read_metrics(tmp_path / name, "train")]
+        for name in ("full", "split")
+    )
+
+
 def records(run: Path, kind: str) -> list[dict]:
     """metrics.jsonl records of `kind`, tolerating a line being written right now."""
     path = run / "metrics.jsonl"

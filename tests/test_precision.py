@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SMALL, read_metrics, run_cli
+from helpers import SMALL, full_and_split_losses, read_metrics, run_cli
 
 from tinylm.config import ConfigError, load_config
 from tinylm.train import precision
@@ -129,11 +129,7 @@ def test_resume_is_bit_identical_in_half_precision(tmp_path, corpus, prec):
         "eval.samples=0", "model.dropout=0.1", "optim.warmup_steps=2", f"train.precision={prec}",
         *SMALL,
     ]  # fmt: skip
-    assert run_cli("train", "tiny", "run_name=full", "train.max_steps=6", *common) == 0
-    assert run_cli("train", "tiny", "run_name=split", "train.max_steps=3", *common) == 0
-    assert run_cli("train", "--resume", tmp_path / "split", "train.max_steps=6") == 0
-    full = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full", "train")]
-    split = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "split", "train")]
+    full, split = full_and_split_losses(tmp_path, common, 6)
     assert len(full) == 6 and split == full
     from safetensors.torch import load_file
 

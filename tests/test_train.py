@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import SMALL, read_metrics, run_cli
+from helpers import SMALL, full_and_split_losses, read_metrics, run_cli
 
 
 def test_train_eval_generate_end_to_end(tmp_path, corpus, capsys):
@@ -61,11 +61,7 @@ def test_resume_is_bit_identical(tmp_path, corpus):
         f"data.train={corpus}", f"out_dir={tmp_path}", "log.interval=1", "eval.interval=4", "eval.samples=1",
         "model.dropout=0.1", "optim.decay_steps=8", "optim.warmup_steps=2", *SMALL,
     ]  # fmt: skip
-    assert run_cli("train", "tiny", "run_name=full", "train.max_steps=8", *common) == 0
-    assert run_cli("train", "tiny", "run_name=split", "train.max_steps=4", *common) == 0
-    assert run_cli("train", "--resume", tmp_path / "split", "train.max_steps=8") == 0
-    full = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full", "train")]
-    split = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "split", "train")]
+    full, split = full_and_split_losses(tmp_path, common, 8)
     assert len(full) == 8
     assert split == full  # exact float equality, not approximate
 
