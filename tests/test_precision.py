@@ -57,6 +57,15 @@ def test_an_amx_host_picks_bf16_and_says_by_how_much(probing):
     assert calls == [(6, 16, True)]  # the run's own micro-batch and context
 
 
+def test_a_probe_on_fewer_rows_says_so(probing, monkeypatch):
+    def fewer(model_cfg, rows, seq_len, *, muon):
+        return ProbeResult(0.02, 0.01, rows=2)
+
+    monkeypatch.setattr(precision, "measure", fewer)
+    p = choose_cpu_precision(cfg_for("train.batch_size=16"))
+    assert p.reason == "auto -> bf16 (probe: 2.0x fp32 on this CPU, timed at 2 of 16 rows)"
+
+
 def test_the_probe_is_cached_per_host_and_shape(probing):
     calls = probing(fp32_s=0.02, bf16_s=0.01)
     assert choose_cpu_precision(cfg_for()).name == "bf16"

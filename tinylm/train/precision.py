@@ -299,7 +299,8 @@ def describe(result: ProbeResult, from_cache: bool) -> str:
     """`auto -> bf16 (probe: 2.2x fp32 on this CPU)`, where the figure came from, and the Muon
     Newton-Schulz choice when the probe made one."""
     source = "cached probe" if from_cache else "probe"
-    notes = f", {result.rows} rows" if result.extra.get("rows_reduced") else ""
+    of = result.extra.get("rows_of")
+    notes = f", timed at {result.rows} of {of} rows" if of and result.rows < of else ""
     if result.ns_choice:
         notes += f"; Muon Newton-Schulz in {result.ns_choice}"
     if result.choice == "bf16":
@@ -333,8 +334,7 @@ def choose_cpu_precision(
         cache=cache_dir(cfg.data.cache_dir),
         measure_fn=measure_fn,
     )
-    if result.rows < cfg.train.batch_size:
-        result.extra["rows_reduced"] = True
+    result.extra["rows_of"] = cfg.train.batch_size
     return Precision(result.choice, describe(result, from_cache), result.ns_choice)
 
 
