@@ -52,7 +52,7 @@ run_json() {  # run_json NAME TIMEOUT CMD...
 dry_run_tokens() {  # dry_run_tokens NAME PRECISION
   local name=$1 prec=$2
   echo "== $name: tinylm train --dry-run train.precision=$prec" >&2
-  if timeout 240 "$TINYLM" train gpt2-124m data.train=../shared/data/tinyshakespeare.txt \
+  if timeout 240 "$TINYLM" train gpt2-124m data.train=shakespeare \
       data.tokenizer=char model.vocab_size=0 train.batch_size=16 train.compile=true \
       "train.precision=$prec" --dry-run > "$WORK/$name.out" 2> "$WORK/$name.err"; then
     local line tps
@@ -93,7 +93,7 @@ run_json muon_step 120 "$PY" bench/device_bench.py muon --preset gpt2-124m --ste
 if [ "$GPUS" -ge 2 ]; then
   echo "== ddp on $GPUS GPUs" >&2
   if timeout 240 .venv/bin/torchrun --nproc_per_node="$GPUS" -m tinylm.cli train gpt2-124m \
-      data.train=../shared/data/tinyshakespeare.txt data.tokenizer=char model.vocab_size=0 \
+      data.train=shakespeare data.tokenizer=char model.vocab_size=0 \
       train.batch_size=16 train.max_steps=20 log.interval=10 eval.interval=0 eval.samples=0 \
       "out_dir=$WORK/runs" run_name=ddp > "$WORK/ddp.out" 2>&1; then
     tps=$(grep -o '[0-9,]* tok/s' "$WORK/ddp.out" | tail -n 1 | tr -d ', tok/s')
