@@ -110,6 +110,9 @@ CASES: list[tuple[list[str], str]] = [
     (T("train.precision=fp8"), "train.precision: must be one of"),
     (T("train.activation_checkpointing=maybe"), "train.activation_checkpointing"),
     (T("train.device=gpu"), "train.device='gpu' is not a device"),
+    (T("train.threads=0"), "train.threads=0"),
+    (T("train.threads=many"), "train.threads: expected int | 'auto'"),
+    (["train", "tiny.yaml", *SMALL], "Did you mean the preset 'tiny'"),
     (T("data.tokenizer=bpe:abc"), "bpe:abc"),
     # ---- names and keys
     (T("run_name=a/b"), "run_name='a/b' must be a single directory name"),

@@ -21,7 +21,8 @@ from tinylm.data import resolve_data
 from tinylm.data.registry import resolve_named
 from tinylm.estimate import estimate
 from tinylm.runs import format_table, make_figure, summarize
-from tinylm.train.monitor import format_eta, slow_cpu_message, threads_to_use
+from tinylm.train.monitor import format_eta, slow_cpu_message
+from tinylm.train.threads import threads_to_use
 from tinylm.train.validation import prompt_line
 
 
@@ -173,6 +174,7 @@ def test_slow_cpu_message_names_the_share_and_drops_threads():
         threads=2,
         tokens_per_second=500,
         flops_per_token=1e6,
+        fewer=1,
     )
     assert "got 10% of the CPU time its 2 thread(s)" in message
     assert "about 10.0x faster" in message and "Using 1 thread(s) from now on" in message

@@ -205,6 +205,9 @@ class TrainConfig:
     # directory, a Hugging Face model directory, or hf:NAME. Empty = random initialisation.
     init_from: str = ""
     trainable: str = "all"  # all | no-embeddings | last:N (train only the last N blocks)
+    # CPU threads of torch ops, fixed for the whole run (results depend on it; train/threads.py).
+    # auto: a resumed run's own count, else OMP_NUM_THREADS/MKL_NUM_THREADS, else a probe
+    threads: int | Literal["auto"] = ranged("auto", ge=1, le=4096, note="or auto")
 
 
 @dataclass
@@ -436,7 +439,10 @@ def resolve_preset(name_or_path: str) -> Path:
             raise ConfigError(f"config file '{path}' is a directory; give a YAML file or a preset")
         if not path.is_file():
             near = nearby_path(path)
-            hint = f" Did you mean '{near}'?" if near else ""
+            hint = f" Did you mean '{near}'?" if near and near.is_file() else ""
+            if path.stem in list_presets() and len(path.parts) == 1:
+                # `tinylm train tiny.yaml`: the preset, which is named without its suffix
+                hint = f" Did you mean the preset '{path.stem}' (`tinylm train {path.stem}`)?"
             raise ConfigError(f"config file '{path}' not found.{hint} Presets: {presets}")
         return path
     preset = PRESET_DIR / f"{name_or_path}.yaml"

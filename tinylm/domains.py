@@ -113,7 +113,11 @@ def numeric_kind(tp: Any) -> str | None:
     if tp in (int, float):
         return tp.__name__
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        kinds = {numeric_kind(a) for a in typing.get_args(tp) if a is not type(None)}
+        kinds = {
+            numeric_kind(a)
+            for a in typing.get_args(tp)
+            if a is not type(None) and typing.get_origin(a) is not typing.Literal  # int | "auto"
+        }
         if len(kinds) == 1:
             return kinds.pop()
     return None

@@ -84,8 +84,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser(
         "datasets",
         help="list named datasets, download one, or write one's documents to a text file",
-        description="Named datasets: tinyshakespeare, tinystories (downloaded once into the cache), "
-        "synthetic-stories[:N[:SEED]] (generated offline).",
+        description="Named datasets: shakespeare (shipped with tinylm, no download), "
+        "tinyshakespeare, tinystories (downloaded once into the cache), "
+        "synthetic-stories[:N[:SEED]] (generated offline). `tinylm datasets list` describes each.",
     )
     d.add_argument("action", nargs="?", choices=["list", "download", "write"], default="list")
     d.add_argument("name", nargs="?", help="dataset name (download, write)")

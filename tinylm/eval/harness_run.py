@@ -267,7 +267,11 @@ def run_harness(
         raise ConfigError(
             f"--batch-size {batch_size}: must be >= 1 (0 = the run's eval batch size)"
         )
-    # Before anything expensive: the model, then the task data sets (network), then the run.
+    # Before anything expensive: every task name (a cached index, no harness import), the
+    # model, then the task data sets (network), then the run.
+    from tinylm.eval.task_names import check_names
+
+    check_names(tasks, list(include_path or []))
     from tinylm.train import runtime
     from tinylm.train.checkpoint import load_model
 

@@ -490,6 +490,10 @@ def load_checkpoint(target: str | Path, which: str = "latest") -> LoadedCheckpoi
     # reader slower than a training step (a checkpoint every step, keep_last=1, a loaded
     # machine) lost 10 tries in a row in 2 of 4 runs of tests/test_concurrency.py.
     deadline = time.monotonic() + 10.0
+    # Only a read that began with a checkpoint on disk can lose a race with rotation: a path
+    # that does not exist, or a run without checkpoints, is refused at once (a mistyped run
+    # path used to cost the whole 10 s).
+    existed = _holds_checkpoint(Path(target))
     while True:
         path = None
         try:
@@ -499,9 +503,23 @@ def load_checkpoint(target: str | Path, which: str = "latest") -> LoadedCheckpoi
             # Rotation removes a checkpoint's files one by one: gone, or going, means "look
             # again" (the newer one it made room for is complete by then).
             vanishing = path is None or not path.exists() or check_checkpoint(path, False)
-            if not vanishing or time.monotonic() > deadline:
+            if not (existed and vanishing) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def _holds_checkpoint(path: Path) -> bool:
+    """True if `path` is a checkpoint directory or a run directory with checkpoints."""
+    return (path / META_FILE).is_file() or any(
+        CHECKPOINT_NAME.match(p.name) for p in _entries(path / "checkpoints")
+    )
+
+
+def _entries(root: Path) -> list[Path]:
+    try:
+        return list(root.iterdir())
+    except OSError:
+        return []
 
 
 def _load(path: Path) -> LoadedCheckpoint:

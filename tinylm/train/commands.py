@@ -200,6 +200,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         init = apply_init_from(cfg, overrides)  # before the run directory exists: errors first
 
     args.run_dir = run_dir  # where an internal-error report goes (tinylm/crash.py)
+    from tinylm.data.precheck import check_local_sources
+
+    check_local_sources(cfg.data)  # a mistyped data path, before torch is imported
     # Before any data or weights (and before --dry-run builds them): a run that cannot fit is
     # refused at once. --print-config only prints.
     if not args.force and not args.print_config:

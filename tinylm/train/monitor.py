@@ -7,24 +7,29 @@ record (loss, lr, grad norm, ms/step, tokens/s, MFU, memory, skipped steps) and 
 and logs `nonfinite` and `spike` events. Under torchrun the interval's loss is averaged over the
 ranks there (one collective per interval), so the logged loss is that of the global batch.
 
-The console line ends with an ETA (the session's wall time per step so far, evaluations and
-checkpoints included, times the steps left). A line that averages fewer steps than `log.interval`
-(the first after a resume, the last of a run) says how many. On a CPU, when the process got less
-than `SLOW_CPU_SHARE` of the CPU time its threads could use (other processes hold the cores), one
-`slow` event says so with the figures, so a run that takes 10x the README's time says why, and
-the process drops to the threads it actually gets: OpenMP threads that wait for each other lose
-whole time slices when the cores are shared (tiny preset, 2 cores, load average 19.5: 18.3 s per
-step with 2 threads, 2.6 s with 1; `bench/bench_cpu_threads.py`, notes/issue-11-first-hour.md).
+The console line ends with an ETA from the recent pace (`eta.EtaEstimator`: the last log
+intervals' step time, plus each evaluation and checkpoint still to come at the cost of the last
+one; the trainer times those through `pause(kind)`). A line that averages fewer steps than
+`log.interval` (the first after a resume, the last of a run) says how many. On a CPU, when the
+process got less than `SLOW_CPU_SHARE` of the CPU time its threads could use (other processes
+hold the cores), one `slow` event says so with the figures, so a run that takes 10x the README's
+time says why. Whether the thread count then drops is `threads.ThreadGovernor`'s call (starved
+intervals in a row, never the warm-up or compile steps, only until the count is settled):
+OpenMP threads that wait for each other lose whole time slices when the cores are shared (tiny
+preset, 2 cores, load average 19.5: 18.3 s per step with 2 threads, 2.6 s with 1;
+`bench/bench_cpu_threads.py`, notes/issue-11-first-hour.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +38,11 @@ import torch
 
 from tinylm.config import Config
 from tinylm.train import distributed, runtime
+from tinylm.train.eta import EtaEstimator
 from tinylm.train.sinks import RunLogger
+from tinylm.train.threads import STARVED_SHARE, WARMUP_STEPS, ThreadGovernor
 
-# Below this share of its threads' CPU time the process is starved (a run alone on its cores
-# gets close to all of it): with ~20 busy processes on 2 cores, a 1-thread tiny run got 8-20%.
-SLOW_CPU_SHARE = 0.5
-
-
-def threads_to_use(threads: int, share: float) -> int:
-    """The torch threads a starved process should keep: the cores' worth of CPU time it gets."""
-    return max(1, min(threads, int(threads * share)))
+SLOW_CPU_SHARE = STARVED_SHARE
 
 
 def format_eta(seconds: float) -> str:
@@ -63,8 +63,11 @@ def slow_cpu_message(
     threads: int,
     tokens_per_second: float,
     flops_per_token: float,
+    fewer: int | None = None,
 ) -> str | None:
-    """Why a CPU run is slow, when other processes take the cores it should have; else None."""
+    """Why a CPU run is slow, when other processes take the cores it should have; else None.
+
+    `fewer`: the thread count the run drops to now (None: it keeps its count)."""
     if wall_seconds <= 0 or threads <= 0:
         return None
     share = cpu_seconds / (wall_seconds * threads)
@@ -73,13 +76,18 @@ def slow_cpu_message(
     cores = psutil.cpu_count() or threads
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     gflops = flops_per_token * tokens_per_second / 1e9
-    fewer = threads_to_use(threads, share)
-    action = (
-        f" Using {fewer} thread(s) from now on (threads that wait for each other lose their time "
-        "slices on busy cores)."
-        if fewer < threads
-        else ""
-    )
+    if fewer is not None and fewer < threads:
+        action = (
+            f" Using {fewer} thread(s) from now on (threads that wait for each other lose their "
+            "time slices on busy cores)."
+        )
+    elif threads > 1:
+        action = (
+            f" Keeping {threads} threads: this run's count is fixed (a step's sums depend on it); "
+            "a new run with train.threads=1 (or OMP_NUM_THREADS=1) may be faster here."
+        )
+    else:
+        action = ""
     return (
         f"step {step}: slow: {tokens_per_second:,.0f} tokens/s ({gflops:.2f} GFLOP/s of model "
         f"compute). This process got {share:.0%} of the CPU time its {threads} thread(s) could use "
@@ -110,6 +118,7 @@ class TrainMonitor:
         precision: runtime.Precision,
         dist: distributed.DistInfo,
         flops_per_token: float,
+        governor: ThreadGovernor | None = None,
     ) -> None:
         self.log, self.cfg, self.optimizer = log, cfg.train, optimizer
         self.device, self.precision, self.dist = device, precision, dist
@@ -132,6 +141,24 @@ class TrainMonitor:
         self.slow_reported = False
         self.interval_cpu = self._cpu_seconds()
         self.scaler: torch.amp.GradScaler | None = None  # fp16: its scale goes in the record
+        self.governor = governor
+        self.eta = EtaEstimator(
+            self.max_steps,
+            eval_interval=cfg.eval.interval,
+            checkpoint_interval=cfg.checkpoint.interval,
+        )
+        self.paused = 0.0  # seconds of this interval spent evaluating or checkpointing
+
+    @contextlib.contextmanager
+    def pause(self, kind: str) -> Iterator[None]:
+        """Time an evaluation or checkpoint: the ETA counts it apart from the step time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.paused += seconds
+            self.eta.overhead(kind, seconds)
 
     def log_start(self, step: int, run_dir: Path, messages: list[str]) -> None:
         """The set-up messages, the run line, and the `start` event."""
@@ -196,6 +223,7 @@ class TrainMonitor:
             record["window_steps"] = steps
         self._warn(step, skipped, max_loss.item())
         self._warn_slow(step, elapsed, tokens_per_second)
+        self.eta.steps(steps, elapsed - self.paused)
         self.log.log(step, "train", record)
         mfu = f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
         plural = "s" if steps != 1 else ""
@@ -215,38 +243,53 @@ class TrainMonitor:
         self.interval_max.zero_()
         self.interval_steps, self.interval_start = 0, time.perf_counter()
         self.interval_cpu = self._cpu_seconds()
+        self.paused = 0.0
         return record
 
     def _eta(self, step: int) -> str:
-        """' | ETA 3m05s' from this session's wall time per step, or '' at the end."""
-        done = step - self.session_start_step
-        left = self.max_steps - step
-        if done <= 0 or left <= 0:
+        """' | ETA 3m05s' from the recent pace (see eta.py), or '' at the end."""
+        self.eta.max_steps = self.max_steps  # a time-fitted run changes it
+        left = self.eta.remaining(step)
+        if left is None or step >= self.max_steps:
             return ""
-        per_step = (time.perf_counter() - self.session_start) / done
-        return f" | ETA {format_eta(left * per_step)}"
+        return f" | ETA {format_eta(left)}"
 
     def _cpu_seconds(self) -> float:
         times = psutil.Process().cpu_times()
         return times.user + times.system
 
     def _warn_slow(self, step: int, elapsed: float, tokens_per_second: float) -> None:
-        """One `slow` event per session when other processes starve this one of CPU time."""
-        if self.slow_reported or self.device.type != "cpu":
+        """One `slow` event per session when other processes starve this one of CPU time, and
+        the governor's re-check of the thread count. An interval that holds the session's first
+        steps is neither: their allocations and torch.compile run on one thread, which read as
+        contention (a compile=true run once dropped to 1 thread at step 1)."""
+        first_step = step - self.interval_steps + 1
+        if self.device.type != "cpu" or first_step <= self.session_start_step + WARMUP_STEPS:
             return
         threads, cpu_seconds = torch.get_num_threads(), self._cpu_seconds() - self.interval_cpu
+        wall = max(elapsed - self.paused, 1e-9)  # evaluations and saves are not steps
+        share = cpu_seconds / (wall * threads)
+        fewer = None
+        if self.governor is not None:
+            fewer = self.governor.observe(
+                first_step=first_step, session_start=self.session_start_step, share=share
+            )
         message = slow_cpu_message(
             step,
             cpu_seconds=cpu_seconds,
-            wall_seconds=elapsed,
+            wall_seconds=wall,
             threads=threads,
             tokens_per_second=tokens_per_second,
             flops_per_token=self.flops_per_token,
+            fewer=fewer,
         )
-        if message:
+        if fewer is not None:
+            torch.set_num_threads(fewer)
+        # While the governor waits for a second starved interval, the message would be premature.
+        pending = self.governor is not None and not self.governor.settled
+        if message and not pending and (fewer is not None or not self.slow_reported):
             self.slow_reported = True
-            self.log.event(message, event="slow", step=step)
-            torch.set_num_threads(threads_to_use(threads, cpu_seconds / (elapsed * threads)))
+            self.log.event(message, event="slow", step=step, threads=torch.get_num_threads())
 
     def nonfinite_stop_reason(self, step: int) -> str | None:
         """Why the run must stop after `train.max_nonfinite_steps` non-finite steps in a row.

@@ -82,10 +82,19 @@ def resolved_yaml(cfg: Config) -> str:
 
 
 def dry_run(cfg: Config, run_dir: Path) -> str:
-    """Build data, tokenizer, model and optimizer; time `DRY_RUN_STEPS` steps; return the report."""
+    """Build data, tokenizer, model and optimizer; time `DRY_RUN_STEPS` steps at the thread
+    count the run would choose; return the report."""
+    from tinylm.train.threads import restored
+
+    with restored():
+        return _dry_run(cfg, run_dir)
+
+
+def _dry_run(cfg: Config, run_dir: Path) -> str:
     import torch
 
     from tinylm.estimate import estimate, format_bytes
+    from tinylm.train.eta import EtaEstimator
     from tinylm.train.monitor import format_eta
     from tinylm.train.trainer import Trainer
 
@@ -120,6 +129,11 @@ def dry_run(cfg: Config, run_dir: Path) -> str:
             loss, _, _ = trainer.train_step(batches)
         loss.item()  # waits for the device
         per_step = (time.perf_counter() - start) / DRY_RUN_STEPS
+        x, y = next(batches)
+        with torch.no_grad():  # one evaluation batch's forward pass, to price the evaluations
+            start = time.perf_counter()
+            trainer.raw_model(x, y)
+            forward = time.perf_counter() - start
     tokens_per_step = (
         cfg.train.batch_size * cfg.model.context_length * cfg.train.grad_accum
     ) * trainer.dist.world_size
@@ -127,9 +141,17 @@ def dry_run(cfg: Config, run_dir: Path) -> str:
         f"time per step: {1000 * per_step:.0f} ms ({tokens_per_step / per_step:,.0f} tokens/s, "
         f"mean of {DRY_RUN_STEPS} steps after a warm-up)"
     )
+    eval_rows = cfg.eval.batch_size or cfg.train.batch_size
+    eval_seconds = forward * eval_rows / x.shape[0] * cfg.eval.max_batches * max(1, len(data.val))
+    eta = EtaEstimator(cfg.train.max_steps, eval_interval=cfg.eval.interval, checkpoint_interval=0)
+    eta.steps(DRY_RUN_STEPS, DRY_RUN_STEPS * per_step)
+    eta.overhead("eval", eval_seconds)
+    total = eta.remaining(0) or 0.0
     lines.append(
-        f"{cfg.train.max_steps:,} steps: about {format_eta(cfg.train.max_steps * per_step)} of "
-        "training steps, plus evaluations and checkpoints"
+        f"{cfg.train.max_steps:,} steps: about {format_eta(total)} at {torch.get_num_threads()} "
+        f"thread(s) ({format_eta(cfg.train.max_steps * per_step)} of training steps, "
+        f"{format_eta(total - cfg.train.max_steps * per_step)} of evaluations at "
+        f"~{eval_seconds:.1f} s each), plus samples and checkpoints"
     )
     lines.append("dry run: nothing trained or written (the prepared data stays cached)")
     return "\n".join(lines)

@@ -221,6 +221,26 @@ def stop_message(run_dir: Path, step: int, reason: str) -> str:
     )
 
 
+def finished_message(run_dir: Path, cfg: Config) -> str | None:
+    """What `--resume` of a run that has reached its `train.max_steps` says instead of training
+    (nothing is written: re-running its last evaluation and sample would only append duplicate
+    records); None when the latest checkpoint has steps left, or there is none."""
+    root = run_dir / "checkpoints"
+    latest = checkpoint.find_latest(root, verify_hashes=False)
+    if latest is None:
+        return None
+    step = checkpoint.read_meta(latest)["step"]
+    if step < cfg.train.max_steps:
+        return None
+    best = checkpoint.find_best(root)
+    loss = checkpoint.read_meta(best).get("val_loss") if best else None
+    shown = f"best val {loss:.4f}" if isinstance(loss, (int, float)) else "no val loss recorded"
+    return (
+        f"{run_dir}: already finished at step {step} ({shown}); raise train.max_steps to "
+        f"continue: tinylm train --resume {run_dir} train.max_steps=N (N > {step})"
+    )
+
+
 def default_run_dir(cfg: Config, preset: str | None) -> Path:
     """`out_dir/run_name`, or the first free `out_dir/<preset>[-N]` when no name was given."""
     out = Path(cfg.out_dir)

@@ -34,10 +34,17 @@ from tinylm.train import (
     runtime,
     signals,
     sinks,
+    threads,
     time_budget,
 )
 from tinylm.train.monitor import TrainMonitor
-from tinylm.train.resume import open_for_resume, refuse_existing_run, run_lock, stop_message
+from tinylm.train.resume import (
+    finished_message,
+    open_for_resume,
+    refuse_existing_run,
+    run_lock,
+    stop_message,
+)
 from tinylm.train.validation import Validator
 
 if TYPE_CHECKING:  # the export package (transformers interop) loads only when a run uses it
@@ -57,6 +64,8 @@ class LoopState:
     # The evaluation of this step was abandoned by a stop: the resumed run redoes it first, so
     # its metrics hold the same evaluations as an uninterrupted run's.
     eval_pending: bool = False
+    threads: int = 0  # the run's CPU thread count (0: not recorded; train/threads.py)
+    threads_settled: bool = False  # no longer re-checked: kept for the rest of the run
 
 
 @dataclass
@@ -88,6 +97,15 @@ class Trainer:
         self.dist = distributed.setup()
         self.is_main = self.dist.is_main
         self.device, device_reason = runtime.select_device(cfg.train.device, self.dist.local_rank)
+        # Before anything is timed or computed (a precision probe runs at the chosen count).
+        self.threads = threads.decide(
+            cfg.train.threads,
+            self.device,
+            run_dir=self.run_dir if resume else None,
+            rows=min(cfg.train.batch_size * cfg.model.context_length, 2048),
+            width=cfg.model.d_model,
+        )
+        threads.apply(self.threads)
         self.state = LoopState()
         # Tracked by step, not by returned path: only the main process gets a path, and every
         # process must agree on whether to enter the collective `_save`.
@@ -96,6 +114,7 @@ class Trainer:
         # Under torchrun one Ctrl+C arrives twice (terminal + launcher): see signals.py.
         self.stop = signals.GracefulStop(repeat_grace_s=2.0 if self.dist.enabled else 0.0)
         self.messages = [f"device: {device_reason}"]
+        self.messages.append(f"threads: {self.threads.reason}")
 
         resumed = None
         if resume:
@@ -121,6 +140,9 @@ class Trainer:
         # Dropout masks differ per rank but are reproducible; a resumed run restores these states.
         if resumed is None:
             runtime.seed_everything(cfg.train.seed + self.dist.rank)
+        if self.threads.source != "checkpoint":  # a new choice, or one the user made
+            self.state.threads_settled = self.threads.source != "auto"
+        self.state.threads = self.threads.count
 
     # ---------------------------------------------------------------- building
 
@@ -328,6 +350,11 @@ class Trainer:
             precision=self.precision,
             dist=self.dist,
             flops_per_token=self.flops_per_token,
+            governor=threads.ThreadGovernor(
+                state.threads,
+                settled=state.threads_settled,
+                adjustable=self.threads.source in ("auto", "checkpoint"),
+            ),
         )
         monitor.scaler = self.scaler
         monitor.log_start(state.step, self.run_dir, self.messages)
@@ -370,6 +397,8 @@ class Trainer:
 
                 if state.step % cfg.log.interval == 0 or last_step:
                     monitor.flush(state.step, state.tokens_seen, grad_norm)
+                    state.threads = monitor.governor.threads
+                    state.threads_settled = monitor.governor.settled
                     if reason := monitor.nonfinite_stop_reason(state.step):
                         nonfinite_stop = True
                         self.stop.request(reason)
@@ -377,20 +406,23 @@ class Trainer:
                 time_up = bool(limit) and time.perf_counter() - run_start > 60 * limit
                 if (cfg.eval.interval and state.step % cfg.eval.interval == 0) or last_step:
                     state.elapsed_seconds = time.perf_counter() - run_start
-                    improved = self._validate(monitor.last_loss)
+                    with monitor.pause("eval"):
+                        improved = self._validate(monitor.last_loss)
                     last_eval_step = state.step
                     if step_timer and not last_step:  # on every rank: a collective
                         elapsed = time.perf_counter() - run_start
                         self._apply_step_fit(step_timer.refit(state.step, elapsed), monitor)
                     if improved and cfg.checkpoint.keep_best:
-                        self._save()
+                        with monitor.pause("checkpoint"):
+                            self._save()
                 if (
                     cfg.checkpoint.interval
                     and state.step % cfg.checkpoint.interval == 0
                     and self.saved_step != state.step  # not twice when a new best was just saved
                 ):
                     state.elapsed_seconds = time.perf_counter() - run_start
-                    self._save()
+                    with monitor.pause("checkpoint"):
+                        self._save()
                 stop_requested, time_up = distributed.any_ranks(
                     [self.stop.requested, time_up], self.dist, self.device
                 )
@@ -545,9 +577,16 @@ def train(
     """Train `cfg` in `run_dir` (continuing its latest checkpoint when `resume`; starting from
     `init`, an `export.init_from.InitSource`, or from `cfg.train.init_from` when given)."""
     run_dir = Path(run_dir)
-    with run_lock(run_dir):  # a second `train` on this directory is refused with our PID
+    # A second `train` on this directory is refused with our PID; the caller's thread count is
+    # restored afterwards.
+    with run_lock(run_dir), threads.restored():
         if not resume:
             refuse_existing_run(run_dir)
+        elif finished := finished_message(run_dir, cfg):
+            print(finished)
+            return TrainResult(
+                run_dir, cfg.train.max_steps, "reached train.max_steps", math.inf, None, None, None
+            )
         try:
             with interrupts.term_as_interrupt():  # SIGTERM unwinds set-up like Ctrl+C
                 trainer = Trainer(cfg, run_dir, resume=resume, force=force, init=init)
