@@ -88,10 +88,10 @@ def test_governor_ignores_compile_waits_for_a_trend_then_settles():
 # Big enough that 1 and 2 threads round differently (the batch-reducing matmuls and RMSNorm's
 # backward split their sums per thread); tiny's default optimizer is Muon (issue 21 item 8).
 SHAPE = [
-    "model.context_length=64", "model.n_layer=1", "model.n_head=2", "model.d_model=64",
-    "train.batch_size=16", "eval.max_batches=1", "eval.sample_tokens=8", "log.tensorboard=false",
-    "log.progress=false", "data.num_workers=1", "log.interval=1", "eval.interval=3",
-    "optim.warmup_steps=1", "optim.decay_steps=6", "model.dropout=0.1",
+    "model.context_length=32", "model.n_layer=1", "model.n_head=2", "model.d_model=64",
+    "train.batch_size=8", "eval.max_batches=1", "eval.sample_tokens=8", "log.tensorboard=false",
+    "log.progress=false", "data.num_workers=1", "log.interval=1", "eval.interval=0",
+    "eval.samples=0", "optim.warmup_steps=1", "optim.decay_steps=4", "model.dropout=0.1",
 ]  # fmt: skip
 
 
@@ -104,24 +104,24 @@ def test_resume_under_another_omp_num_threads_is_bit_identical(
 ):
     common = [f"data.train={corpus}", f"out_dir={tmp_path}", *SHAPE]
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert run_cli("train", "tiny", "run_name=full", "train.max_steps=6", *common) == 0
-    assert run_cli("train", "tiny", "run_name=split", "train.max_steps=3", *common) == 0
+    assert run_cli("train", "tiny", "run_name=full", "train.max_steps=4", *common) == 0
+    assert run_cli("train", "tiny", "run_name=split", "train.max_steps=2", *common) == 0
     meta = json.loads(
         (ck.find_latest(tmp_path / "split" / "checkpoints") / "meta.json").read_text()
     )
     assert meta["loop"]["threads"] == 2 and meta["loop"]["threads_settled"]
     capsys.readouterr()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the machine got busy: the user asks for 1
-    assert run_cli("train", "--resume", tmp_path / "split", "train.max_steps=6") == 0
+    assert run_cli("train", "--resume", tmp_path / "split", "train.max_steps=4") == 0
     out = capsys.readouterr().out
     assert "threads: 2, this run's own count" in out and "OMP_NUM_THREADS=1 ignored" in out
     assert _losses(tmp_path / "split") == _losses(tmp_path / "full")  # exact floats
     # ... and the count matters: the same run on 1 thread computes other numbers
-    assert run_cli("train", "tiny", "run_name=one", "train.max_steps=6", *common) == 0
+    assert run_cli("train", "tiny", "run_name=one", "train.max_steps=4", *common) == 0
     assert _losses(tmp_path / "one") != _losses(tmp_path / "full")
     assert torch.get_num_threads() == 1  # the test process's own count is given back
     # a changed train.threads on resume is a changed run: refused, saying why
-    code = run_cli("train", "--resume", tmp_path / "split", "train.max_steps=8", "train.threads=1")
+    code = run_cli("train", "--resume", tmp_path / "split", "train.max_steps=5", "train.threads=1")
     assert code == 2 and "train.threads: 'auto' -> 1" in capsys.readouterr().err
 
 
