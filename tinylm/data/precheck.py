@@ -29,8 +29,10 @@ def _certainly_missing(spec: str) -> bool:
 
 def check_local_sources(data: DataConfig) -> None:
     """Raise the DataError of the first source spec that is a local path that does not exist."""
+    from tinylm.data.registry import refuse_misspelled_name
     from tinylm.data.sources import expand_files
 
     for spec in [data.train if not data.mix else "", data.val, *(m.path for m in data.mix)]:
         if _certainly_missing(spec):
+            refuse_misspelled_name(spec)
             expand_files(spec)  # raises the "not found" error, with a close match if any

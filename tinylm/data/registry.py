@@ -185,13 +185,19 @@ def lookup(spec: str) -> NamedDataset | None:
     return REGISTRY.get(spec)
 
 
+def refuse_misspelled_name(spec: str) -> None:
+    """DataError for a spec that is no path but close to a registered name (`tinyshakspeare`)."""
+    if Path(spec).expanduser().exists() or any(c in spec for c in "/*:"):
+        return
+    if near := did_you_mean(spec, REGISTRY):
+        raise DataError(f"data source '{spec}' is not a file or a registered dataset.{near}")
+
+
 def resolve_named(spec: str, cache: Path) -> tuple[list[str], list[str]]:
     """(train specs, val specs) for a spec: registered names become local files; others pass through."""
     dataset = lookup(spec)
-    if dataset is None and not Path(spec).expanduser().exists():
-        near = did_you_mean(spec, REGISTRY)  # `tinyshakspeare`: a name, misspelled
-        if near and "/" not in spec and "*" not in spec and ":" not in spec:
-            raise DataError(f"data source '{spec}' is not a file or a registered dataset.{near}")
+    if dataset is None:
+        refuse_misspelled_name(spec)
     if dataset is None or is_synthetic(spec):
         return [spec], []
     train = [str(ensure_file(dataset, r, cache)) for r in dataset.train]

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 from tinylm.config import ConfigError
@@ -93,6 +94,7 @@ def builtin_names() -> set[str]:
             return set(saved["names"])
     except (OSError, ValueError, KeyError, AttributeError):
         pass
+    print(f"indexing the harness's task names once (cached in {cache})", file=sys.stderr)
     names = scan([tasks])
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

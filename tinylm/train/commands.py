@@ -184,6 +184,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "give a preset or config file (e.g. `tinylm train tiny`), or --resume RUN_DIR"
             )
         cfg = load_config(config, overrides)
+        from tinylm.data.precheck import check_local_sources
+
+        check_local_sources(cfg.data)  # a mistyped data path, before torch is imported
         from tinylm.train.resume import default_run_dir
 
         run_dir = (
@@ -200,9 +203,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         init = apply_init_from(cfg, overrides)  # before the run directory exists: errors first
 
     args.run_dir = run_dir  # where an internal-error report goes (tinylm/crash.py)
-    from tinylm.data.precheck import check_local_sources
-
-    check_local_sources(cfg.data)  # a mistyped data path, before torch is imported
     # Before any data or weights (and before --dry-run builds them): a run that cannot fit is
     # refused at once. --print-config only prints.
     if not args.force and not args.print_config:
@@ -251,6 +251,9 @@ def _as_overrides(tree: dict, prefix: str = "") -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tinylm.suggest import refuse_missing_path
+
+    refuse_missing_path(args.run, "run or checkpoint directory")  # before torch is imported
     if args.tasks:
         from tinylm.eval.harness_run import parse_limit, run_harness
 
@@ -332,6 +335,9 @@ def _print_result(name: str, r) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from tinylm.suggest import refuse_missing_path
+
+    refuse_missing_path(args.run, "run or checkpoint directory")  # before torch is imported
     from tinylm.generate import generate, generate_stream
     from tinylm.train import runtime
     from tinylm.train.checkpoint import load_model

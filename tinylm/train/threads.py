@@ -209,6 +209,12 @@ def decide(
         return ThreadChoice(
             count, "device", f"{count} (torch's default; the steps run on {device.type})"
         )
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    local_ranks = int(value) if value.isdigit() else 1
+    if local_ranks > 1:  # torchrun on CPU: the ranks share the cores; no probe racing the others
+        cores, how = usable_cores()
+        count = max(1, cores // local_ranks)
+        return ThreadChoice(count, "auto", f"{count} (auto: {how}, shared by {local_ranks} ranks)")
     return decide_auto(rows, width)
 
 
