@@ -51,10 +51,10 @@ def nearby_path(path: str | Path) -> Path | None:
 
 
 def refuse_missing_path(path: str | Path, what: str) -> None:
-    """Raise FileNotFoundError (a one-line user error) when `path` does not exist: before the
+    """Raise FileNotFoundError ("... is neither `what`") (a one-line user error) when `path` does not exist: before the
     command imports torch, so a mistyped path is refused at once, with a close match if any."""
     if Path(path).expanduser().exists():
         return
     near = nearby_path(path)
     hint = f" Did you mean '{near}'?" if near is not None else ""
-    raise FileNotFoundError(f"{what} '{path}' does not exist.{hint}")
+    raise FileNotFoundError(f"'{path}' does not exist, so it is neither {what}.{hint}")

@@ -32,7 +32,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from tinylm.suggest import refuse_missing_path
 
-    refuse_missing_path(args.run, "run or checkpoint directory")  # before torch is imported
+    refuse_missing_path(
+        args.run, "a run directory nor a checkpoint directory"
+    )  # before torch is imported
     from tinylm.export.writer import export_hf
 
     result = export_hf(

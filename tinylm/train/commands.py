@@ -253,7 +253,9 @@ def _as_overrides(tree: dict, prefix: str = "") -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tinylm.suggest import refuse_missing_path
 
-    refuse_missing_path(args.run, "run or checkpoint directory")  # before torch is imported
+    refuse_missing_path(
+        args.run, "a run directory nor a checkpoint directory"
+    )  # before torch is imported
     if args.tasks:
         from tinylm.eval.harness_run import parse_limit, run_harness
 
@@ -337,7 +339,9 @@ def _print_result(name: str, r) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tinylm.suggest import refuse_missing_path
 
-    refuse_missing_path(args.run, "run or checkpoint directory")  # before torch is imported
+    refuse_missing_path(
+        args.run, "a run directory nor a checkpoint directory"
+    )  # before torch is imported
     from tinylm.generate import generate, generate_stream
     from tinylm.train import runtime
     from tinylm.train.checkpoint import load_model

@@ -221,17 +221,27 @@ def stop_message(run_dir: Path, step: int, reason: str) -> str:
     )
 
 
-def finished_message(run_dir: Path, cfg: Config) -> str | None:
+def finished_message(run_dir: Path, cfg: Config, force: bool) -> str | None:
     """What `--resume` of a run that has reached its `train.max_steps` says instead of training
     (nothing is written: re-running its last evaluation and sample would only append duplicate
-    records); None when the latest checkpoint has steps left, or there is none."""
+    records); None when the latest checkpoint has steps left, there is none, or the config
+    changed in a way the resume refuses (that refusal comes first)."""
+    from tinylm.config import config_from_dict
+
     root = run_dir / "checkpoints"
     latest = checkpoint.find_latest(root, verify_hashes=False)
     if latest is None:
         return None
-    step = checkpoint.read_meta(latest)["step"]
+    meta = checkpoint.read_meta(latest)
+    step = meta["step"]
     if step < cfg.train.max_steps:
         return None
+    try:
+        changed = unsafe_changes(config_from_dict(meta["config"]), cfg, step)
+    except (ConfigError, KeyError, TypeError):
+        return None  # a damaged checkpoint: the resume says what is wrong with it
+    if changed and (not force or any(c.startswith("model.") for c in changed)):
+        return None  # refused by open_for_resume (a model's shape even with --force)
     best = checkpoint.find_best(root)
     loss = checkpoint.read_meta(best).get("val_loss") if best else None
     shown = f"best val {loss:.4f}" if isinstance(loss, (int, float)) else "no val loss recorded"

@@ -582,7 +582,7 @@ def train(
     with run_lock(run_dir), threads.restored():
         if not resume:
             refuse_existing_run(run_dir)
-        elif finished := finished_message(run_dir, cfg):
+        elif finished := finished_message(run_dir, cfg, force):
             print(finished)
             return TrainResult(
                 run_dir, cfg.train.max_steps, "reached train.max_steps", math.inf, None, None, None
