@@ -25,9 +25,7 @@ def select_device(spec: str = "auto", local_rank: int = 0) -> tuple[torch.device
             ), f"cuda ({torch.cuda.get_device_name(local_rank)})"
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps"), "mps (Apple GPU)"
-        return torch.device(
-            "cpu"
-        ), f"cpu: no CUDA or MPS device found ({torch.get_num_threads()} threads)"
+        return torch.device("cpu"), "cpu: no CUDA or MPS device found"
     try:
         device = torch.device(spec)
     except RuntimeError:
