@@ -1,10 +1,11 @@
 """How many CPU threads a run's torch ops use: decided before the first step, kept, checkpointed.
 
-On a CPU the thread count is part of what a step computes, not only how fast: the weight
-gradients (a matmul's reduction over the batch) and RMSNorm's backward sum over rows in per-thread
-partial sums, so 1 and 2 threads give gradients that differ in the last bits (measured on
-torch 2.13: every weight gradient of a 4-layer model differs, by 1e-9). torch offers no mode that
-makes these reductions independent of the thread count, so a run keeps ONE count:
+On a CPU the thread count is part of what a step computes, not only how fast: a linear layer's
+weight gradient (MKL's matmul reducing over the batch) and LayerNorm's backward sum in
+per-thread partials, so 1 and 2 threads give gradients that differ in the last bits (torch 2.13,
+bench/thread_determinism.py: every Linear weight gradient differs, by 1e-9 to 1e-8, whenever the
+batch is large enough to be split). torch offers no mode that makes these reductions independent
+of the thread count, so a run keeps ONE count:
 
 1. `train.threads=N` in the config;
 2. a resumed run: the count its checkpoint recorded (the run's own), whatever the load or
