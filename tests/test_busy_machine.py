@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,37 @@ def test_small_items(capsys):
     assert all(name.split("-")[0] in shown for name in REGISTRY)
     repo = Path(__file__).resolve().parents[1]
     assert "sweeps/" in (repo / ".gitignore").read_text().split()
+
+
+def test_monitor_does_not_read_compile_time_as_contention(tmp_path, monkeypatch):
+    """A compile=true run's first interval (one thread compiling) once dropped it to 1 thread."""
+    from tinylm.config import load_config
+    from tinylm.train import monitor as monitor_mod
+    from tinylm.train.distributed import DistInfo
+    from tinylm.train.runtime import Precision
+    from tinylm.train.sinks import RunLogger
+
+    cfg = load_config("tiny", [*SMALL, "log.interval=1"])
+    log = RunLogger(tmp_path, cfg.log, enabled=False, run_name="r", config_dict={}, max_steps=100)
+    events: list[str] = []
+    monkeypatch.setattr(log, "event", lambda message, **kw: events.append(kw["event"]))
+    clock = {"wall": 0.0, "cpu": 0.0}
+    fake_time = types.SimpleNamespace(perf_counter=lambda: clock["wall"])
+    monkeypatch.setattr(monitor_mod, "time", fake_time)  # the monitor's clock only
+    monkeypatch.setattr(monitor_mod.TrainMonitor, "_cpu_seconds", lambda self: clock["cpu"])
+    governor = threads.ThreadGovernor(2, settled=False, adjustable=True)
+    mon = monitor_mod.TrainMonitor(
+        log, cfg, optimizer=types.SimpleNamespace(param_groups=[{"lr": 0.1}]), device=CPU,
+        precision=Precision("fp32", "test"), dist=DistInfo(), flops_per_token=1.0,
+        governor=governor,
+    )  # fmt: skip
+    mon.log_start(0, tmp_path, [])
+    with threads.restored():
+        torch.set_num_threads(2)
+        for step, (wall, cpu) in enumerate([(30.0, 15.0), (30.0, 15.0), (1.0, 0.4), (1.0, 0.4)]):
+            clock["wall"] += wall  # steps 1-2: compiling, one thread busy
+            clock["cpu"] += cpu
+            mon.record(torch.tensor(1.0), torch.tensor(False))
+            mon.flush(step + 1, 0, torch.tensor(1.0))
+            assert torch.get_num_threads() == (1 if step == 3 else 2), step
+        assert events == ["start", "slow"]  # once, when the trend was real: steps 3-4 at 20%
