@@ -25,8 +25,8 @@ def _poison_after(step: int, monkeypatch) -> None:
     overflowing update does in a diverging run."""
     real = optim.build_optimizer
 
-    def build(model, cfg, device):
-        opt = real(model, cfg, device)
+    def build(model, *args, **kwargs):
+        opt = real(model, *args, **kwargs)
         calls = {"n": 0}
 
         update = opt.step
