@@ -35,6 +35,21 @@ def run_cli(*args: object) -> int:
     return main([str(a) for a in args])
 
 
+def train_two_steps(root: Path, corpus: Path) -> Path:
+    """`root/r`: a two-step run of the small model, with its own cache under `root` (for
+    module-scoped fixtures: the autouse cache fixture is function-scoped)."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYLM_CACHE", str(root / "cache"))
+        code = run_cli(
+            "train", "tiny", *SMALL, f"data.train={corpus}", f"out_dir={root}", "run_name=r",
+            "train.max_steps=2", "eval.interval=0", "eval.samples=0",
+        )  # fmt: skip
+    assert code == 0
+    return root / "r"
+
+
 def read_metrics(run: Path, kind: str) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]

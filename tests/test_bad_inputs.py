@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import SMALL, run_cli
+from helpers import SMALL, train_two_steps
 
 from tinylm.cli import main
 
@@ -33,6 +33,18 @@ def TT(*args: str, input: str = "{corpus}") -> list[str]:
     """A `tinylm tokenizer train` command."""
     return ["tokenizer", "train", "--input", input, *args, "--out", "{tmp}/t.json"]
 
+
+# A "billion laughs" YAML: nine levels of nine aliases (9^9 values) in ~300 bytes.
+BOMB_FILE = "a: &a [l, l, l, l, l, l, l, l, l]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+BOMB_FLOW = (
+    "[&a [l, l, l, l, l, l, l, l, l], "
+    + ", ".join(
+        f"&{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    + "]"
+)
 
 # (argv, fragment of the message that names the problem)
 # fmt: off
@@ -236,6 +248,19 @@ CASES: list[tuple[list[str], str]] = [
     (["datasets", "explode"], "invalid choice: 'explode'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "the following arguments are required: COMMAND"),
+    # ---- issue 21: bombs, links, wrong results with exit 0, internal errors on rare paths
+    (["train", "{bomb}"], "expand it to more than 100,000 values"),
+    (T(f"model.n_layer={BOMB_FLOW}"), "expand it to more than 100,000 values"),
+    (["sweep", "tiny", f"model.n_layer={BOMB_FLOW},2", "--out", "{tmp}/s"], "expand it to more"),
+    (["train", "--resume", "{run}", "--cooldown", "0"], "argument --cooldown"),
+    (["generate", "{run}", "--prompt", "caf\udce9"], "not UTF-8"),
+    (["tokenizer", "encode", "--tokenizer", "{run}/tokenizer.json", "--text", "\udcff"], "not UTF-8"),
+    (["export", "{run}", "--out", "{run}/checkpoints/step_00000002", "--force"], "inside the run or checkpoint"),
+    (["export", "{run}", "--out", "{run}", "--force"], "inside the run or checkpoint"),
+    (["export", "{run}", "--out", "{file}/sub/hf"], "a part of the path is a file"),
+    (["export", "{run}", "--out", "/sys/tinylm-export/hf"], "cannot create"),
+    (T("train.init_from={hfbig}"), "model.n_layer=1000000000000"),
+    (["eval", "{run}", "--tasks", "x", "--limit", "1e30"], "--limit 1e30"),
 ]
 # fmt: on
 
@@ -243,25 +268,24 @@ CASES: list[tuple[list[str], str]] = [
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, corpus) -> Path:
     """A two-step run of the small model (its own cache, like every test's)."""
-    root = tmp_path_factory.mktemp("bad-inputs-run")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TINYLM_CACHE", str(root / "cache"))
-        code = run_cli(
-            "train", "tiny", *SMALL, f"data.train={corpus}", f"out_dir={root}", "run_name=r",
-            "train.max_steps=2", "eval.interval=0", "eval.samples=0",
-        )  # fmt: skip
-    assert code == 0
-    return root / "r"
+    return train_two_steps(tmp_path_factory.mktemp("bad-inputs-run"), corpus)
 
 
 def _fill(argv: list[str], trained_run: Path, corpus: Path, tmp: Path) -> list[str]:
     (tmp / "bad.yaml").write_text("train: {max_steps: [unclosed\n")
     (tmp / "list.yaml").write_text("- a\n- b\n")
     (tmp / "plain.txt").write_text("just text\n")
+    (tmp / "bomb.yaml").write_text(BOMB_FILE)
+    (tmp / "hfbig").mkdir(exist_ok=True)
+    (tmp / "hfbig" / "config.json").write_text(
+        '{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, '
+        '"num_hidden_layers": 1000000000000, "vocab_size": 100, "intermediate_size": 128}'
+    )
     typo = corpus.with_name(corpus.stem[:-1] + corpus.stem[-1] * 2 + corpus.suffix)
     values = {
         "run": trained_run, "corpus": corpus, "tmp": tmp / "empty", "file": tmp / "plain.txt",
         "badyaml": tmp / "bad.yaml", "listyaml": tmp / "list.yaml", "corpus_typo": typo,
+        "bomb": tmp / "bomb.yaml", "hfbig": tmp / "hfbig",
     }  # fmt: skip
     out = []
     for arg in argv:
@@ -321,6 +345,8 @@ def test_refused_resume_leaves_the_run_as_it_was(trained_run, capsys):
         (["generate", "nowhere", "--top-p", "1.5"], "argument --top-p"),
         (["prepare", "x.txt", "--out", "o", "--workers", "-2"], "argument --workers"),
         (["eval", "nowhere"], "neither a run directory nor a checkpoint"),
+        # bytes that are not UTF-8 in an argument: once a double traceback (issue 21)
+        (["generate", "nowhere", "--prompt", "caf\udce9"], "not UTF-8"),
     ],
 )
 def test_real_exit_path(argv, fragment, tmp_path):
@@ -459,3 +485,42 @@ def test_bad_token_source_is_refused_clearly(
     assert code == 2, (filled, out, err)
     assert fragment in err, err
     assert "Traceback" not in err + out and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        ({"WORLD_SIZE": "2"}, "RANK=None in the environment: missing"),
+        ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x' in the environment: not a non-negative"),
+        ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK=5 is not a rank of WORLD_SIZE=2"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+    ],
+)
+def test_distributed_environment_without_a_launcher(
+    env, fragment, corpus, tmp_path, monkeypatch, capsys
+):
+    """`WORLD_SIZE=2 tinylm train ...` by hand, without torchrun: once a KeyError (issue 21)."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(_fill(T(), Path(), corpus, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "torchrun" in err and "internal error" not in err
+
+
+def test_crash_report_of_text_that_is_not_utf8(tmp_path, monkeypatch, capsys):
+    """The crash reporter wrote surrogate escapes (bytes that are not UTF-8 in an argument or a
+    message) with a strict encoder, and crashed itself: a second traceback (issue 21)."""
+    import tinylm.estimate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bad byte \udcff here")
+
+    monkeypatch.setattr(tinylm.estimate, "estimate", broken)
+    assert main(["estimate", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "bad byte \\udcff here" in err
+    report = Path(err.split("traceback written to ")[1].split(";")[0])
+    assert "bad byte \\udcff here" in report.read_text()

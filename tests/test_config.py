@@ -66,3 +66,40 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config_file(path) == cfg
+
+
+# ---- YAML with bounds (issue 21, item 4)
+
+
+def test_yaml_alias_bomb_is_refused_at_once_everywhere(tmp_path):
+    import time
+
+    from test_bad_inputs import BOMB_FILE, BOMB_FLOW
+
+    from tinylm.config import load_config_file
+    from tinylm.yamlio import YAMLTooLarge, load
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB_FILE)
+    t0 = time.perf_counter()
+    for call in (
+        lambda: load_config(str(bomb)),  # a config file
+        lambda: load_config("tiny", [f"model.n_layer={BOMB_FLOW}"]),  # an override
+        lambda: load_config_file(bomb),  # a run's config.yaml
+    ):
+        with pytest.raises(ConfigError, match="expand it to more than 100,000 values"):
+            call()
+    with pytest.raises(YAMLTooLarge, match="recursive alias"):
+        load("&a [*a]")
+    assert time.perf_counter() - t0 < 2.0
+    # Aliases within the bound are fine: YAML's own feature, not refused as such.
+    assert load("a: &x [1, 2]\nb: *x") == {"a": [1, 2], "b": [1, 2]}
+    assert len(load("[" + ", ".join(["1"] * 50_000) + "]")) == 50_000
+
+
+def test_values_in_error_messages_are_bounded():
+    big = "[" + ", ".join(str(i) for i in range(5000)) + "]"
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [f"train.max_steps={big}"])
+    assert "train.max_steps: expected an integer, got [0, 1, 2, 3, 4, 5, ...]" in str(e.value)
+    assert len(str(e.value)) < 200

@@ -328,3 +328,25 @@ def test_bad_options_are_clear_errors(run_dir, capsys):
     assert "--limit 2.5: give a whole number" in capsys.readouterr().err
     assert run_cli("eval", run_dir, "--tasks", "x", "--full") == 2
     assert "--tasks runs harness benchmarks" in capsys.readouterr().err
+
+
+def test_more_few_shot_examples_than_a_task_has_is_a_clear_error(
+    run_dir, task_dir, capsys, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["eval", run_dir, "--tasks", "tinylm_toy", "--include-path", task_dir]
+    assert run_cli(*argv, "--num-fewshot", "1000") == 2
+    err = capsys.readouterr().err
+    assert f"--num-fewshot 1000: task 'tinylm_toy' has only {len(QUESTIONS)} example(s)" in err
+    assert "internal error" not in err
+
+
+def test_a_malformed_task_yaml_is_named_not_called_unknown(tmp_path):
+    (tmp_path / "ok.yaml").write_text("task: other\nprocess_docs: !function utils.process\n")
+    (tmp_path / "broken.yaml").write_text("task: tinylm_broken\ndataset_path: json\n  oops: [x\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"tinylm_broken' not found: .*broken.yaml .*defines it but is not valid YAML \(.*line 3",
+    ) as e:
+        load_tasks(["tinylm_broken"], [str(tmp_path)], include_defaults=False)
+    assert "ok.yaml" not in str(e.value)  # application tags (!function) are valid YAML

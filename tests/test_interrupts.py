@@ -101,6 +101,55 @@ def test_sigterm_during_prepare_stops_and_reaps_workers_then_resumes(tmp_path):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
 
 
+def test_workers_exit_when_prepare_is_killed_with_sigkill(tmp_path):
+    """SIGKILL runs no clean-up: the workers themselves notice their parent is gone (issue 21)."""
+    src = _stories(tmp_path, 2500)
+    out = tmp_path / "out"
+    proc = CliProcess(tmp_path, "prepare", src, "--out", out, *PREPARE)
+    proc.wait_until(lambda: len(list((out / ".progress").glob("0*.json"))) >= 3, "3 chunks")
+    workers = [c for c in _children(proc.pid) if "spawn_main" in " ".join(c.cmdline())]
+    assert len(workers) == 2, "the prepare should run its two worker processes"
+    proc.send(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    assert _all_gone(workers, timeout=10.0)  # they lived forever before
+
+
+# A parent that starts a tokenizer worker pool with the real initializer, prints the workers'
+# PIDs and waits to be killed.
+POOL_PARENT = """
+import multiprocessing, sys, time
+from tinylm.tokenizer import CharTokenizer
+from tinylm.tokenizer import bpe, bpe_train
+from tinylm.tokenizer.pretokenize import GPT2_PATTERN
+
+init, args = {
+    "encode": (bpe._init_encode_worker, (CharTokenizer.fit(["abc"]),)),
+    "bpe-train": (bpe_train._worker_init, (["<|endoftext|>"], GPT2_PATTERN, False)),
+}[sys.argv[1]]
+pool = bpe_train._mp_context().Pool(2, initializer=init, initargs=args)
+pool.map(abs, range(4))
+print(" ".join(str(p.pid) for p in pool._pool), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("pool", ["encode", "bpe-train"])
+def test_tokenizer_worker_pools_exit_with_their_parent(tmp_path, pool):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", POOL_PARENT, pool], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        workers = [psutil.Process(p) for p in pids]
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait(30)
+        assert _all_gone(workers, timeout=10.0)
+    finally:
+        proc.kill()
+        proc.stdout.close()
+
+
 def test_ctrl_c_during_worker_start_up_prints_no_worker_tracebacks(tmp_path):
     src = _stories(tmp_path, 2500)
     out = tmp_path / "out"

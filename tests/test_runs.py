@@ -96,3 +96,59 @@ def test_plot_writes_a_png_for_two_runs(two_runs, tmp_path):
 def test_plot_refuses_a_directory_without_metrics(tmp_path, capsys):
     assert run_cli("plot", tmp_path, "--out", tmp_path / "x.png") == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+# Lines a hand edit, a disk error or another tool can leave in metrics.jsonl (issue 21, item 7):
+# each broke `tinylm runs`, `tinylm plot` and the dashboard's /api/runs for every run.
+MALFORMED = [
+    b"not json at all",
+    b"[1, 2]",
+    b"5",
+    b'{"kind": "train", "step": "x", "tokens": 1, "loss": 1.0}',
+    b'{"kind": "train", "step": 3, "loss": 1.0}',
+    b'{"kind": "event", "event": "start", "pid": "abc", "time": 1.0}',
+    b'{"kind": "eval", "step": -1, "val/loss": 1.0}',
+    b'{"kind": 7, "step": 1}',
+    b'\xff\xfe{"kind": "train"}',
+]
+
+
+def test_malformed_metrics_lines_are_skipped_and_counted_per_run(two_runs, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(two_runs / "a", root / "a")
+    shutil.copytree(two_runs / "b", root / "b")
+    metrics = root / "a" / "metrics.jsonl"
+    good = metrics.read_bytes()
+    lines = good.splitlines(keepends=True)
+    # Bad lines in the middle (and a line being written at the end, which is not counted).
+    metrics.write_bytes(
+        b"".join(lines[:3]) + b"\n".join(MALFORMED) + b"\n" + b"".join(lines[3:]) + b'{"kind": "tr'
+    )
+    capsys.readouterr()
+    assert run_cli("runs", root) == 0
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["a"][1:3] == ["finished", "8/8"] and rows["b"][1:3] == ["stopped", "8/20"]
+    assert f"{metrics}: {len(MALFORMED)} malformed line(s) skipped" in err
+    assert "b/metrics.jsonl" not in err
+    assert summarize(root / "a").bad_lines == len(MALFORMED)
+    assert run_cli("plot", root / "a", root / "b", "--out", tmp_path / "p.png") == 0
+    assert "malformed" in capsys.readouterr().err
+
+
+def test_dashboard_reads_malformed_metrics_lines_with_the_shared_reader(two_runs, tmp_path):
+    pytest.importorskip("fastapi")
+    from tinylm.serve.dashboard import read_new_records, run_row
+
+    run = tmp_path / "a"
+    import shutil
+
+    shutil.copytree(two_runs / "a", run)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"\n".join(MALFORMED) + b"\n")
+    row = run_row(run)
+    assert row["status"] == "finished" and row["bad_lines"] == len(MALFORMED)
+    records = read_new_records(run / "metrics.jsonl", 0, "")["records"]
+    assert records and all(isinstance(r["step"], int) for r in records)

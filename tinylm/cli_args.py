@@ -53,6 +53,20 @@ def float_in(
     return _number_type(float, Domain(ge=ge, gt=gt, le=le, lt=lt, note=note), integer=False)
 
 
+def utf8_text(text: str) -> str:
+    """Text that is valid UTF-8: bytes that are not (a file in Latin-1 pasted as an argument)
+    reach Python as surrogate escapes, which no tokenizer or terminal can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = text[e.start : e.end].encode("utf-8", "surrogateescape")
+        raise argparse.ArgumentTypeError(
+            f"holds bytes that are not UTF-8 ({shown!r} at character {e.start}); give the text "
+            "in UTF-8 (e.g. convert it with iconv -f latin1 -t utf-8)"
+        ) from None
+    return text
+
+
 def device(text: str) -> str:
     """A device name torch accepts: auto, cpu, cuda, cuda:N, mps."""
     if not is_device(text):

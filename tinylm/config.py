@@ -28,6 +28,8 @@ import yaml
 
 from tinylm.domains import field_domain, is_device, numeric_kind, ranged, walk_fields
 from tinylm.suggest import close_matches, did_you_mean, nearby_path
+from tinylm.yamlio import YAMLTooLarge, shorten
+from tinylm.yamlio import load as load_yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
 # Seeds go to numpy, which takes 0 <= seed < 2^32.
@@ -301,32 +303,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {shorten(value)}")
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{key}: must be one of {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: must be one of {_type_name(tp)}, got {shorten(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {shorten(value)}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping of {tp.__name__} fields, got {shorten(value)}"
+            )
         return build_section(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {shorten(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {shorten(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -335,13 +339,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {shorten(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {shorten(value)}")
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # a bug in this file, not user input
 
 
@@ -410,7 +414,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"override {key}") if raw.strip() else ""
+    except YAMLTooLarge as e:
+        raise ConfigError(str(e)) from None
     except yaml.YAMLError:
         value = raw
     if value is None and raw.strip() not in ("null", "~", "None"):
@@ -464,7 +470,9 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
     if preset:
         path = resolve_preset(preset)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = load_yaml(path.read_text(), str(path)) or {}
+        except YAMLTooLarge as e:
+            raise ConfigError(str(e)) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
@@ -486,7 +494,9 @@ def load_config_file(path: str | Path) -> Config:
     """Read a resolved config written into a run directory; every error names the file."""
     path = Path(path)
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except YAMLTooLarge as e:
+        raise ConfigError(str(e)) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(
             f"{path}: not a readable YAML config ({type(e).__name__}); it was edited or damaged: "
@@ -569,7 +579,7 @@ def _check_domains(node: Any, prefix: str = "") -> None:
             problem = domain.problem(value, integer=kind == "int")
             _require(
                 problem is None,
-                f"{key}={value!r} is out of range ({problem}): must be "
+                f"{key}={shorten(value)} is out of range ({problem}): must be "
                 f"{domain.describe(integer=kind == 'int')}",
             )
 

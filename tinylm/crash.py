@@ -17,6 +17,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from tinylm.fileio import create_new
+
 INTERNAL_ERROR_EXIT = 1
 REPORT_PREFIX = "internal-error-"
 
@@ -46,11 +48,16 @@ def write_report(
         f"python {sys.version.split()[0]}, pid {os.getpid()}, {stamp}\n\n"
         + "".join(traceback.format_exception(exc))
     )
+    # Command lines and exception messages can hold bytes that are not UTF-8 (a prompt from a
+    # file in another encoding arrives as surrogate escapes): written as escapes, so the
+    # report of a crash never crashes itself.
+    data = text.encode("utf-8", "backslashreplace")
     for directory in report_dirs(args):
         path = directory / f"{REPORT_PREFIX}{stamp}-{os.getpid()}.txt"
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            with create_new(path) as f:  # a new file, never through a link at the name
+                f.write(data)
             return path
         except OSError:
             continue
@@ -64,9 +71,15 @@ def report_internal_error(
     path = write_report(args, argv, exc)
     where = f"traceback written to {path}" if path else "the traceback could not be written"
     first = str(exc).splitlines()[0] if str(exc) else ""
-    print(
+    line = (
         f"tinylm {args.command}: internal error (a bug in tinylm, not in your input): "
-        f"{type(exc).__name__}: {first[:200]}; {where}; please include it in a bug report",
-        file=sys.stderr,
+        f"{type(exc).__name__}: {first[:200]}; {where}; please include it in a bug report"
     )
+    print(safe_text(line), file=sys.stderr)
     return INTERNAL_ERROR_EXIT
+
+
+def safe_text(text: str) -> str:
+    """`text` printable on any terminal: characters that are not valid Unicode (surrogate
+    escapes of non-UTF-8 bytes) as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -5,6 +5,13 @@ process and thread, fsync, rename), so a name on disk only ever holds complete c
 when two processes write the same cache entry at once or one is killed mid-write; a write that
 fails (disk full, permission denied) removes its temporary file and leaves the old content.
 
+No file is ever written through a symbolic link that sits where tinylm writes (a `.lock`, a
+`metrics.jsonl` or a temporary name pointing at a file elsewhere would have its target
+truncated or overwritten): every writer opens with `O_NOFOLLOW` (`open_no_follow`,
+`open_append`), creates new files with `O_EXCL` (`create_new`: temporary names, reports), or
+replaces the name atomically (`atomic_write*`: a rename replaces a link, never its target);
+a link is refused with `ELOOP`, which `os_error_message` says in words.
+
 `os_error_message(e, path, doing)` turns an `OSError` into one sentence that names the path and
 what to do (free space, check permissions, choose another directory); callers raise it as their
 own user-facing error type (DataError, CheckpointError, TokenizerError), so the CLI prints it
@@ -31,7 +38,12 @@ _HINTS = {
     errno.EEXIST: "it exists and is a file, not a directory: choose another path",
     errno.EISDIR: "it is a directory, not a file: choose another path",
     errno.ENAMETOOLONG: "the name is too long: choose a shorter path",
+    errno.ELOOP: "it is a symbolic link, and tinylm never writes through a link (it would "
+    "overwrite the file the link points to): remove the link, or choose another path",
 }
+# Flags of every file tinylm opens for writing: never through a link at the name, never
+# inherited by a child process.
+_NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def os_error_message(e: OSError, path: str | Path, doing: str) -> str:
@@ -65,16 +77,39 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident() % 100000}.tmp")
 
 
+def open_no_follow(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """`os.open(path, flags)` that fails with ELOOP where `path` is a symbolic link."""
+    return os.open(path, flags | _NO_FOLLOW, mode)
+
+
+def create_new(path: str | Path) -> IO[bytes]:
+    """A new file at `path` for writing; FileExistsError when anything (a link too) is there."""
+    return os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb")
+
+
+def open_append(path: str | Path, *, truncate: bool = False) -> IO[str]:
+    """`path` opened for appending UTF-8 lines (line-buffered), emptied first with `truncate`,
+    never through a symbolic link (log files that grow as a run goes: metrics, sweep logs)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+    return os.fdopen(open_no_follow(path, flags), "a", buffering=1, encoding="utf-8")
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Write `path` through `write(file)` on a unique temporary file, fsync, rename.
 
     On any failure the temporary file is removed and the exception propagates; the old content
-    of `path` (if any) is untouched.
+    of `path` (if any) is untouched. The temporary file is created new (`O_EXCL`, not through a
+    link); a leftover of a killed process that had the same PID is removed first.
     """
     path = Path(path)
     tmp = temp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        try:
+            f = create_new(tmp)
+        except FileExistsError:
+            tmp.unlink()  # removes a link itself, never what it points to
+            f = create_new(tmp)
+        with f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

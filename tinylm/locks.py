@@ -8,7 +8,8 @@ said to be stale). With `wait=False` (training) a second process is refused at o
 first one's PID; with `wait=True` (data preparation) it waits, saying for whom, then finds the
 finished result.
 
-The holder removes the file when it releases it. A process that opened the file just before it
+The lock file is opened with `O_NOFOLLOW`: a `.lock` that is a symbolic link is refused, never
+written through. The holder removes the file when it releases it. A process that opened the file just before it
 was removed would lock an orphaned inode, so after locking we check the path still names the
 inode we hold, and retry if not. The descriptor is close-on-exec: a worker process started by
 the holder must not keep the lock alive after the holder dies.
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from tinylm.fileio import os_error_message
+from tinylm.fileio import open_no_follow, os_error_message
 
 LOCK_FILE = ".lock"
 
@@ -80,7 +81,9 @@ class DirectoryLock:
             return self
         while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+                # Never through a link: a `.lock` that is a symbolic link would have its target
+                # truncated and overwritten with our record (ELOOP: refused, said in words).
+                fd = open_no_follow(self.path, os.O_CREAT | os.O_RDWR)
             except OSError as e:
                 raise self.error(os_error_message(e, self.path, "create the lock file")) from None
             try:

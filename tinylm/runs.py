@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,20 +42,93 @@ class RunSummary:
     best_val_loss: float | None
     last_train_loss: float | None
     last_checkpoint: str | None
+    bad_lines: int = 0  # malformed lines of metrics.jsonl, skipped
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of `run_dir/metrics.jsonl`, skipping a line cut short by a kill."""
+class MetricsRecords(list):
+    """The records of one `metrics.jsonl` (a list of dicts), and how many lines were malformed."""
+
+    bad_lines: int = 0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a parsed `metrics.jsonl` line is not a record tinylm writes, or None when it is.
+
+    Only the fields readers index or convert are checked (kind, step, tokens, time, and the
+    start event's pid and max_steps); metric values go through `metric_number` where used.
+    """
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not an object"
+    kind = record.get("kind")
+    if not isinstance(kind, str):
+        return "no 'kind'"
+    step = record.get("step")
+    if step is None and kind in ("train", "eval", "sample"):
+        return "no 'step'"
+    if kind == "train" and "tokens" not in record:
+        return "no 'tokens'"
+    if step is not None and not (_is_int(step) and step >= 0):
+        return f"'step' is {step!r}"
+    for key in ("tokens", "time"):
+        if key in record and not _is_number(record[key]):
+            return f"'{key}' is not a number"
+    if kind == "event":
+        if not isinstance(record.get("event", ""), str):
+            return "'event' is not a name"
+        for key in ("pid", "max_steps"):
+            if key in record and not _is_int(record[key]):
+                return f"'{key}' is not an integer"
+    return None
+
+
+def parse_record(line: bytes | str) -> dict[str, Any] | None:
+    """One `metrics.jsonl` line as a record, or None when it is not one (malformed JSON, bytes
+    that are not UTF-8, or a value of the wrong type): the one place every reader of metrics
+    (`tinylm runs`/`plot`, sweeps, the dashboard) decides what a line is."""
+    try:
+        record = json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # JSONDecodeError is a ValueError
+        return None
+    return record if record_problem(record) is None else None
+
+
+def read_metrics(run_dir: str | Path) -> MetricsRecords:
+    """The records of `run_dir/metrics.jsonl`, skipping malformed lines and counting them in
+    `.bad_lines` (a line still being written, the last one without its newline, is skipped
+    without being counted): one damaged line must not hide the rest of a run, or other runs."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE}; is it a run directory?")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+    records = MetricsRecords()
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
             continue
+        record = parse_record(line)
+        if record is not None:
+            records.append(record)
+        elif i < len(lines) - 1:  # complete lines only: the last may be mid-write
+            records.bad_lines += 1
     return records
+
+
+def bad_lines_note(run_dir: str | Path, count: int) -> str:
+    """The note that says a run's metrics file had malformed lines (empty when none)."""
+    if not count:
+        return ""
+    return (
+        f"note: {Path(run_dir) / METRICS_FILE}: {count} malformed line(s) skipped "
+        "(edited or damaged; the other lines are shown)"
+    )
 
 
 def metric_number(value: Any) -> float | None:
@@ -98,12 +172,23 @@ def _max_steps(run_dir: Path, records: list[dict[str, Any]]) -> int | None:
     for record in reversed(records):
         if record.get("event") == "start" and "max_steps" in record:
             return int(record["max_steps"])
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        import yaml
+    train = _config_tree(run_dir).get("train")
+    max_steps = train.get("max_steps") if isinstance(train, dict) else None
+    return max_steps if _is_int(max_steps) else None
 
-        return int((yaml.safe_load(config.read_text()) or {}).get("train", {}).get("max_steps", 0))
-    return None
+
+def _config_tree(run_dir: str | Path) -> dict[str, Any]:
+    """The run's config.yaml as a dict; {} when absent or unreadable (a display never fails
+    on it: `train --resume` is where a damaged config is reported)."""
+    import yaml
+
+    from tinylm.yamlio import load as load_yaml
+
+    try:
+        tree = load_yaml((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return tree if isinstance(tree, dict) else {}
 
 
 def checkpoint_loop_state(path: Path) -> dict[str, Any] | None:
@@ -144,7 +229,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
     records = read_metrics(run_dir)
     train = [r for r in records if r.get("kind") == "train"]
     # The furthest step any line names: a stop is logged at its step even between log lines.
-    logged_step = max((int(r["step"]) for r in records if "step" in r), default=0)
+    logged_step = max((r["step"] for r in records if r.get("step") is not None), default=0)
     latest = checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False)
     state = checkpoint_loop_state(latest) if latest is not None else None
     if state is not None and int(state.get("step", 0)) >= logged_step:
@@ -167,6 +252,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
         best_val_loss=min(finite_val) if finite_val else None,
         last_train_loss=metric_number(train[-1].get("loss")) if train else None,
         last_checkpoint=latest.name if latest is not None else None,
+        bad_lines=records.bad_lines,
     )
 
 
@@ -217,14 +303,13 @@ def format_table(summaries: list[RunSummary]) -> str:
 
 def run_label(run_dir: str | Path, name: str) -> str:
     """'name (data, tokenizer)' from the run's config.yaml: the legend says what each curve is."""
-    config = Path(run_dir) / "config.yaml"
-    if not config.is_file():
+    tree = _config_tree(run_dir)
+    if not tree:
         return name
-    import yaml
-
-    data = (yaml.safe_load(config.read_text()) or {}).get("data", {})
-    mix = data.get("mix") or []
-    sources = [m.get("name") or Path(str(m.get("path", ""))).name for m in mix] or [
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    mix = data.get("mix") if isinstance(data.get("mix"), list) else []
+    mix = [m for m in mix if isinstance(m, dict)]
+    sources = [str(m.get("name") or Path(str(m.get("path", ""))).name) for m in mix] or [
         Path(str(data.get("train", ""))).name or "?"
     ]
     return f"{name} ({'+'.join(sources)}, {data.get('tokenizer', '?')})"
@@ -279,7 +364,7 @@ def make_figure(run_dirs: list[str | Path]):
         train = [r for r in records if r.get("kind") == "train"]
         evals = [r for r in records if r.get("kind") == "eval" and "val/loss" in r]
         # Tokens per step is constant within a run; eval lines carry only the step.
-        per_step = train[-1]["tokens"] / train[-1]["step"] if train else 0.0
+        per_step = train[-1]["tokens"] / train[-1]["step"] if train and train[-1]["step"] else 0.0
         steps = [r["step"] for r in train]
         label = run_handles[-1].get_label()
         # Each line keeps its label (for inspection); the legend is the figure's, below.
@@ -298,8 +383,9 @@ def make_figure(run_dirs: list[str | Path]):
             bpb = [(s, b) for s, b in bpb if b is not None]
             if bpb:
                 add("bpb", *map(list, zip(*bpb, strict=True)), {**val, "label": label})
-        add("lr", steps, [r.get("lr") for r in train], {**solid, "label": label})
-        add("tps", steps, [r.get("tokens_per_second") for r in train], {**solid, "label": label})
+        add("lr", steps, [metric_number(r.get("lr")) for r in train], {**solid, "label": label})
+        tps = [metric_number(r.get("tokens_per_second")) for r in train]
+        add("tps", steps, tps, {**solid, "label": label})
 
     shown = [k for k, p in panels.items() if p[3]] or ["step"]
     # One or two rows with every slot used: 5 panels are 3 above and 2 (wider) below.
@@ -348,12 +434,18 @@ def make_figure(run_dirs: list[str | Path]):
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Write a PNG comparing runs (the panels of `make_figure`). Returns the path written."""
     fig = make_figure(run_dirs)  # first: it selects the file-only backend
+    import io
+
     import matplotlib.pyplot as plt
+
+    from tinylm.fileio import atomic_write_bytes
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    buffer = io.BytesIO()  # then written atomically: a figure never goes through a link at `out`
+    fig.savefig(buffer, dpi=100, format=out.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
+    atomic_write_bytes(out, buffer.getvalue())
     return out
 
 
@@ -389,7 +481,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs in {args.dir} (a run is a directory with a {METRICS_FILE})")
         return 0
-    print(format_table([summarize(r) for r in runs]))
+    summaries = [summarize(r) for r in runs]
+    print(format_table(summaries))
+    for s in summaries:
+        if note := bad_lines_note(s.path, s.bad_lines):
+            print(note, file=sys.stderr)
     return 0
 
 
@@ -401,6 +497,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
             f"--out {args.out}: the figure's format comes from its extension; "
             f"use one of {', '.join(PLOT_FORMATS)}"
         )
+    for run in args.runs:
+        if Path(run, METRICS_FILE).is_file() and (
+            note := bad_lines_note(run, read_metrics(run).bad_lines)
+        ):
+            print(note, file=sys.stderr)
     out = plot_runs(args.runs, args.out)
     print(f"wrote {out}")
     return 0

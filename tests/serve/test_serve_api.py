@@ -146,6 +146,7 @@ def test_openai_client(server):
         ({"model": "alpha", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": "alpha", "prompt": "x", "logprobs": 2}, 400, None),
         ({"model": "alpha", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ({"model": "alpha", "prompt": "x", "seed": 2**64}, 400, "seed"),  # an overflow once
         ({"model": "alpha", "prompt": [[1, 2], [99999]]}, 400, "prompt"),
         ({"model": "alpha", "prompt": []}, 400, None),
         ({"model": "alpha", "prompt": "A" * 64}, 400, "prompt"),

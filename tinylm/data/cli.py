@@ -269,16 +269,19 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tinylm.data.sources import iter_documents
+    from tinylm.fileio import atomic_write
 
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+
+    def write(f) -> None:
+        nonlocal n
         for spec in resolve_named(args.name, cache)[0]:
             for doc in iter_documents(spec):
-                f.write(doc + f"\n{EOT}\n")
+                f.write((doc + f"\n{EOT}\n").encode("utf-8"))
                 n += 1
-    tmp.replace(out)
+
+    atomic_write(out, write)
     print(f"wrote {n:,} documents to {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -59,7 +59,7 @@ from tinylm.data.shards import (
 )
 from tinylm.data.sources import SourceStats, iter_pieces, source_bytes, source_identity
 from tinylm.fileio import make_dir, os_error_message
-from tinylm.interrupts import signal_name, workers_ignore_sigint
+from tinylm.interrupts import exit_with_parent, signal_name, workers_ignore_sigint
 from tinylm.locks import DirectoryLock
 from tinylm.tokenizer.base import EOT, Tokenizer, TokenizerError
 
@@ -186,6 +186,7 @@ _WORKER: dict[str, Any] = {}
 def _worker_init(out_dir: str, dtype: str, eot: int) -> None:
     from tinylm.tokenizer import tokenizer_from_file
 
+    exit_with_parent()  # a SIGKILLed prepare must not leave its workers behind
     # Workers tokenize whole chunks; letting each also use every core would oversubscribe.
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     tokenizer = tokenizer_from_file(Path(out_dir) / TOKENIZER)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tinylm.data.errors import DataError
 from tinylm.data.sources import SYNTHETIC, is_synthetic
+from tinylm.fileio import create_new
 from tinylm.suggest import did_you_mean
 
 
@@ -128,7 +129,8 @@ def download(url: str, dest: Path, sha256: str | None = None) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as f:
+    part.unlink(missing_ok=True)  # a leftover (or a link) at the name: removed, not followed
+    with urllib.request.urlopen(url, timeout=30) as response, create_new(part) as f:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar:
             while block := response.read(1 << 20):

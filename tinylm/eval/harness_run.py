@@ -25,6 +25,7 @@ from typing import Any
 
 from tinylm.config import ConfigError
 from tinylm.data.errors import DataError
+from tinylm.fileio import atomic_write_text, open_append
 
 HF_HOST = "huggingface.co"
 
@@ -39,6 +40,11 @@ class HarnessResult:
     table: str
 
 
+# Examples per task: far more than any task has; past it `--limit 1e30` reached the harness
+# as a 31-digit integer and crashed it (an internal error, issue 21).
+MAX_LIMIT = 10**9
+
+
 def parse_limit(text: str | None) -> int | float | None:
     """`--limit`: a number of examples per task (>= 1) or a fraction of each task (0 < x < 1)."""
     if text in (None, ""):
@@ -47,10 +53,10 @@ def parse_limit(text: str | None) -> int | float | None:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (value > 0 and math.isfinite(value)) or (value >= 1 and value != int(value)):
+    if not (0 < value <= MAX_LIMIT) or (value >= 1 and value != int(value)):
         raise ConfigError(
-            f"--limit {text}: give a whole number of examples per task (e.g. 100) "
-            "or a fraction between 0 and 1 (e.g. 0.1)"
+            f"--limit {text}: give a whole number of examples per task (e.g. 100, at most "
+            f"{MAX_LIMIT:,}) or a fraction between 0 and 1 (e.g. 0.1)"
         )
     return int(value) if value >= 1 else value
 
@@ -136,6 +142,37 @@ def _unknown_task(name: str, known: list[str]) -> ConfigError:
     )
 
 
+def _unreadable_task_file(name: str, include_path: list[str]) -> ConfigError | None:
+    """The error for a task missing because its YAML file under `--include-path` is malformed
+    (the harness skips a file it cannot read, so the task looked unknown); None if none is.
+    A broken file that names the task is preferred; else the first broken file is named."""
+    import yaml
+
+    from tinylm.yamlio import load as load_yaml
+
+    broken: list[tuple[Path, str, bool]] = []
+    for directory in include_path:
+        for file in sorted(Path(directory).rglob("*.y*ml")):
+            try:
+                text = file.read_text(encoding="utf-8", errors="replace")
+            except OSError as e:
+                broken.append((file, e.strerror or str(e), False))
+                continue
+            try:
+                load_yaml(text, str(file), any_tags=True)
+            except yaml.YAMLError as e:
+                problem = " ".join(str(e).replace('in "<unicode string>", ', "").split())
+                broken.append((file, problem[:200], name in text))
+    if not broken:
+        return None
+    file, problem, names_it = max(broken, key=lambda b: b[2])  # first one naming the task
+    which = "defines it" if names_it else "may define it"
+    return ConfigError(
+        f"harness task '{name}' not found: {file} under --include-path {which} but is not "
+        f"valid YAML ({problem}); fix that file"
+    )
+
+
 def _missing_dataset(name: str, error: Exception) -> DataError:
     offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
     reason = "no network" if offline else f"{type(error).__name__}: {error}"
@@ -161,7 +198,9 @@ def load_tasks(
     loaded: list[Any] = []
     for name in names:
         if name not in manager.all_tasks and not Path(name).is_file():
-            raise _unknown_task(name, manager.all_tasks)
+            raise _unreadable_task_file(name, include_path) or _unknown_task(
+                name, manager.all_tasks
+            )
         try:
             result = manager.load([name])
         except FileNotFoundError as e:
@@ -175,6 +214,38 @@ def load_tasks(
         else:
             loaded.extend(result["tasks"].values())
     return manager, loaded
+
+
+def _leaf_tasks(obj: Any) -> list[Any]:
+    """The harness Task objects in what `load_tasks` returned (groups hold lists and dicts)."""
+    if hasattr(obj, "fewshot_docs"):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _leaf_tasks(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _leaf_tasks(v)]
+    return []
+
+
+def check_fewshot(loaded: list[Any], num_fewshot: int) -> None:
+    """Refuse `--num-fewshot` above the examples a task can draw them from (the harness
+    crashed mid-run with "Sample larger than population"). When few-shot examples come from
+    the evaluated split, the document being scored is excluded, so one fewer is available."""
+    for task in _leaf_tasks(loaded):
+        try:
+            docs = task.fewshot_docs()
+            available = len(docs) if docs is not None else 0
+            fewshot_split = getattr(getattr(task, "fewshot_cfg", None), "split", None)
+            if fewshot_split == getattr(task.config, "test_split", None):
+                available -= 1
+            name = getattr(task.config, "task", None) or type(task).__name__
+        except Exception:  # a task type this check does not understand: the harness decides
+            continue
+        if num_fewshot > available:
+            raise ConfigError(
+                f"--num-fewshot {num_fewshot}: task '{name}' has only {max(available, 0)} "
+                f"example(s) to draw few-shot examples from; use at most {max(available, 0)}"
+            )
 
 
 _NOT_METRICS = {"alias", "name", "sample_len"}  # per-task bookkeeping in the results dict
@@ -216,13 +287,7 @@ def write_results(results: dict[str, Any], run_dir: Path) -> Path:
     while path.exists():  # two runs in the same second keep both files
         path = out_dir / f"harness-{stamp}-{n}.json"
         n += 1
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(path, json.dumps(results, indent=2, default=handle_non_serializable))
 
 
 def log_metrics(run_dir: Path, step: int, metrics: dict[str, Any], tensorboard: bool) -> None:
@@ -234,7 +299,7 @@ def log_metrics(run_dir: Path, step: int, metrics: dict[str, Any], tensorboard: 
     from tinylm.train.sinks import METRICS_FILE
 
     record = {"kind": "eval", "step": step, "time": round(time.time(), 3), **metrics}
-    with open(run_dir / METRICS_FILE, "a") as f:
+    with open_append(run_dir / METRICS_FILE) as f:
         f.write(json.dumps(record) + "\n")
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -281,6 +346,8 @@ def run_harness(
     # The harness logs every step at INFO; keep its warnings.
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     manager, loaded = load_tasks(tasks, list(include_path or []))
+    if num_fewshot:
+        check_fewshot(loaded, num_fewshot)
 
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tinylm.fileio import atomic_write_text
 from tinylm.tokenizer import CharTokenizer, Tokenizer, TokenizerError
 from tinylm.tokenizer.base import EOT
 from tinylm.tokenizer.char import UNK
@@ -122,7 +123,7 @@ def write_tokenizer_files(tok: Tokenizer, out: Path, model_max_length: int) -> l
         "special_tokens_map.json": specials,
     }
     for name, content in files.items():
-        (out / name).write_text(json.dumps(content, ensure_ascii=False, indent=1), encoding="utf-8")
+        atomic_write_text(out / name, json.dumps(content, ensure_ascii=False, indent=1))
     return list(files)
 
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from tinylm.config import Config, ConfigError, ModelConfig, parse_override
+from tinylm.config import Config, ConfigError, ModelConfig, build_section, parse_override, validate
 from tinylm.export.hf import ARCH_FIELDS, CLASS_NAMES, arch_values, from_hf_config, from_hf_state
 from tinylm.export.hf_tokenizer import tokenizer_from_hf_dir
+from tinylm.finite import check_finite
 from tinylm.tokenizer import Tokenizer
 from tinylm.train.checkpoint import CheckpointError
 
@@ -107,7 +108,33 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
                 f"{file} is not a readable safetensors file ({type(e).__name__}: "
                 f"{str(e)[:120]}); it is damaged or truncated: download or export it again"
             ) from None
+    check_finite(state, f"init_from weights {path}", CheckpointError)
     return state
+
+
+def _checked_hf_config(hf_cfg: object, config_file: Path) -> tuple[str, ModelConfig]:
+    """The model an HF config.json describes, checked like a tinylm config (types, domains,
+    relations) before anything is built from it: a config.json with 10^12 layers hung the
+    weight conversion, which loops over the layers."""
+    if not isinstance(hf_cfg, dict):
+        raise CheckpointError(f"{config_file}: holds a {type(hf_cfg).__name__}, not an object")
+    try:
+        family, model = from_hf_config(hf_cfg, str(config_file))
+    except KeyError as e:
+        raise CheckpointError(
+            f"{config_file}: no {e} field; it is not a complete config.json"
+        ) from None
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise CheckpointError(
+            f"{config_file}: a field has the wrong type or value ({type(e).__name__}: "
+            f"{str(e)[:120]})"
+        ) from None
+    try:
+        model = build_section(ModelConfig, dataclasses.asdict(model), "model")
+        validate(Config(model=model))
+    except ConfigError as e:
+        raise CheckpointError(f"{config_file}: as a tinylm model, {e}") from None
+    return family, model
 
 
 def open_hf_dir(path: Path, spec: str) -> InitSource:
@@ -117,7 +144,7 @@ def open_hf_dir(path: Path, spec: str) -> InitSource:
         hf_cfg = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_file}: not a readable config.json ({e})") from None
-    family, model = from_hf_config(hf_cfg, str(config_file))
+    family, model = _checked_hf_config(hf_cfg, config_file)
     tokenizer = tokenizer_from_hf_dir(path)
     where = str(path)
     return InitSource(
@@ -198,12 +225,17 @@ def merge_model_config(
     return dataclasses.replace(source, **run_own)
 
 
-def apply_init_from(cfg: Config, explicit: Iterable[str] = ()) -> InitSource:
+def apply_init_from(
+    cfg: Config,
+    explicit: Iterable[str] = (),
+    preflight: Callable[[Config], None] | None = None,
+) -> InitSource:
     """Resolve `cfg.train.init_from`, set `cfg.model` from it, and load its weights.
 
     `explicit` are the command-line overrides (`model.d_model=256` or just the keys): those are
-    the settings a source may not silently replace. Returns the source with `model_state` (a
-    tinylm state dict for `GPT(cfg.model)`) and the tokenizer to train with.
+    the settings a source may not silently replace. `preflight(cfg)` (the memory check) runs
+    once `cfg.model` is the source's and before its weights are read. Returns the source with
+    `model_state` (a tinylm state dict for `GPT(cfg.model)`) and the tokenizer to train with.
     """
     keys = {".".join(parse_override(e)[0]) if "=" in e else e for e in explicit}
     source = open_source(cfg.train.init_from)
@@ -211,6 +243,8 @@ def apply_init_from(cfg: Config, explicit: Iterable[str] = ()) -> InitSource:
     cfg.model = merge_model_config(cfg.model, source.model, explicit_model, source.spec)
     if "data.tokenizer" in keys:
         _check_tokenizer(cfg.data.tokenizer, source)
+    if preflight is not None:
+        preflight(cfg)
     state = dict(source.load_weights())
     if cfg.model.pos_emb == "learned":
         state["pos_emb.weight"] = state["pos_emb.weight"][: cfg.model.context_length]

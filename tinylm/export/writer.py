@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from tinylm.export import card
 from tinylm.export.hf import CLASS_NAMES, hf_family, to_hf_config, to_hf_state
 from tinylm.export.hf_tokenizer import write_tokenizer_files
-from tinylm.train.checkpoint import CheckpointError, load_checkpoint
+from tinylm.fileio import atomic_write_text, make_dir, os_error_message
+from tinylm.train.checkpoint import CHECKPOINT_NAME, META_FILE, CheckpointError, load_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -39,11 +40,40 @@ class ExportResult:
     left_alone: list[str]  # files already in `out` that the export did not replace
 
 
+def _is_run(path: Path) -> bool:
+    return (path / "checkpoints").is_dir() and (path / "config.yaml").is_file()
+
+
+def _inside_a_run(out: Path) -> Path | None:
+    """The run directory `out` is, or the checkpoint directory (or a run's `checkpoints/`) it
+    is or is inside, else None: an export there would replace a checkpoint's own
+    `model.safetensors` and `tokenizer.json` (with --force), or be rotated away with it. A new
+    directory inside a run (`RUN/hf`) is fine."""
+    if _is_run(out):
+        return out
+    for p in (out, *out.parents):
+        if CHECKPOINT_NAME.match(p.name) and (p / META_FILE).is_file():
+            return p
+        if p.name == "checkpoints" and _is_run(p.parent):
+            return p
+    return None
+
+
 def _check_out(out: Path, force: bool) -> list[str]:
-    """Refuse a non-empty `out` unless forced; return the names already there."""
+    """Refuse a non-empty `out` unless forced, and any run or checkpoint directory even then;
+    return the names already there."""
+    if (run := _inside_a_run(out.resolve())) is not None:
+        raise CheckpointError(
+            f"--out {out} is inside the run or checkpoint directory {run}: an export there "
+            "would overwrite or mix with the run's own files (even with --force); choose a "
+            "directory outside it"
+        )
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} exists and is a file; give a directory path")
-    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    try:
+        existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    except OSError as e:
+        raise CheckpointError(os_error_message(e, out, "read the output directory")) from None
     if existing and not force:
         raise CheckpointError(
             f"--out {out} exists and is not empty ({len(existing)} entries, e.g. {existing[0]}); "
@@ -78,11 +108,16 @@ def export_hf(
     run_dir = ckpt.path.parent.parent if ckpt.path.parent.name == "checkpoints" else None
     command = command or shlex.join(["tinylm", *sys.argv[1:]])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent, CheckpointError, "output's parent directory")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover (same pid) from an earlier failed call
-    tmp.mkdir()
+    try:
+        if tmp.is_symlink() or tmp.is_file():
+            tmp.unlink()  # a link is removed itself, never what it points to
+        elif tmp.exists():
+            shutil.rmtree(tmp)  # our own leftover (same pid) from an earlier failed call
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(os_error_message(e, out.parent, "write the export into")) from None
     try:
         eot = ckpt.tokenizer.eot_id
         hf_cfg = to_hf_config(m, family, eot_id=eot, dtype_name=DTYPE_NAMES[dtype])
@@ -105,20 +140,22 @@ def export_hf(
             export_command=command,
             dtype_name=DTYPE_NAMES[dtype],
         )
-        (tmp / "README.md").write_text(text, encoding="utf-8")
+        atomic_write_text(tmp / "README.md", text)
         files = sorted(p.name for p in tmp.iterdir())
         if not out.exists():
             tmp.replace(out)
         else:  # --force into an existing directory: replace our files one by one
             for name in files:
-                (tmp / name).replace(out / name)
+                (tmp / name).replace(out / name)  # a link at the name is replaced, not followed
             tmp.rmdir()
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(os_error_message(e, out, "write the export into")) from None
         raise
     left_alone = [n for n in existing if n not in files]
     return ExportResult(out, family, CLASS_NAMES[family], step, files, left_alone)
 
 
 def _write_json(path: Path, content: dict) -> None:
-    path.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(content, indent=1) + "\n")

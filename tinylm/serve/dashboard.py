@@ -11,7 +11,6 @@ rewrites its history past the resumed step), the answer starts again from byte 0
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from tinylm.runs import METRICS_FILE, read_metrics, summarize
+from tinylm.runs import METRICS_FILE, parse_record, read_metrics, summarize
 from tinylm.serve.protocol import ApiError
 from tinylm.serve.registry import UnknownModel, canonical_id
 from tinylm.train.checkpoint import CheckpointError
@@ -80,6 +79,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "last_train_loss": _finite(s.last_train_loss),
         "last_checkpoint": s.last_checkpoint,
         "tokenizer": run_tokenizer(run_dir),
+        "bad_lines": s.bad_lines,
     }
 
 
@@ -111,10 +111,9 @@ def read_new_records(path: Path, offset: int, known_file: str) -> dict[str, Any]
     end = data.rfind(b"\n") + 1  # only whole lines: the writer may be mid-line
     records = []
     for line in data[:end].splitlines():
-        try:
-            r = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # a line cut short by a kill
+        r = parse_record(line)
+        if r is None:
+            continue  # malformed (a line cut short by a kill, an edit): runs.read_metrics counts them
         kind = r.get("kind")
         if kind == "train":
             records.append({"kind": kind, **{k: r.get(k) for k in TRAIN_KEYS}})

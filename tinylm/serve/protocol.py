@@ -73,7 +73,8 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # torch generators take seeds below 2^64; `n` choices use seed, seed + 1, ...
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None

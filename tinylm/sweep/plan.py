@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.config import ConfigError, load_config, parse_override, resolve_preset
+from tinylm.fileio import atomic_write_text
 
 MANIFEST = "sweep.json"
 FORMAT = "tinylm-sweep"
@@ -192,9 +192,7 @@ def save_manifest(plan: SweepPlan, out_dir: Path) -> None:
     """Write `out_dir/sweep.json` atomically (a copy renamed over the old one)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {"format": FORMAT, "version": 1, **asdict(plan)}
-    tmp = out_dir / f"{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(out_dir / MANIFEST)
+    atomic_write_text(out_dir / MANIFEST, json.dumps(data, indent=1))
 
 
 def load_manifest(out_dir: Path) -> SweepPlan | None:

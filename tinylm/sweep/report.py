@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tinylm.fileio import atomic_write_text
 from tinylm.runs import METRICS_FILE, metric_number, plot_runs, read_metrics
 from tinylm.sweep.plan import SweepPlan
 
@@ -117,6 +118,4 @@ def write_report(plan: SweepPlan, out_dir: Path) -> tuple[str, Path | None]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)

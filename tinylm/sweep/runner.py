@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from tinylm.config import load_config
+from tinylm.fileio import open_append
 from tinylm.runs import METRICS_FILE, metric_number, read_metrics, run_status
 from tinylm.sweep.plan import (
     ABANDONED,
@@ -203,7 +204,7 @@ class SweepRunner:
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         logs = self.out_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log = open(logs / f"{run.name}.log", "a")  # noqa: SIM115 (closed in _finish)
+        log = open_append(logs / f"{run.name}.log")  # closed in _finish; never through a link
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )

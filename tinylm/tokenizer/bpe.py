@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from tinylm.interrupts import workers_ignore_sigint
+from tinylm.fileio import atomic_write_text
+from tinylm.interrupts import exit_with_parent, workers_ignore_sigint
 from tinylm.tokenizer.base import (
     EOT,
     Tokenizer,
@@ -295,11 +296,11 @@ class BPETokenizer(Tokenizer):
             for i, b in enumerate(self._decode_table)
             for s in [b.decode("utf-8", "replace")]
         }
-        Path(vocab_path).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        atomic_write_text(vocab_path, json.dumps(vocab, ensure_ascii=False))
         lines = ["#version: 0.2"] + [
             f"{bytes_to_gpt2_str(a)} {bytes_to_gpt2_str(b)}" for a, b in self.merges
         ]
-        Path(merges_path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        atomic_write_text(merges_path, "\n".join(lines) + "\n")
 
     def to_hf_json(self) -> dict[str, Any]:
         """A Hugging Face `tokenizer.json` (BPE model, byte-level) encoding exactly like this one."""
@@ -381,11 +382,7 @@ class BPETokenizer(Tokenizer):
 
     def save_hf(self, path: str | Path) -> Path:
         """Write a Hugging Face `tokenizer.json`."""
-        path = Path(path)
-        path.write_text(
-            json.dumps(self.to_hf_json(), ensure_ascii=False, indent=1), encoding="utf-8"
-        )
-        return path
+        return atomic_write_text(path, json.dumps(self.to_hf_json(), ensure_ascii=False, indent=1))
 
 
 # -- construction helpers --------------------------------------------------------------------
@@ -568,6 +565,7 @@ _WORKER_TOKENIZER: list[Tokenizer] = []
 
 
 def _init_encode_worker(tokenizer: Tokenizer) -> None:
+    exit_with_parent()  # a SIGKILLed parent must not leave its workers behind
     _WORKER_TOKENIZER[:] = [tokenizer]
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
-from tinylm.interrupts import workers_ignore_sigint
+from tinylm.interrupts import exit_with_parent, workers_ignore_sigint
 from tinylm.tokenizer.base import TokenizerError
 from tinylm.tokenizer.bpe import BPETokenizer
 from tinylm.tokenizer.pretokenize import GPT2_PATTERN, last_safe_cut
@@ -112,6 +112,7 @@ _WORKER_STATE: dict = {}
 def _worker_init(special_tokens: Sequence[str], pattern: str, native: bool) -> None:
     import regex
 
+    exit_with_parent()  # a SIGKILLed parent must not leave its workers behind
     _WORKER_STATE["splitter"] = _special_splitter(special_tokens)
     _WORKER_STATE["pattern"] = regex.compile(pattern)
     _WORKER_STATE["native"] = None

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from tinylm.cli_args import int_in
+from tinylm.cli_args import int_in, utf8_text
 
 
 def add_commands(subparsers) -> None:
@@ -52,7 +52,7 @@ def add_commands(subparsers) -> None:
     e = sub.add_parser("encode", help="print the token ids of a text or file")
     e.add_argument("--tokenizer", required=True, help="'gpt2' or a tokenizer .json")
     src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="text to encode")
+    src.add_argument("--text", type=utf8_text, help="text to encode")
     src.add_argument("--input", help="UTF-8 file to encode")
     e.add_argument("--show", action="store_true", help="print each token's text beside its id")
     e.set_defaults(func=cmd_encode)

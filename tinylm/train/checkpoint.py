@@ -57,6 +57,7 @@ from tinylm.config import (
     validate,
 )
 from tinylm.fileio import atomic_write_text, confined, make_dir, os_error_message
+from tinylm.finite import check_finite
 from tinylm.tokenizer import Tokenizer, TokenizerError, tokenizer_from_file
 
 PREFIX = "step_"
@@ -546,6 +547,7 @@ def _load(path: Path) -> LoadedCheckpoint:
             )
         state[alias] = state[source]
     check_weights(path / MODEL_FILE, state, config)
+    check_finite(state, f"checkpoint {path}", CheckpointError)  # generate, eval, export, serve
     try:
         tokenizer = tokenizer_from_file(path / TOKENIZER_FILE)
     except TokenizerError as e:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from tinylm.cli_args import device, float_in, int_in
+from tinylm.cli_args import device, float_in, int_in, utf8_text
 from tinylm.config import MAX_NEW_TOKENS, SEED_MAX
 
 
@@ -40,8 +40,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--cooldown",
-        type=int_in(0, 10**9),
-        default=0,
+        # 0 would be a plain resume said as a cool-down: refused rather than silently ignored
+        type=int_in(1, 10**9, note="a cool-down of 0 steps is a plain resume: drop --cooldown"),
+        default=None,
         metavar="N",
         help="with --resume: decay the LR to optim.min_lr over N more steps from the latest "
         "checkpoint (a WSD cool-down; the checkpoint must be in its stable phase)",
@@ -111,7 +112,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("run", help="run directory or checkpoint directory")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument(
+        "--prompt",
+        type=utf8_text,
+        default="",
+        help="text to continue (default: start of a document)",
+    )
     p.add_argument("--max-new-tokens", type=int_in(1, MAX_NEW_TOKENS), default=200)
     p.add_argument("--temperature", type=float_in(ge=0, le=100), default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int_in(0, 2**24), default=50, help="0 = off")
@@ -196,22 +202,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         cfg.run_name = run_dir.name
 
+    def preflight(cfg) -> None:
+        # Before any data or weights (and before --dry-run builds them): a run that cannot fit
+        # is refused at once. --print-config only prints.
+        if not args.force and not args.print_config:
+            from tinylm.preflight import check_memory
+            from tinylm.train.runtime import select_device
+
+            device = select_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", 0)))[0]
+            check_memory(cfg, device)
+
     init = None
     if cfg.train.init_from and not args.resume:
         from tinylm.export.init_from import apply_init_from
 
-        init = apply_init_from(cfg, overrides)  # before the run directory exists: errors first
+        # Before the run directory exists: errors first; the preflight before the weights load.
+        init = apply_init_from(cfg, overrides, preflight)
 
     args.run_dir = run_dir  # where an internal-error report goes (tinylm/crash.py)
-    # Before any data or weights (and before --dry-run builds them): a run that cannot fit is
-    # refused at once. --print-config only prints.
-    if not args.force and not args.print_config:
-        from tinylm.preflight import check_memory
-        from tinylm.train.runtime import select_device
+    preflight(cfg)
 
-        check_memory(cfg, select_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", 0)))[0])
-
-    if args.cooldown:
+    if args.cooldown is not None:
         if not args.resume:
             raise ConfigError("--cooldown N continues a run: use it with --resume RUN_DIR")
         from tinylm.train.resume import apply_cooldown

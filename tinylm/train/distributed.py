@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tinylm.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -34,12 +36,37 @@ class DistInfo:
         return self.rank == 0
 
 
+def launcher_int(name: str, default: int | None) -> int:
+    """An integer the launcher (torchrun) sets in the environment; ConfigError when it is
+    malformed, or missing without a default (WORLD_SIZE=2 set by hand, without RANK)."""
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        value = int(text) if text is not None else None
+    except ValueError:
+        value = None
+    if value is None or value < 0:
+        raise ConfigError(
+            f"{name}={text!r} in the environment: "
+            + ("missing, " if text is None else "not a non-negative integer, ")
+            + "but WORLD_SIZE asks for a distributed run: launch with torchrun (which sets "
+            "WORLD_SIZE, RANK, LOCAL_RANK and MASTER_ADDR), or unset WORLD_SIZE"
+        )
+    return value
+
+
 def setup() -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a no-op."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launcher_int("WORLD_SIZE", 1)
     if world_size <= 1:
         return DistInfo()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = launcher_int("RANK", None), launcher_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world_size:
+        raise ConfigError(
+            f"RANK={rank} is not a rank of WORLD_SIZE={world_size} (0..{world_size - 1}): "
+            "launch with torchrun, which sets both, or unset WORLD_SIZE"
+        )
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

@@ -37,6 +37,7 @@ import psutil
 import torch
 
 from tinylm.config import Config
+from tinylm.finite import all_finite
 from tinylm.train import distributed, runtime
 from tinylm.train.eta import EtaEstimator
 from tinylm.train.sinks import RunLogger
@@ -304,6 +305,19 @@ class TrainMonitor:
         return (
             f"{streak} consecutive non-finite steps up to step {step} "
             "(updates were skipped; lower optim.lr or check the data)"
+        )
+
+    def diverged_reason(self, step: int, params: list[torch.Tensor]) -> str | None:
+        """Why the run must stop: its weights are no longer finite (a collective, like
+        `nonfinite_stop_reason`). A step with a finite loss can still overflow its update; the
+        loss guard does not see that, and every later step, sample and checkpoint would be NaN."""
+        diverged = not bool(all_finite(params))
+        if not distributed.any_rank(diverged, self.dist, self.device):
+            return None
+        return (
+            f"diverged: the weights became NaN or infinite by step {step} although the losses "
+            "before were finite (an update overflowed); nothing after the last checkpoint was "
+            "saved. Lower optim.lr (or raise optim.warmup_steps, set optim.grad_clip)"
         )
 
     def _warn(self, step: int, skipped: int, max_loss: float) -> None:

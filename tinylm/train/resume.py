@@ -292,11 +292,10 @@ def _written_by_a_run(run_dir: Path) -> bool:
     except OSError:
         pass
     try:
-        import yaml
-
         from tinylm.config import config_from_dict
+        from tinylm.yamlio import load as load_yaml
 
-        config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        config_from_dict(load_yaml((run_dir / "config.yaml").read_text()))
         return True
     except Exception:  # anything unreadable as our config is not ours
         return False

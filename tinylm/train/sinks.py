@@ -22,7 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from tinylm.config import LogConfig
-from tinylm.fileio import atomic_write_text
+from tinylm.fileio import atomic_write_text, open_append
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -53,6 +53,18 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
+def open_metrics(path: Path, *, truncate: bool):
+    """`metrics.jsonl` for appending (never through a symbolic link), as a CheckpointError
+    naming the path when it cannot be opened."""
+    try:
+        return open_append(path, truncate=truncate)
+    except OSError as e:
+        from tinylm.fileio import os_error_message
+        from tinylm.train.checkpoint import CheckpointError
+
+        raise CheckpointError(os_error_message(e, path, "open the metrics file")) from None
+
+
 class RunLogger:
     """Fan-out of metrics and text to every configured sink."""
 
@@ -80,8 +92,7 @@ class RunLogger:
             truncate_metrics(metrics_path, start_step)
         # A run that starts at step 0 has no checkpoint behind it: any older lines are from
         # an attempt that never saved, so they are not this run's history.
-        mode = "a" if start_step > 0 else "w"
-        self._jsonl = open(metrics_path, mode, buffering=1)  # noqa: SIM115 (closed in close())
+        self._jsonl = open_metrics(metrics_path, truncate=start_step == 0)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -198,7 +209,7 @@ def _init_wandb(run_dir: Path, cfg: LogConfig, run_name: str, config_dict: dict[
     id_file = run_dir / "wandb_id"  # a resumed run continues the same wandb run
     # Our own id, not wandb.util.generate_id: that helper is gone from recent wandb releases.
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-    id_file.write_text(run_id)
+    atomic_write_text(id_file, run_id)
     return wandb.init(
         project=cfg.wandb_project,
         name=run_name,

@@ -111,6 +111,8 @@ class Trainer:
         # process must agree on whether to enter the collective `_save`.
         self.saved_step = -1
         self.val_loss_step = -1  # the step whose weights `state.last_val_loss` measured
+        self.diverged: str | None = None  # why, once the weights are no longer finite
+        self.finite_step = -1  # the last step whose weights were checked and found finite
         # Under torchrun one Ctrl+C arrives twice (terminal + launcher): see signals.py.
         self.stop = signals.GracefulStop(repeat_grace_s=2.0 if self.dist.enabled else 0.0)
         self.messages = [f"device: {device_reason}"]
@@ -358,6 +360,7 @@ class Trainer:
         )
         monitor.scaler = self.scaler
         monitor.log_start(state.step, self.run_dir, self.messages)
+        self.monitor = monitor
         self.validator = Validator(
             cfg,
             self.data.val,
@@ -402,6 +405,8 @@ class Trainer:
                     if reason := monitor.nonfinite_stop_reason(state.step):
                         nonfinite_stop = True
                         self.stop.request(reason)
+                    elif not self._weights_finite():
+                        nonfinite_stop = True
                 limit = cfg.train.max_time_minutes
                 time_up = bool(limit) and time.perf_counter() - run_start > 60 * limit
                 if (cfg.eval.interval and state.step % cfg.eval.interval == 0) or last_step:
@@ -434,7 +439,7 @@ class Trainer:
                     break
 
             state.elapsed_seconds = time.perf_counter() - run_start
-            stopped_early = state.step < cfg.train.max_steps
+            stopped_early = state.step < cfg.train.max_steps or self.diverged is not None
             # The model a run ends with gets its evaluation, so that `best` can be it: a time
             # limit ends a run mid-interval (a fitted schedule just before its last step), and
             # without one its decayed final weights lost to the last interval's (0.09 bits/char
@@ -446,7 +451,8 @@ class Trainer:
             # the last good state, and a save now would rotate one of them away.
             if not nonfinite_stop and self.saved_step != state.step:
                 self._save()
-        return self._finish(stopped_early, time_limit_reason or self.stop.reason, monitor)
+        reason = self.diverged or time_limit_reason or self.stop.reason
+        return self._finish(stopped_early, reason, monitor)
 
     def _step_timer(self) -> time_budget.StepTimer | None:
         t, e = self.cfg.train, self.cfg.eval
@@ -505,6 +511,8 @@ class Trainer:
         Returns True when the validation loss is a new best (the caller may save it).
         """
         cfg, state = self.cfg, self.state
+        if not self._weights_finite():  # NaN weights: no evaluation, no sample from them
+            return False
         results = self.validator.evaluate(self.eval_model, state.step)
         state.eval_pending = results is None and bool(self.validator.val)  # interrupted
         if results is None:
@@ -533,8 +541,20 @@ class Trainer:
         self.validator.print_samples(self.raw_model, state.step)
         return improved
 
+    def _weights_finite(self) -> bool:
+        """False, with the run stopped as diverged, once the weights are not finite. Checked at
+        each log interval and before every evaluation, sample and checkpoint (a collective)."""
+        if self.diverged is None and self.finite_step != self.state.step:  # once per step
+            self.diverged = self.monitor.diverged_reason(self.state.step, self.params)
+            self.finite_step = self.state.step
+            if self.diverged is not None:
+                self.stop.request(self.diverged)
+        return self.diverged is None
+
     def _save(self) -> Path | None:
         """Checkpoint the current step (collective under FSDP; the main process writes)."""
+        if not self._weights_finite():  # never a checkpoint (or a best) of NaN weights
+            return None
         model_state = distributed.model_state_dict(self.model, self.dist)
         optim_state = distributed.optimizer_state_dict(self.model, self.optimizer, self.dist)
         rng = checkpoint.numpy_rng_to_torch(runtime.capture_rng_state())
