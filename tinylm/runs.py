@@ -6,6 +6,7 @@ work on a live run, a finished one, or one copied from another machine.
 A run's status comes from the events in `metrics.jsonl` after its last "start" event:
   finished  a "done" event (reached train.max_steps)
   stopped   a "stopped" event (signal, early stopping, time limit, non-finite losses)
+  pruned    a "pruned" event (a sweep stopped it as losing: tinylm/sweep/runner.py)
   failed    a "failed" event (an exception), or no end event and the process is gone
             (killed, out of memory, machine lost)
   running   no end event and the process is alive: checked by pid on the machine that
@@ -26,7 +27,7 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"  # the name sinks.py writes (not imported: keeps `--help` instant)
 STALE_MINUTES = 15.0  # another machine's run with no metrics line for this long is called failed
-END_EVENTS = {"done": "finished", "stopped": "stopped", "failed": "failed"}
+END_EVENTS = {"done": "finished", "stopped": "stopped", "failed": "failed", "pruned": "pruned"}
 PLOT_FORMATS = (".png", ".svg", ".pdf")  # what `plot --out` may end with
 
 

@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tinylm.serve import completions, dashboard
+from tinylm.serve import completions, dashboard, sweep_page
 from tinylm.serve.protocol import ApiError, error_body, validation_message
 from tinylm.serve.registry import DEFAULT_MAX_MODELS, ModelRegistry
 
@@ -123,6 +123,8 @@ def create_app(settings: ServeSettings, registry: ModelRegistry | None = None) -
     keyed = [Depends(_require_key)]
     app.include_router(completions.router, dependencies=keyed)
     app.include_router(dashboard.router, dependencies=keyed)
+    app.include_router(sweep_page.api_router, dependencies=keyed)
+    app.include_router(sweep_page.page_router)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, e: ApiError) -> JSONResponse:

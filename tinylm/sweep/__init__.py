@@ -1,7 +1,9 @@
-"""`tinylm sweep`: a grid or random search over config values, one normal run per point.
+"""`tinylm sweep`: an Optuna study over config values, one normal run per trial.
 
-plan.py    the sweep's points, budgets, run names and its manifest (sweep.json)
-runner.py  runs them one after another or K at once, resumably, abandoning diverging runs
-report.py  the final table (sorted by best validation loss) and the comparison plot
+space.py   axes from overrides (log/uniform/int ranges, choices, comma grids)
+plan.py    the sweep's identity, per-trial budgets and overrides, run names, sweep.json
+study.py   the Optuna study: claiming trials, adopting a killed sweep's trials, reporting
+runner.py  trials as child `tinylm train` processes (K at once), pruning, divergence
+report.py  the table sorted by best bits/byte, best.yaml, curves and Optuna's plots
 cli.py     the `tinylm sweep` command
 """

@@ -1,100 +1,49 @@
-"""What a sweep runs: axes from `key=v1,v2` overrides, the grid or a seeded random sample of it,
-the equal budget each run gets, run names, and the manifest that makes a sweep resumable.
+"""What a sweep is: its preset, search space, fixed overrides, per-trial budget, sampler and
+pruner; the name and overrides of each trial's run; and the manifest that identifies the sweep.
 
-An override whose value has a comma outside brackets is an axis (`optim.lr=1e-3,2e-3`); the
-others are fixed for every run (`train.batch_size=16`, `model.d_ff=[1, 2]` is one value). Each
-point of the grid is a normal run directory `OUT/<NN>-<leaf><value>...` (`00-lr0.001-d_model128`).
+Budgets make trials comparable: `steps` sets train.max_steps; `tokens` sets train.max_steps to
+ceil(tokens / tokens per step) of each trial's own config (so a batch-size axis sees equal
+tokens); `minutes` sets train.max_time_minutes and train.fit_steps_to_time (each run times its
+first steps and fits its step count, so its LR schedule ends when its time does).
 
-Budgets make runs comparable: `steps` sets train.max_steps; `tokens` sets train.max_steps to
-ceil(tokens / tokens per step) of each run's own config (so a batch-size axis sees equal tokens);
-`minutes` sets train.max_time_minutes and train.fit_steps_to_time (each run times its first steps
-and fits its step count, so its LR schedule ends when its time does: train/time_budget.py).
-
-`sweep.json` (written atomically) holds the plan and each run's status. Re-running the same command
-finds it (the default directory is named after a hash of the plan) and continues; a different plan
-in the same directory is refused, naming what differs.
+`sweep.json` (written atomically once, when the sweep is created) holds the sweep's identity and
+where its study lives; the trials themselves live in the Optuna study (`study.db`). Re-running
+the same command finds the manifest (the default directory is named after a hash of the
+identity) and continues the study; a different sweep in the same directory is refused, naming
+what differs. Everything read back (the manifest, run names stored in the study) is checked
+before use: a run name is one plain directory name inside the sweep, never a path.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
-import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinylm.config import ConfigError, load_config, parse_override, resolve_preset
-from tinylm.fileio import atomic_write_text
+from tinylm.config import ConfigError, load_config, resolve_preset
+from tinylm.fileio import atomic_write_text, confined
+from tinylm.sweep.space import Axis, axes_identity, grid_size, parse_space
 
 MANIFEST = "sweep.json"
 FORMAT = "tinylm-sweep"
+VERSION = 2
 BUDGET_KINDS = ("steps", "tokens", "minutes")
-# Statuses a run can have in the manifest; the first two are final (a re-run skips them).
-FINISHED, ABANDONED, PENDING, FAILED = "finished", "abandoned", "pending", "failed"
-
-
-def split_values(raw: str) -> list[str]:
-    """`a,b,[c, d]` -> ['a', 'b', '[c, d]']: commas inside brackets or braces do not split."""
-    parts, depth, current = [], 0, ""
-    for char in raw:
-        if char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        if char == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += char
-    parts.append(current.strip())
-    return parts
-
-
-def parse_axes(overrides: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """Split overrides into axes (key -> raw values, in the order given) and fixed overrides."""
-    axes: dict[str, list[str]] = {}
-    fixed: list[str] = []
-    for text in overrides:
-        parse_override(text)  # the form `section.key=value`, or a ConfigError saying so
-        key, raw = (s.strip() for s in text.split("=", 1))
-        values = split_values(raw)
-        if len(values) == 1:
-            fixed.append(f"{key}={raw}")
-            continue
-        if key in axes:
-            raise ConfigError(f"sweep axis '{key}' is given twice; list all its values once")
-        if any(v == "" for v in values) or len(set(values)) < len(values):
-            raise ConfigError(f"sweep axis '{key}={raw}': values must be non-empty and distinct")
-        axes[key] = values
-    fixed_keys = {f.split("=", 1)[0] for f in fixed}
-    if both := fixed_keys & set(axes):
-        raise ConfigError(f"'{sorted(both)[0]}' is both a sweep axis and a fixed override")
-    return axes, fixed
-
-
-def expand_grid(axes: dict[str, list[str]]) -> list[dict[str, str]]:
-    """Every combination, the first axis varying slowest: [{key: raw value, ...}, ...]."""
-    keys = list(axes)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes.values())]
-
-
-def sample_points(grid: list[dict[str, str]], n: int, seed: int) -> list[dict[str, str]]:
-    """`n` distinct grid points drawn with `seed` (the whole grid when n >= its size), in grid order."""
-    if n <= 0 or n >= len(grid):
-        return list(grid)
-    picked = random.Random(seed).sample(range(len(grid)), n)
-    return [grid[i] for i in sorted(picked)]
-
-
-def run_name(index: int, point: dict[str, str]) -> str:
-    """`03-lr0.002-d_model192`: the index keeps names unique and sorted in plan order."""
-    parts = [f"{key.rsplit('.', 1)[-1]}{value}" for key, value in point.items()]
-    name = "-".join([f"{index:02d}", *parts])
-    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)[:120]
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+# Statuses of a trial in tables and summary.json.
+FINISHED, PRUNED, ABANDONED, FAILED, RUNNING, PENDING = (
+    "finished",
+    "pruned",
+    "abandoned",
+    "failed",
+    "running",
+    "pending",
+)
+_NAME_OK = re.compile(r"^[A-Za-z0-9._=+-]{1,160}$")
 
 
 @dataclass
@@ -102,7 +51,7 @@ class Budget:
     kind: str | None = None  # steps | tokens | minutes | None (the preset's own max_steps)
     value: float = 0.0
 
-    def overrides(self, cfg) -> list[str]:
+    def overrides(self, cfg: Any) -> list[str]:
         """The train.* overrides that give the run `cfg` this budget."""
         if self.kind == "steps":
             return [f"train.max_steps={int(self.value)}"]
@@ -116,113 +65,184 @@ class Budget:
 
 
 @dataclass
-class PlannedRun:
-    name: str
-    params: dict[str, str]  # axis key -> raw value
-    overrides: list[str]  # everything passed to `tinylm train PRESET ...` (not out_dir/run_name)
-    status: str = PENDING
-    reason: str = ""
+class SweepSpec:
+    """A sweep's identity: two commands with equal specs are the same sweep."""
 
-
-@dataclass
-class SweepPlan:
     preset: str
-    axes: dict[str, list[str]]
+    axes: list[Axis]
     fixed: list[str]
-    random: int = 0
-    seed: int = 0
     budget: Budget = field(default_factory=Budget)
-    runs: list[PlannedRun] = field(default_factory=list)
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seed: int = 0
 
     def identity(self) -> dict[str, Any]:
-        """What makes two invocations the same sweep (statuses and run details excluded)."""
         return {
             "preset": self.preset,
-            "axes": self.axes,
+            "axes": axes_identity(self.axes),
             "fixed": self.fixed,
-            "random": self.random,
-            "seed": self.seed,
             "budget": asdict(self.budget),
+            "sampler": self.sampler,
+            "pruner": self.pruner,
+            "seed": self.seed,
         }
 
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+
     def default_dir(self) -> Path:
-        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
-        return Path("sweeps") / f"{Path(self.preset).stem}-{digest[:8]}"
+        return Path("sweeps") / f"{Path(self.preset).stem}-{self.digest()}"
+
+    def study_name(self) -> str:
+        """One name per sweep, so that a shared `--storage` database can hold many sweeps."""
+        return f"tinylm-{Path(self.preset).stem}-{self.digest()}"
+
+    def trial_overrides(self, params: dict[str, str]) -> list[str]:
+        """Everything passed to `tinylm train PRESET ...` for a trial (not out_dir/run_name)."""
+        base = self.fixed + [f"{a.key}={params[a.key]}" for a in self.axes]
+        return base + self.budget.overrides(load_config(self.preset, base))
 
 
-def build_plan(
+def build_spec(
     preset: str,
     overrides: list[str],
     *,
-    random_samples: int = 0,
-    seed: int = 0,
     budget: Budget | None = None,
-) -> SweepPlan:
-    """The runs of a sweep, each config loaded and validated now (errors name the run)."""
+    sampler: str | None = None,
+    pruner: str = "median",
+    seed: int = 0,
+) -> SweepSpec:
+    """The sweep `tinylm sweep PRESET OVERRIDES...` describes, its configs checked now.
+
+    `sampler=None` picks grid when every axis is a list of values, else TPE. Each axis value (list
+    values and both ends of a range) is loaded with the other axes at their first value, so a
+    config that cannot exist is refused before any training, naming the axis value.
+    """
     resolve_preset(preset)
     budget = budget or Budget()
-    if budget.kind is not None and (budget.kind not in BUDGET_KINDS or budget.value <= 0):
+    if budget.kind is not None and (
+        budget.kind not in BUDGET_KINDS or not 0 < budget.value < math.inf
+    ):
         raise ConfigError(
             f"sweep budget: {budget.kind}={budget.value} must be a positive number of "
             f"{' / '.join(BUDGET_KINDS)}"
         )
-    axes, fixed = parse_axes(overrides)
+    axes, fixed = parse_space(overrides)
     if not axes:
         raise ConfigError(
-            "a sweep needs at least one axis: key=v1,v2 (e.g. optim.lr=1e-3,2e-3,4e-3)"
+            "a sweep needs at least one axis: key=v1,v2, key=log:a..b, key=int:a..b or "
+            "key=choice:a,b (e.g. optim.lr=log:1e-4..1e-2)"
         )
-    if random_samples < 0:
-        raise ConfigError(f"--random must be >= 0, got {random_samples}")
-    points = sample_points(expand_grid(axes), random_samples, seed)
-    plan = SweepPlan(preset, axes, fixed, random_samples, seed, budget)
-    for index, point in enumerate(points):
-        name = run_name(index, point)
-        base = fixed + [f"{k}={v}" for k, v in point.items()]
-        try:
-            cfg = load_config(preset, base)
-            extra = budget.overrides(cfg)
-            load_config(preset, base + extra)
-        except ConfigError as e:
-            raise ConfigError(f"sweep run {name}: {e}") from None
-        plan.runs.append(PlannedRun(name, point, base + extra))
-    return plan
+    if sampler is None:
+        sampler = "grid" if all(a.kind in ("grid", "choice") for a in axes) else "tpe"
+    if sampler not in SAMPLERS or pruner not in PRUNERS:
+        raise ConfigError(f"--sampler is one of {SAMPLERS}, --pruner one of {PRUNERS}")
+    spec = SweepSpec(preset, axes, fixed, budget, sampler, pruner, seed)
+    if sampler == "grid":
+        from tinylm.sweep.space import grid_space
+
+        grid_space(axes)  # ranges refused here
+    first = {a.key: axis_ends(a)[0] for a in axes}
+    for axis in axes:
+        for value in axis_ends(axis):
+            params = {**first, axis.key: value}
+            try:
+                load_config(preset, spec.trial_overrides(params))
+            except ConfigError as e:
+                raise ConfigError(f"sweep value {axis.key}={value}: {e}") from None
+    return spec
 
 
-def save_manifest(plan: SweepPlan, out_dir: Path) -> None:
-    """Write `out_dir/sweep.json` atomically (a copy renamed over the old one)."""
+def axis_ends(axis: Axis) -> list[str]:
+    if axis.kind in ("grid", "choice"):
+        return list(axis.values)
+    if axis.kind == "int":
+        return [str(int(axis.low)), str(int(axis.high))]
+    return [repr(axis.low), repr(axis.high)]
+
+
+def default_trials(spec: SweepSpec, trials: int | None) -> int:
+    """How many trials the study runs: `--trials`, or the whole grid for the grid sampler."""
+    size = grid_size(spec.axes)
+    if spec.sampler == "grid":
+        return size if trials is None else min(trials, size)
+    if trials is None:
+        raise ConfigError(f"--sampler {spec.sampler} needs --trials N (how many runs to try)")
+    return trials
+
+
+def run_name(number: int, spec: SweepSpec, params: dict[str, str]) -> str:
+    """`t003-lr0.00123-d_model128`: the trial number keeps names unique and in trial order."""
+    parts = []
+    for axis in spec.axes:
+        value = params[axis.key]
+        if axis.kind == "float":
+            value = f"{float(value):.3g}"
+        parts.append(f"{axis.key.rsplit('.', 1)[-1]}{value}")
+    name = "-".join([f"t{number:03d}", *parts])
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)[:120]
+
+
+def run_dir(out_dir: Path, name: object, source: str) -> Path:
+    """`out_dir/name` for a run name read from `source`, refused unless it is one plain name."""
+    path = confined(out_dir, name, source, ConfigError)
+    if not _NAME_OK.match(str(name)):
+        raise ConfigError(
+            f"{source}: run name {name!r} is not a sweep run name (letters, digits, ._=+-); "
+            "the study was edited or is not tinylm's"
+        )
+    return path
+
+
+def save_manifest(spec: SweepSpec, out_dir: Path, storage: str) -> None:
+    """Write `out_dir/sweep.json` (atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = {"format": FORMAT, "version": 1, **asdict(plan)}
+    data = {
+        "format": FORMAT,
+        "version": VERSION,
+        "study": spec.study_name(),
+        "storage": storage,
+        "identity": spec.identity(),
+    }
     atomic_write_text(out_dir / MANIFEST, json.dumps(data, indent=1))
 
 
-def load_manifest(out_dir: Path) -> SweepPlan | None:
-    """The plan saved in `out_dir`, or None when there is none."""
+def load_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest saved in `out_dir` (checked), or None when there is none."""
     path = out_dir / MANIFEST
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); move it away to start over") from None
-    if data.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a tinylm sweep manifest")
-    runs = [PlannedRun(**r) for r in data.pop("runs")]
-    budget = Budget(**data.pop("budget"))
-    for key in ("format", "version"):
-        data.pop(key)
-    return SweepPlan(**data, budget=budget, runs=runs)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(
+            f"{path} is not readable JSON ({e}); move it away to start over"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a tinylm sweep manifest; choose another --out")
+    if data.get("version") != VERSION:
+        raise ConfigError(
+            f"{path} was written by another version of tinylm sweep (format "
+            f"{data.get('version')!r}, this one reads {VERSION}); choose another --out"
+        )
+    ok = (
+        isinstance(data.get("identity"), dict)
+        and isinstance(data.get("study"), str)
+        and isinstance(data.get("storage"), str)
+    )
+    if not ok:
+        raise ConfigError(f"{path}: missing or malformed fields; move it away to start over")
+    return data
 
 
-def reconcile(plan: SweepPlan, saved: SweepPlan | None, out_dir: Path) -> SweepPlan:
-    """The plan to run: `plan` with the statuses from `saved` (the same sweep, resumed)."""
+def check_same_sweep(spec: SweepSpec, saved: dict[str, Any] | None, out_dir: Path) -> None:
+    """Refuse to continue a different sweep in `out_dir` (naming what differs)."""
     if saved is None:
-        return plan
-    new, old = plan.identity(), saved.identity()
+        return
+    new, old = spec.identity(), saved["identity"]
     if new != old:
-        diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if new[k] != old[k]]
+        diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if new[k] != old.get(k)]
         raise ConfigError(
             f"{out_dir} holds a different sweep ({'; '.join(diffs)}); re-run the original "
             "command to continue it, or choose another --out"
         )
-    plan.runs = saved.runs
-    return plan

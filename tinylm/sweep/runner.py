@@ -1,22 +1,29 @@
-"""Running a sweep: each run a child `tinylm train` process, one after another or K at once.
+"""Running a sweep's trials: each a child `tinylm train` process, one after another or K at once.
+
+The sweep never imports the trainer. A child trains in its own session into a normal run
+directory; the sweep watches its `metrics.jsonl`: each new evaluation is reported to the study
+(study.py) and, when the pruner says the trial is losing, the child is sent SIGTERM: it finishes
+its step, writes a checkpoint and stops like any stopped run; the sweep then appends a `pruned`
+event to its `metrics.jsonl` (after the child has exited, so lines never interleave), which
+`tinylm runs` and the dashboard show as the run's status.
 
 Children run in their own session, so a terminal's Ctrl+C reaches only the sweep, which forwards
 exactly one SIGINT to each running child (the trainer reads a second signal as "exit now"): each
-finishes its step, writes a checkpoint and exits; the sweep records it as pending and exits 130.
-Re-running the same sweep skips finished and abandoned runs and resumes pending ones through the
-trainer's own `--resume`, which continues from the checkpoint bit for bit.
+checkpoints and exits, its trial stays RUNNING in the study, and the sweep exits 130. Re-running
+the same command adopts those trials (their owner is gone) and resumes them from their
+checkpoints through the trainer's own `--resume`, which continues bit for bit.
 
 With `--parallel K` each child gets `cpu_count // K` torch threads (OMP_NUM_THREADS), so K runs
 share the cores instead of oversubscribing them.
 
-Early abandonment: while runs train, the sweep reads their `metrics.jsonl`. A run whose logged
-train loss is non-finite, or (once `after` of its steps are done) more than `factor` times the best
-loss any other run had by the same step, is sent SIGTERM: it checkpoints and stops, and is
-recorded as abandoned with the reason.
+Divergence: independently of the pruner, a run whose logged train loss is non-finite, or (once
+`after` of its steps are done) more than `factor` times the best loss any other trial had by the
+same step, is stopped and pruned with that reason.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -30,42 +37,28 @@ from typing import IO
 
 from tinylm.config import load_config
 from tinylm.fileio import open_append
-from tinylm.runs import METRICS_FILE, metric_number, read_metrics, run_status
-from tinylm.sweep.plan import (
-    ABANDONED,
-    FAILED,
-    FINISHED,
-    PENDING,
-    PlannedRun,
-    SweepPlan,
-    save_manifest,
-)
+from tinylm.runs import METRICS_FILE, metric_number, read_metrics
+from tinylm.sweep.plan import FAILED, FINISHED, PENDING, PRUNED, SweepSpec, run_dir
+from tinylm.sweep.study import HEARTBEAT_SECONDS, STOP_WAIT_SECONDS, SweepStudy, Ticket, objective
 
-RUNNING = "running"
-STOP_WAIT_SECONDS = 600  # a stopping child finishes its step and checkpoint; then it is killed
 Curve = list[tuple[int, float]]  # (step, train loss) as logged
 
 
 @dataclass
 class Divergence:
-    """When a run is abandoned (module docstring)."""
+    """When a run is stopped as diverging (module docstring)."""
 
     factor: float = 2.0  # loss above factor x the best run's at the same step; 0 = off
     after: float = 0.2  # ... checked once this fraction of the run's max_steps is done
 
 
-def loss_curve(run_dir: Path) -> Curve:
+def loss_curve(records: list[dict]) -> Curve:
     """The run's logged (step, train loss) pairs; NaN/inf stay as floats."""
-    if not (run_dir / METRICS_FILE).is_file():
-        return []
-    out = []
-    for record in read_metrics(run_dir):
-        if (
-            record.get("kind") == "train"
-            and (loss := metric_number(record.get("loss"))) is not None
-        ):
-            out.append((int(record["step"]), loss))
-    return out
+    return [
+        (int(r["step"]), loss)
+        for r in records
+        if r.get("kind") == "train" and (loss := metric_number(r.get("loss"))) is not None
+    ]
 
 
 def loss_at(curve: Curve, step: int) -> float | None:
@@ -79,7 +72,7 @@ def loss_at(curve: Curve, step: int) -> float | None:
 def divergence_reason(
     curve: Curve, others: list[Curve], max_steps: int, rule: Divergence
 ) -> str | None:
-    """Why the run with `curve` should be abandoned now, or None to let it go on."""
+    """Why the run with `curve` should be stopped as diverging now, or None to let it go on."""
     if not curve:
         return None
     step, loss = curve[-1]
@@ -91,11 +84,13 @@ def divergence_reason(
     if not refs or loss <= rule.factor * min(refs):
         return None
     best = min(refs)
-    return f"loss {loss:.3f} at step {step} is {loss / best:.1f}x the best run's {best:.3f}"
+    return (
+        f"diverging: loss {loss:.3f} at step {step} is {loss / best:.1f}x the best run's {best:.3f}"
+    )
 
 
 def outcome(records: list[dict], exit_code: int) -> tuple[str, str]:
-    """(status, reason) of a child that exited, from its events after the last start."""
+    """(status, reason) of a run whose trainer exited, from its events after the last start."""
     events = [r for r in records if r.get("kind") == "event"]
     starts = [i for i, r in enumerate(events) if r.get("event") == "start"]
     tail = events[starts[-1] + 1 :] if starts else []
@@ -103,161 +98,201 @@ def outcome(records: list[dict], exit_code: int) -> tuple[str, str]:
         kind, reason = record.get("event"), str(record.get("reason", ""))
         if kind == "done":
             return FINISHED, "reached train.max_steps"
+        if kind == "pruned":
+            return PRUNED, reason
         if kind == "stopped":
             if reason.startswith(("time limit", "early stopping")):
                 return FINISHED, reason  # the budget (or early stopping) ended it: complete
             if "non-finite" in reason:
-                return ABANDONED, reason
+                return PRUNED, reason
             return PENDING, f"stopped ({reason}); re-run the sweep to resume"
         if kind == "failed":
             return FAILED, str(record.get("message", "failed"))
     return FAILED, f"exit code {exit_code} before any end event"
 
 
+def append_event(path: Path, event: str, step: int, reason: str) -> None:
+    """Append one event line to a run's metrics.jsonl (its trainer has exited)."""
+    record = {
+        "kind": "event",
+        "time": round(time.time(), 3),
+        "message": f"{event} at step {step}: {reason}",
+        "event": event,
+        "reason": reason,
+        "step": step,
+    }
+    fd = os.open(path / METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class Child:
-    run: PlannedRun
+    ticket: Ticket
     proc: subprocess.Popen
     log: IO[str]
     run_dir: Path
     max_steps: int
-    abandon_reason: str = ""
+    stop_reason: str = ""  # pruned / diverging: why the sweep stopped it
     interrupted: bool = False
     evals_seen: int = 0
+    beat: float = 0.0
 
 
 class SweepRunner:
-    """Runs a plan's unfinished runs; `run()` returns "done" or "interrupted"."""
+    """Works the study's trials until none is left; `run()` returns "done" or "interrupted"."""
 
     def __init__(
         self,
-        plan: SweepPlan,
+        spec: SweepSpec,
+        study: SweepStudy,
         out_dir: Path,
         *,
         parallel: int = 1,
         divergence: Divergence | None = None,
         poll_seconds: float = 0.5,
         say: Callable[[str], None] = print,
+        after_trial: Callable[[], object] | None = None,
     ) -> None:
-        self.plan, self.out_dir, self.parallel = plan, Path(out_dir).resolve(), parallel
+        self.spec, self.study, self.out_dir = spec, study, Path(out_dir).resolve()
+        self.after_trial = after_trial  # e.g. rewrite summary.json for the dashboard
+        self.parallel = parallel
         self.divergence = divergence or Divergence()
         self.poll_seconds, self.say = poll_seconds, say
-        self.curves: dict[str, Curve] = {}  # finished runs' curves, read once
+        self.curves: dict[str, Curve] = {}  # ended trials' curves, read once
 
     def run(self) -> str:
-        todo = [r for r in self.plan.runs if r.status not in (FINISHED, ABANDONED)]
-        for run in todo:
-            self._refuse_live(run)
         active: list[Child] = []
         # Both installed explicitly: a SIGINT ignored by whoever started us (inherited SIG_IGN)
         # would otherwise make Ctrl+C do nothing at all.
         previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while todo or active:
-                while todo and len(active) < self.parallel:
-                    active.append(self._start(todo.pop(0)))
+            more = True
+            while True:
+                while more and len(active) < self.parallel:
+                    ticket = self.study.claim({c.ticket.number for c in active})
+                    if ticket is None:
+                        more = False
+                        break
+                    active.append(self._start(ticket))
+                if not active:
+                    return "done"
                 time.sleep(self.poll_seconds)
                 for child in list(active):
-                    self._watch(child, active)
+                    self._watch(child)
                     if child.proc.poll() is not None:
                         self._finish(child)
                         active.remove(child)
-            return "done"
+                        more = True  # a re-queued trial may be waiting
         except KeyboardInterrupt:
             self._stop_all(active)
             return "interrupted"
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            save_manifest(self.plan, self.out_dir)
 
     # ------------------------------------------------------------------ one child
 
-    def _refuse_live(self, run: PlannedRun) -> None:
-        """A run still trained by a process of an earlier sweep (killed hard) is not started twice."""
-        from tinylm.config import ConfigError
-
-        run_dir = self.out_dir / run.name
-        if run.status == RUNNING and (run_dir / METRICS_FILE).is_file():
-            mtime = (run_dir / METRICS_FILE).stat().st_mtime
-            if run_status(read_metrics(run_dir), mtime) == "running":
-                raise ConfigError(
-                    f"{run_dir} is still being trained by an earlier sweep's process; wait for "
-                    "it to finish or stop it, then re-run the sweep"
-                )
-
-    def _command(self, run: PlannedRun, run_dir: Path) -> tuple[list[str], bool]:
+    def _command(self, ticket: Ticket, path: Path) -> tuple[list[str], bool]:
         from tinylm.train.checkpoint import find_latest
 
         base = [sys.executable, "-m", "tinylm.cli", "train"]
-        if find_latest(run_dir / "checkpoints", verify_hashes=False) is not None:
-            return [*base, "--resume", str(run_dir)], True
-        own = [f"out_dir={self.out_dir}", f"run_name={run.name}", "log.progress=false"]
-        return [*base, self.plan.preset, *run.overrides, *own], False
+        if find_latest(path / "checkpoints", verify_hashes=False) is not None:
+            return [*base, "--resume", str(path)], True
+        overrides = self.spec.trial_overrides(ticket.params)
+        own = [f"out_dir={self.out_dir}", f"run_name={ticket.run}", "log.progress=false"]
+        return [*base, self.spec.preset, *overrides, *own], False
 
-    def _start(self, run: PlannedRun) -> Child:
-        run_dir = self.out_dir / run.name
-        cmd, resuming = self._command(run, run_dir)
+    def _start(self, ticket: Ticket) -> Child:
+        path = run_dir(self.out_dir, ticket.run, f"study trial {ticket.number}")
+        cmd, resuming = self._command(ticket, path)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.parallel > 1:
             threads = str(max(1, (os.cpu_count() or 1) // self.parallel))
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         logs = self.out_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log = open_append(logs / f"{run.name}.log")  # closed in _finish; never through a link
+        log = open_append(logs / f"{ticket.run}.log")  # closed in _finish; never through a link
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-        run.status, run.reason = RUNNING, ""
-        save_manifest(self.plan, self.out_dir)
-        index = self.plan.runs.index(run) + 1
         verb = "resuming" if resuming else "starting"
-        self.say(f"sweep [{index}/{len(self.plan.runs)}] {verb} {run.name} (log: {log.name})")
-        max_steps = load_config(self.plan.preset, run.overrides).train.max_steps
-        return Child(run, proc, log, run_dir, max_steps)
+        params = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in ticket.params.items())
+        self.say(f"sweep trial {ticket.number}: {verb} {ticket.run} ({params}; log: {log.name})")
+        max_steps = load_config(self.spec.preset, self.spec.trial_overrides(ticket.params))
+        return Child(ticket, proc, log, path, max_steps.train.max_steps, beat=time.monotonic())
 
-    def _watch(self, child: Child, active: list[Child]) -> None:
-        """Report new evaluations; abandon the run if it diverges."""
-        if child.abandon_reason or child.interrupted:
+    def _watch(self, child: Child) -> None:
+        """Report new evaluations; stop the run when it is pruned or diverges."""
+        if child.stop_reason or child.interrupted:
             return
-        curve = loss_curve(child.run_dir)
-        evals = _evals(child.run_dir)
-        for record in evals[child.evals_seen :]:
-            self.say(f"  {child.run.name} step {record['step']}: val loss {record['val/loss']:.4f}")
-        child.evals_seen = len(evals)
-        others = [self._curve(r) for r in self.plan.runs if r.name != child.run.name]
-        reason = divergence_reason(curve, others, child.max_steps, self.divergence)
+        if time.monotonic() - child.beat > HEARTBEAT_SECONDS:
+            self.study.heartbeat(child.ticket)
+            child.beat = time.monotonic()
+        if not (child.run_dir / METRICS_FILE).is_file():
+            return
+        records = read_metrics(child.run_dir)
+        for record in records:  # fit_steps_to_time: the step count the run fitted
+            if record.get("event") == "start" and isinstance(record.get("max_steps"), int):
+                child.max_steps = record["max_steps"]
+        _, points = objective(records)
+        for step, value in points[child.evals_seen :]:
+            self.say(f"  {child.ticket.run} step {step}: {value:.4f}")
+        child.evals_seen = len(points)
+        reason = None
+        if self.study.report(child.ticket, points, child.max_steps):
+            reason = f"pruned by the {self.spec.pruner} pruner after step {points[-1][0]}"
+        else:
+            others = [
+                self._curve(t) for t in self.study.trials() if t.number != child.ticket.number
+            ]
+            reason = divergence_reason(
+                loss_curve(records), others, child.max_steps, self.divergence
+            )
         if reason:
-            child.abandon_reason = reason
-            self.say(f"  {child.run.name}: abandoning, {reason}")
+            child.stop_reason = reason
+            self.say(f"  {child.ticket.run}: stopping, {reason}")
             child.proc.send_signal(signal.SIGTERM)  # it checkpoints and stops (signals.py)
 
-    def _curve(self, run: PlannedRun) -> Curve:
-        if run.name in self.curves:
-            return self.curves[run.name]
-        curve = loss_curve(self.out_dir / run.name)
-        if run.status in (FINISHED, ABANDONED):
-            self.curves[run.name] = curve
+    def _curve(self, frozen) -> Curve:
+        name = frozen.user_attrs.get("run")
+        if not isinstance(name, str):
+            return []
+        if name in self.curves:
+            return self.curves[name]
+        path = run_dir(self.out_dir, name, f"study trial {frozen.number}")
+        curve = loss_curve(read_metrics(path)) if (path / METRICS_FILE).is_file() else []
+        if frozen.state.is_finished():
+            self.curves[name] = curve
         return curve
 
     def _finish(self, child: Child) -> None:
         child.log.close()
-        records = read_metrics(child.run_dir) if (child.run_dir / METRICS_FILE).is_file() else []
+        path = child.run_dir
+        records = read_metrics(path) if (path / METRICS_FILE).is_file() else []
         status, reason = outcome(records, child.proc.returncode)
-        if child.abandon_reason:
-            status, reason = ABANDONED, child.abandon_reason
-        elif child.interrupted and status != FINISHED:
-            status, reason = PENDING, "interrupted; re-run the sweep to resume"
+        if child.stop_reason and status != FINISHED:
+            status, reason = PRUNED, child.stop_reason
+            step = max((int(r["step"]) for r in records if "step" in r), default=0)
+            append_event(path, "pruned", step, reason)
+        elif child.interrupted and status not in (FINISHED, FAILED):
+            self.say(f"  {child.ticket.run}: interrupted; re-run the sweep to resume it")
+            return  # the trial stays RUNNING: the next sweep adopts and resumes it
+        if status == PENDING:  # stopped from outside (not by us): resumable, not finished
+            status = FAILED
         if status == FAILED:
             reason += f" (see {child.log.name})"
-        child.run.status, child.run.reason = status, reason
-        save_manifest(self.plan, self.out_dir)
-        self.say(f"  {child.run.name}: {status}" + (f" ({reason})" if reason else ""))
+        self.study.finish(child.ticket, status, reason)
+        self.say(f"  {child.ticket.run}: {status}" + (f" ({reason})" if reason else ""))
+        if self.after_trial is not None:
+            self.after_trial()
 
     def _stop_all(self, active: list[Child]) -> None:
         """Ctrl+C: every child checkpoints and stops; a second Ctrl+C makes them exit at once."""
         if active:
-            self.say("sweep: stopping (the running runs finish their step and checkpoint)...")
+            self.say("sweep: stopping (the running trials finish their step and checkpoint)...")
         for child in active:
             child.interrupted = True
             child.proc.send_signal(signal.SIGINT)
@@ -271,16 +306,6 @@ class SweepRunner:
                 child.proc.kill()
                 child.proc.wait()
             self._finish(child)
-
-
-def _evals(run_dir: Path) -> list[dict]:
-    if not (run_dir / METRICS_FILE).is_file():
-        return []
-    return [
-        r
-        for r in read_metrics(run_dir)
-        if r.get("kind") == "eval" and metric_number(r.get("val/loss")) is not None
-    ]
 
 
 def _interrupt(signum: int, frame: object) -> None:

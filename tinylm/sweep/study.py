@@ -1,0 +1,327 @@
+"""The sweep's Optuna study: which trial runs next, what each reports, and how it ended.
+
+The study (SQLite at `<sweep>/study.db` by default, any SQLAlchemy URL with `--storage`) is the
+one record of the trials: several sweep processes, on one machine or several, work the same
+study, each asking it for the next trial. A trial's user attributes hold its run name, its
+parameters as override text, and its owner (sweep PID, host, start time, last heartbeat).
+
+Claiming a trial happens under a file lock in the sweep directory (`.claim.lock`), so that two
+processes on one machine never both adopt one orphan nor both ask for the last trial. A RUNNING
+trial whose owner is gone (its PID is dead on this host, or no heartbeat for `STALE_SECONDS`
+elsewhere) is an orphan of a killed sweep. It is adopted: a trainer still running in its run
+directory is stopped (it checkpoints), then the run's own events decide: finished -> told
+COMPLETE; stopped with a checkpoint -> resumed from it as the same trial; no checkpoint -> told
+FAIL and re-queued with the same parameters (a new trial; the failed one is not counted).
+So a killed study loses no trial and counts none twice.
+
+The objective is the best validation bits per byte of the run (tokenizer-independent), or the
+best validation loss when the run logs no bits per byte; the same number is reported at each
+evaluation for pruning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import socket
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tinylm.config import ConfigError
+from tinylm.runs import METRICS_FILE, metric_number, read_metrics
+from tinylm.sweep.plan import (
+    ABANDONED,
+    FINISHED,
+    PRUNED,
+    SweepSpec,
+    run_dir,
+    run_name,
+)
+
+STALE_SECONDS = 300.0  # another host's trial with no heartbeat for this long is an orphan
+HEARTBEAT_SECONDS = 30.0
+STOP_WAIT_SECONDS = 600.0  # an orphaned trainer told to stop gets this long to checkpoint
+CLAIM_LOCK = ".claim.lock"
+
+
+def objective(records: list[dict[str, Any]]) -> tuple[float | None, list[tuple[int, float]]]:
+    """(best value, [(step, value) per evaluation]) of a run's eval records."""
+    evals = [r for r in records if r.get("kind") == "eval" and "step" in r]
+    key = "val/bits_per_byte" if any("val/bits_per_byte" in r for r in evals) else "val/loss"
+    points = [
+        (int(r["step"]), v)
+        for r in evals
+        if (v := metric_number(r.get(key))) is not None and math.isfinite(v)
+    ]
+    return (min(v for _, v in points) if points else None), points
+
+
+def default_storage(out_dir: Path) -> str:
+    return f"sqlite:///{out_dir.resolve() / 'study.db'}"
+
+
+@contextlib.contextmanager
+def claim_lock(out_dir: Path) -> Iterator[None]:
+    """Exclusive flock on `out_dir/.claim.lock` for a short critical section."""
+    import fcntl
+
+    fd = os.open(out_dir / CLAIM_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _owner() -> dict[str, Any]:
+    import psutil
+
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": psutil.Process().create_time(),
+    }
+
+
+def _alive_here(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, OverflowError):
+        return False
+
+
+def trainer_pid(path: Path) -> int | None:
+    """The PID of a live `tinylm train` holding `path/.lock`, or None when nobody holds it."""
+    import fcntl
+
+    from tinylm.locks import LOCK_FILE, read_holder
+
+    lock = path / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = read_holder(lock).get("pid")
+        return pid if isinstance(pid, int) else -1
+    finally:
+        os.close(fd)
+    return None
+
+
+def _grid_sampler(base: type) -> type:
+    """Optuna's GridSampler without its `study.stop()` when the grid is used up: that works
+    only inside `study.optimize`, and the sweep counts its trials itself (`--trials`)."""
+
+    class GridSampler(base):  # type: ignore[misc, valid-type]
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            return None
+
+    return GridSampler
+
+
+@dataclass
+class Ticket:
+    """A trial this process runs."""
+
+    number: int
+    trial: Any  # optuna.trial.Trial
+    params: dict[str, str]
+    run: str
+    resume: bool = False  # adopted from a killed sweep: continue its checkpoint
+    last_reported: int = -1  # highest step already reported to the study
+
+
+class SweepStudy:
+    """The study of one sweep (module docstring)."""
+
+    def __init__(
+        self,
+        spec: SweepSpec,
+        out_dir: Path,
+        *,
+        storage: str,
+        n_trials: int,
+        max_steps: int,
+        prune_after: float = 0.25,
+        prune_startup: int = 3,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        self.optuna = optuna
+        self.spec, self.out_dir, self.n_trials = spec, out_dir, n_trials
+        self.prune_after, self.say = prune_after, say
+        self.max_steps = max_steps
+        self.owner = _owner()
+        kwargs: dict[str, Any] = {}
+        if storage.startswith("sqlite"):
+            # Several processes write one SQLite file: wait for the writer instead of failing.
+            kwargs = {"connect_args": {"timeout": 120}}
+        try:
+            self.storage = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
+        except Exception as e:  # SQLAlchemy's errors for a bad URL or an unreachable server
+            raise ConfigError(f"--storage {storage}: cannot open the study ({e})") from None
+        self.study = optuna.create_study(
+            storage=self.storage,
+            study_name=spec.study_name(),
+            sampler=self._sampler(),
+            pruner=self._pruner(prune_startup),
+            direction="minimize",
+            load_if_exists=True,
+        )
+
+    def _sampler(self) -> Any:
+        samplers = self.optuna.samplers
+        if self.spec.sampler == "grid":
+            from tinylm.sweep.space import grid_space
+
+            return _grid_sampler(samplers.GridSampler)(
+                grid_space(self.spec.axes), seed=self.spec.seed
+            )
+        if self.spec.sampler == "random":
+            return samplers.RandomSampler(seed=self.spec.seed)
+        # constant_liar: trials running at once do not all sample the same promising point.
+        return samplers.TPESampler(seed=self.spec.seed, constant_liar=True)
+
+    def _pruner(self, startup: int) -> Any:
+        pruners = self.optuna.pruners
+        if self.spec.pruner == "median":
+            return pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
+        if self.spec.pruner == "hyperband":
+            return pruners.HyperbandPruner(max_resource=max(1, self.max_steps))
+        return pruners.NopPruner()
+
+    # ------------------------------------------------------------------ claiming
+
+    def trials(self) -> list[Any]:
+        return self.study.get_trials(deepcopy=False)
+
+    def counted(self) -> int:
+        """Trials that count toward `--trials`: all but the failed ones that were re-queued."""
+        fail = self.optuna.trial.TrialState.FAIL
+        return sum(not (t.state == fail and t.user_attrs.get("requeued")) for t in self.trials())
+
+    def claim(self, mine: set[int]) -> Ticket | None:
+        """The next trial for this process (an orphan first), or None when the study is done."""
+        state = self.optuna.trial.TrialState
+        with claim_lock(self.out_dir):
+            for frozen in self.study.get_trials(deepcopy=False, states=(state.RUNNING,)):
+                if frozen.number not in mine and self._orphaned(frozen):
+                    ticket = self._adopt(frozen)
+                    if ticket is not None:
+                        return ticket
+            trials = self.trials()
+            waiting = any(t.state == state.WAITING for t in trials)
+            if not waiting and self.counted() >= self.n_trials:
+                return None
+            trial = self.study.ask()
+            params = {axis.key: axis.suggest(trial) for axis in self.spec.axes}
+            name = run_name(trial.number, self.spec, params)
+            for key, value in (("run", name), ("params", params), ("owner", self.owner)):
+                trial.set_user_attr(key, value)
+            trial.set_user_attr("heartbeat", time.time())
+            return Ticket(trial.number, trial, params, name)
+
+    def _orphaned(self, frozen: Any) -> bool:
+        owner = frozen.user_attrs.get("owner")
+        if not isinstance(owner, dict):
+            return True  # asked, but killed before it was even named
+        if owner.get("host") == socket.gethostname():
+            pid, started = owner.get("pid"), owner.get("started")
+            if not isinstance(pid, int) or not isinstance(started, (int, float)):
+                return True
+            return not _alive_here(pid, float(started))
+        beat = frozen.user_attrs.get("heartbeat")
+        return not isinstance(beat, (int, float)) or time.time() - beat > STALE_SECONDS
+
+    def _adopt(self, frozen: Any) -> Ticket | None:
+        """Take over a killed sweep's trial (module docstring); None when it needs no run."""
+        from tinylm.sweep.runner import outcome
+        from tinylm.train.checkpoint import find_latest
+
+        trial = self.optuna.trial.Trial(self.study, frozen._trial_id)
+        name = frozen.user_attrs.get("run")
+        params = frozen.user_attrs.get("params")
+        if name is None or not isinstance(params, dict):
+            self._requeue(trial, frozen, "killed before it started")
+            return None
+        path = run_dir(self.out_dir, name, f"study trial {frozen.number}")
+        pid = trainer_pid(path)
+        if pid is not None:
+            if pid <= 0:
+                return None  # held by a process we cannot name: leave it alone
+            self.say(
+                f"sweep: trial {frozen.number} ({name}) is still training (PID {pid}): stopping it"
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+            deadline = time.monotonic() + STOP_WAIT_SECONDS
+            while trainer_pid(path) is not None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        records = read_metrics(path) if (path / METRICS_FILE).is_file() else []
+        status, reason = outcome(records, -1)
+        if status in (FINISHED, PRUNED, ABANDONED):
+            self.say(f"sweep: trial {frozen.number} ({name}) had ended: {status}")
+            self.finish(Ticket(frozen.number, trial, params, name), status, reason)
+            return None
+        if find_latest(path / "checkpoints", verify_hashes=False) is None:
+            self._requeue(trial, frozen, "killed before its first checkpoint")
+            return None
+        trial.set_user_attr("owner", self.owner)
+        trial.set_user_attr("heartbeat", time.time())
+        reported = [int(s) for s in frozen.intermediate_values]
+        self.say(f"sweep: resuming trial {frozen.number} ({name}) from its checkpoint")
+        return Ticket(frozen.number, trial, params, name, True, max(reported, default=-1))
+
+    def _requeue(self, trial: Any, frozen: Any, why: str) -> None:
+        trial.set_user_attr("requeued", True)
+        trial.set_user_attr("reason", f"{why}; re-queued")
+        self.study.tell(frozen.number, state=self.optuna.trial.TrialState.FAIL)
+        self.study.enqueue_trial(
+            dict(frozen.params), user_attrs={"requeued_from": frozen.number}, skip_if_exists=False
+        )
+        self.say(f"sweep: trial {frozen.number} was {why}: re-queued with the same parameters")
+
+    # ------------------------------------------------------------------ running
+
+    def heartbeat(self, ticket: Ticket) -> None:
+        ticket.trial.set_user_attr("heartbeat", time.time())
+
+    def report(self, ticket: Ticket, points: list[tuple[int, float]], max_steps: int) -> bool:
+        """Report new evaluations; True when the pruner says the trial should stop."""
+        new = [(s, v) for s, v in points if s > ticket.last_reported]
+        for step, value in new:
+            ticket.trial.report(value, step)
+            ticket.last_reported = step
+        if not new or ticket.last_reported < self.prune_after * max_steps:
+            return False
+        return bool(ticket.trial.should_prune())
+
+    def finish(self, ticket: Ticket, status: str, reason: str, records: list | None = None) -> None:
+        """Tell the study how the trial ended."""
+        state = self.optuna.trial.TrialState
+        if records is None:
+            path = self.out_dir / ticket.run
+            records = read_metrics(path) if (path / METRICS_FILE).is_file() else []
+        best, _ = objective(records)
+        ticket.trial.set_user_attr("status", status)
+        ticket.trial.set_user_attr("reason", reason)
+        if status == FINISHED and best is not None:
+            self.study.tell(ticket.number, best)
+        elif status in (PRUNED, ABANDONED):
+            self.study.tell(ticket.number, state=state.PRUNED)
+        else:
+            self.study.tell(ticket.number, state=state.FAIL)
