@@ -23,6 +23,7 @@ COMMAND_PROVIDERS = [
     "tinylm.serve.cli",  # serve
     "tinylm.export.cli",  # export
     "tinylm.sweep.cli",  # sweep
+    "tinylm.scaling.cli",  # scaling
 ]
 
 

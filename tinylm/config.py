@@ -17,6 +17,7 @@ This module imports no torch so that `tinylm --help` and config errors are insta
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -112,6 +113,16 @@ class DataSourceConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One phase of a data curriculum (`data.phases`): the mixture used until `until`."""
+
+    # the phase ends at this fraction of train.max_steps (the last phase must end at 1)
+    until: float = ranged(1.0, gt=0, le=1)
+    # one weight per data.mix source, in its order; 0 = that source is not read in this phase
+    weights: list[float] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from and how they are split, prepared and fed."""
 
@@ -136,6 +147,8 @@ class DataConfig:
     sampling: Literal["random", "sequential"] = "random"
     # batches prepared ahead in a background thread (0 = off)
     prefetch: int = ranged(2, ge=0, le=64, note="0 = off")
+    # a curriculum: mixture weights that change over the run (data/curriculum.py); empty = off
+    phases: list[PhaseConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -559,6 +572,43 @@ def validate(cfg: Config) -> None:
     _require(bool(d.train) or bool(d.mix), "data.train (or data.mix) must name a source")
     for i, src in enumerate(d.mix):
         _require(bool(src.path), f"data.mix[{i}].path is empty")
+    _check_phases(d)
+
+
+def _check_phases(d: DataConfig) -> None:
+    """`data.phases`: weights for each `data.mix` source, phases in order, the last ending at 1."""
+    if not d.phases:
+        return
+    _require(
+        len(d.mix) >= 2,
+        "data.phases change the weights of data.mix sources: list at least two in data.mix",
+    )
+    _require(
+        d.sampling == "random",
+        "data.phases needs data.sampling=random (sequential epochs follow fixed weights)",
+    )
+    previous = 0.0
+    for i, phase in enumerate(d.phases):
+        key = f"data.phases[{i}]"
+        _require(
+            len(phase.weights) == len(d.mix),
+            f"{key}.weights has {len(phase.weights)} weights for {len(d.mix)} data.mix sources: "
+            "give one per source, in data.mix order (0 = unused in this phase)",
+        )
+        _require(
+            all(math.isfinite(w) and 0 <= w <= 1e9 for w in phase.weights)
+            and sum(phase.weights) > 0,
+            f"{key}.weights={phase.weights}: weights must be in [0, 1e9], at least one positive",
+        )
+        _require(
+            phase.until > previous,
+            f"{key}.until={phase.until} must be after the previous phase's end ({previous})",
+        )
+        previous = phase.until
+    _require(
+        previous == 1.0,
+        f"the last of data.phases ends at until={previous}: it must end at 1 (the end of the run)",
+    )
 
 
 def _check_domains(node: Any, prefix: str = "") -> None:

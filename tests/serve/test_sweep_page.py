@@ -77,8 +77,10 @@ def test_sweep_page_draws_parameters_against_bits_per_byte(sweep_dir):
         d_model = {t: x for t, x, _ in browser.execute_script(
             "return window.tinylmSweep.points('model.d_model')")}  # fmt: skip
         assert d_model[0] < d_model[2] == d_model[1]  # 32 left of 64
-        best = browser.find_elements("css selector", "svg circle.best")
-        assert {c.get_attribute("data-trial") for c in best} == {"2"}
+        best = browser.execute_script(  # read in one go: the page redraws on every poll
+            "return [...document.querySelectorAll('svg circle.best')].map((c) => c.dataset.trial)"
+        )
+        assert set(best) == {"2"}
         assert "4 trials" in browser.find_element("id", "sweep-info").text
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "serve-sweep.png"))

@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from tinylm.data.curriculum import Curriculum
 from tinylm.data.errors import DataError
 
 # Mixing table length for sequential mode. Prime, so that with any world size below it the
@@ -188,6 +189,8 @@ class BatchLoader:
         sampling: `"random"` windows or `"sequential"` epochs (see the module docstring).
         device: where `iterate` puts the tensors (pinned memory + non-blocking copy on CUDA).
         prefetch: batches prepared ahead in a background thread (0 = on the caller's thread).
+        curriculum: mixture weights per step (`data.phases`, random sampling only); None = the
+            sources' own weights throughout.
     """
 
     def __init__(
@@ -203,6 +206,7 @@ class BatchLoader:
         sampling: Literal["random", "sequential"] = "random",
         device: str | torch.device = "cpu",
         prefetch: int = 2,
+        curriculum: Curriculum | None = None,
     ) -> None:
         if not sources:
             raise DataError("the loader needs at least one training source")
@@ -232,6 +236,9 @@ class BatchLoader:
         self.sampling = sampling
         self.device = torch.device(device)
         self.prefetch = prefetch
+        if curriculum is not None and sampling != "random":
+            raise DataError("a data curriculum (data.phases) needs data.sampling=random")
+        self.curriculum = curriculum
         self._pin = self.device.type == "cuda"
         # Sequential mode: window k of a source is tokens[k*T : k*T + T + 1] (targets disjoint).
         self.windows = (self.lengths - 1) // seq_len
@@ -253,8 +260,9 @@ class BatchLoader:
     def _random_rows(self, step: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
         rng = seeded_rng(self.seed, _TAG_RANDOM, self.rank, step, micro)
         n = self.batch_size
+        probs = self.probs if self.curriculum is None else self.curriculum.probs(step)
         src = (
-            rng.choice(len(self.probs), size=n, p=self.probs)
+            rng.choice(len(probs), size=n, p=probs)
             if len(self.probs) > 1
             else np.zeros(n, dtype=np.int64)
         )

@@ -170,18 +170,21 @@ class SweepStudy:
         if storage.startswith("sqlite"):
             # Several processes write one SQLite file: wait for the writer instead of failing.
             kwargs = {"connect_args": {"timeout": 120}}
-        try:
-            self.storage = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
-        except Exception as e:  # SQLAlchemy's errors for a bad URL or an unreachable server
-            raise ConfigError(f"--storage {storage}: cannot open the study ({e})") from None
-        self.study = optuna.create_study(
-            storage=self.storage,
-            study_name=spec.study_name(),
-            sampler=self._sampler(),
-            pruner=self._pruner(prune_startup),
-            direction="minimize",
-            load_if_exists=True,
-        )
+        # Under the claim lock: two sweeps started at once would both create the tables and
+        # the study, and the loser of that race fails.
+        with claim_lock(out_dir):
+            try:
+                self.storage = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs)
+            except Exception as e:  # SQLAlchemy's errors for a bad URL or an unreachable server
+                raise ConfigError(f"--storage {storage}: cannot open the study ({e})") from None
+            self.study = optuna.create_study(
+                storage=self.storage,
+                study_name=spec.study_name(),
+                sampler=self._sampler(),
+                pruner=self._pruner(prune_startup),
+                direction="minimize",
+                load_if_exists=True,
+            )
 
     def _sampler(self) -> Any:
         samplers = self.optuna.samplers

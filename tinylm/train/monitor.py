@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
@@ -42,6 +42,9 @@ from tinylm.train import distributed, runtime
 from tinylm.train.eta import EtaEstimator
 from tinylm.train.sinks import RunLogger
 from tinylm.train.threads import STARVED_SHARE, WARMUP_STEPS, ThreadGovernor
+
+if TYPE_CHECKING:
+    from tinylm.data.curriculum import Curriculum
 
 SLOW_CPU_SHARE = STARVED_SHARE
 
@@ -120,8 +123,10 @@ class TrainMonitor:
         dist: distributed.DistInfo,
         flops_per_token: float,
         governor: ThreadGovernor | None = None,
+        curriculum: Curriculum | None = None,
     ) -> None:
         self.log, self.cfg, self.optimizer = log, cfg.train, optimizer
+        self.curriculum = curriculum  # data.phases: the phase goes in the record and the line
         self.device, self.precision, self.dist = device, precision, dist
         self.max_steps = cfg.train.max_steps
         self.tokens_per_step = (
@@ -222,6 +227,10 @@ class TrainMonitor:
             record["skipped_steps"] = skipped
         if steps != self.log_interval:  # the first line after a resume, or a run's last
             record["window_steps"] = steps
+        phase = ""
+        if self.curriculum is not None:  # the phase of the interval's last step
+            record["phase"] = self.curriculum.index(step - 1) + 1
+            phase = f" | {self.curriculum.label(step - 1)}"
         self._warn(step, skipped, max_loss.item())
         self._warn_slow(step, elapsed, tokens_per_second)
         self.eta.steps(steps, elapsed - self.paused)
@@ -231,7 +240,7 @@ class TrainMonitor:
         window = f" (mean of {steps} step{plural})" if steps != self.log_interval else ""
         self.log.print(
             f"step {step:>6} | loss {mean_loss:.4f}{window} | lr {record['lr']:.2e} | norm {record['grad_norm']:.2f} | "
-            f"{record['ms_per_step']:.0f} ms/step | {tokens_per_second:,.0f} tok/s{mfu}{self._eta(step)}"
+            f"{record['ms_per_step']:.0f} ms/step | {tokens_per_second:,.0f} tok/s{mfu}{phase}{self._eta(step)}"
         )
         self.log.advance(step, f"loss {mean_loss:.3f}")
 

@@ -150,6 +150,7 @@ class Trainer:
 
     def _build_data(self, tokenizer) -> None:
         from tinylm.data import resolve_data
+        from tinylm.data.curriculum import curriculum_of
         from tinylm.data.loader import BatchLoader
 
         cfg = self.cfg
@@ -191,6 +192,7 @@ class Trainer:
             sampling=cfg.data.sampling,
             device=self.device,
             prefetch=cfg.data.prefetch,
+            curriculum=curriculum_of(cfg),
         )
 
     def _build_model(self, weights: dict[str, torch.Tensor] | None) -> None:
@@ -357,6 +359,7 @@ class Trainer:
                 settled=state.threads_settled,
                 adjustable=self.threads.source in ("auto", "checkpoint"),
             ),
+            curriculum=self.loader.curriculum,
         )
         monitor.scaler = self.scaler
         monitor.log_start(state.step, self.run_dir, self.messages)
@@ -475,6 +478,8 @@ class Trainer:
         if fit is None or fit.max_steps == previous:
             return
         self.cfg.train.max_steps = monitor.max_steps = fit.max_steps
+        if self.loader.curriculum is not None:  # phases are fractions of the fitted count
+            self.loader.curriculum.total_steps = fit.max_steps
         self.log.set_total(fit.max_steps)
         if self.is_main:
             checkpoint.write_run_files(self.run_dir, self.cfg)
