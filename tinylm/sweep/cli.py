@@ -145,14 +145,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"{out} keeps its study in {saved['storage']}, not {args.storage}; drop --storage "
             "or choose another --out"
         )
-    if saved is None:
-        save_manifest(spec, out, storage)
+    out.mkdir(parents=True, exist_ok=True)
     first = spec.trial_overrides({a.key: axis_ends(a)[0] for a in spec.axes})
     max_steps = load_config(spec.preset, first).train.max_steps
     study = SweepStudy(
         spec, out, storage=storage, n_trials=n_trials, max_steps=max_steps,
         prune_after=args.prune_after, prune_startup=args.prune_startup,
     )  # fmt: skip
+    if saved is None:  # once the study opened: a bad --storage leaves no manifest naming it
+        save_manifest(spec, out, storage)
     done = study.counted()
     print(
         f"sweep: {n_trials} trials ({spec.sampler} sampler, {spec.pruner} pruner) in {out}, "
