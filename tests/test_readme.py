@@ -42,8 +42,9 @@ NOT_WALKED = {
     "Files, locks and interrupts": "shell job control and signals: tests/test_files_hardening.py, "
     "tests/test_concurrency.py, tests/test_interrupts.py",
     "Serve and watch": "a server that runs until stopped: tests/serve/",
-    "Sweeps": "minutes of training per point by design: tests/test_sweep.py (an interrupted sweep "
-    "resumed end to end)",
+    "Sweeps": "minutes of training per trial by design: tests/test_sweep.py (a killed study "
+    "resumed end to end, pruning, best.yaml trained, two sweeps sharing a study), "
+    "tests/test_scaling.py, tests/serve/test_sweep_page.py",
     "Standard benchmarks (lm-evaluation-harness)": "task data from the Hugging Face Hub: "
     "tests/test_harness.py (local tasks)",
 }
