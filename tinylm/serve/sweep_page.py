@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
+from tinylm.runs import metric_number
 from tinylm.serve.protocol import ApiError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -24,11 +25,8 @@ page_router = APIRouter()
 
 
 def _finite(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+    v = metric_number(value)
+    return v if v is not None and math.isfinite(v) else None
 
 
 def read_sweep(root: Path) -> dict[str, Any]:
