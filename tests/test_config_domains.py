@@ -23,10 +23,11 @@ ALWAYS_BAD = ["-1", "nan", ".nan", "inf", ".inf", "-.inf", "1e30", "1" + "0" * 3
 
 
 def _override(key: str, text: str) -> str:
-    """`data.mix[].weight` is set through a one-item mix list."""
+    """`data.mix[].weight` is set through a one-item mix list (`data.phases[].until` likewise)."""
     if "[]." in key:
         section, name = key.split("[].")
-        return f"{section}=[{{path: a.txt, {name}: {text}}}]"
+        item = "weights: [1, 1]" if section == "data.phases" else "path: a.txt"
+        return f"{section}=[{{{item}, {name}: {text}}}]"
     return f"{key}={text}"
 
 

@@ -239,7 +239,7 @@ class SweepRunner:
                 child.max_steps = record["max_steps"]
         _, points = objective(records)
         for step, value in points[child.evals_seen :]:
-            self.say(f"  {child.ticket.run} step {step}: {value:.4f}")
+            self.say(f"  {child.ticket.run} step {step}: val {value:.4f} (the objective)")
         child.evals_seen = len(points)
         reason = None
         if self.study.report(child.ticket, points, child.max_steps):
