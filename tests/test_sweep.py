@@ -180,6 +180,10 @@ def test_summary_table_sorted_by_best_bits_per_byte(tmp_path):
                                 "best", "val", "bits/byte"]  # fmt: skip
     assert table[1].split()[:3] == ["1", "t001-lr2e-3", "2e-3"] and table[1].endswith("2.3083")
     assert table[4].split()[-2:] == ["-", "-"]
+    escape = trial(4, "COMPLETE", "1e-3")
+    escape.user_attrs["run"] = "../escape"  # an edited study: refused before any path is used
+    with pytest.raises(ConfigError, match="study trial 4"):
+        collect([*trials, escape], tmp_path)
 
 
 def make_study(tmp_path, overrides, n_trials, **kw) -> SweepStudy:
