@@ -325,3 +325,18 @@ def test_two_identical_sweeps_share_one_study(tmp_path, corpus):
         start = [e for e in read_metrics(sw / t["name"], "event") if e["event"] == "start"]
         assert len(start) == 1 and start[0]["threads"] == expected_threads
         assert read_metrics(sw / t["name"], "train")[-1]["step"] == 10
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "none"])
+def test_other_pruners_take_reports(tmp_path, pruner):
+    study = make_study(tmp_path, ["optim.lr=log:1e-3..1e-2"], n_trials=2, pruner=pruner,
+                       prune_after=0.0)  # fmt: skip
+    first = study.claim(set())
+    assert 1e-3 <= float(first.params["optim.lr"]) <= 1e-2  # a TPE draw within the range
+    assert not study.report(first, [(10, 2.0), (50, 1.5)], max_steps=100)
+    write_run(tmp_path, first.run, [(10, 2.0), (50, 1.5)])
+    study.finish(first, "finished", "")
+    second = study.claim(set())
+    pruned = study.report(second, [(10, 9.0), (50, 9.0)], max_steps=100)
+    assert isinstance(pruned, bool) and (pruner == "hyperband" or not pruned)  # none never prunes
+    assert study.trials()[0].value == pytest.approx(1.5 / math.log(2))
