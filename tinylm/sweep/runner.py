@@ -39,7 +39,14 @@ from tinylm.config import load_config
 from tinylm.fileio import open_append
 from tinylm.runs import METRICS_FILE, metric_number, read_metrics
 from tinylm.sweep.plan import FAILED, FINISHED, PENDING, PRUNED, SweepSpec, run_dir
-from tinylm.sweep.study import HEARTBEAT_SECONDS, STOP_WAIT_SECONDS, SweepStudy, Ticket, objective
+from tinylm.sweep.study import (
+    HEARTBEAT_SECONDS,
+    STOP_WAIT_SECONDS,
+    SweepStudy,
+    Ticket,
+    objective,
+    outcome,
+)
 
 Curve = list[tuple[int, float]]  # (step, train loss) as logged
 
@@ -87,28 +94,6 @@ def divergence_reason(
     return (
         f"diverging: loss {loss:.3f} at step {step} is {loss / best:.1f}x the best run's {best:.3f}"
     )
-
-
-def outcome(records: list[dict], exit_code: int) -> tuple[str, str]:
-    """(status, reason) of a run whose trainer exited, from its events after the last start."""
-    events = [r for r in records if r.get("kind") == "event"]
-    starts = [i for i, r in enumerate(events) if r.get("event") == "start"]
-    tail = events[starts[-1] + 1 :] if starts else []
-    for record in reversed(tail):
-        kind, reason = record.get("event"), str(record.get("reason", ""))
-        if kind == "done":
-            return FINISHED, "reached train.max_steps"
-        if kind == "pruned":
-            return PRUNED, reason
-        if kind == "stopped":
-            if reason.startswith(("time limit", "early stopping")):
-                return FINISHED, reason  # the budget (or early stopping) ended it: complete
-            if "non-finite" in reason:
-                return PRUNED, reason
-            return PENDING, f"stopped ({reason}); re-run the sweep to resume"
-        if kind == "failed":
-            return FAILED, str(record.get("message", "failed"))
-    return FAILED, f"exit code {exit_code} before any end event"
 
 
 def append_event(path: Path, event: str, step: int, reason: str) -> None:

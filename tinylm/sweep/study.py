@@ -37,7 +37,9 @@ from tinylm.config import ConfigError
 from tinylm.runs import METRICS_FILE, metric_number, read_metrics
 from tinylm.sweep.plan import (
     ABANDONED,
+    FAILED,
     FINISHED,
+    PENDING,
     PRUNED,
     SweepSpec,
     run_dir,
@@ -60,6 +62,28 @@ def objective(records: list[dict[str, Any]]) -> tuple[float | None, list[tuple[i
         if (v := metric_number(r.get(key))) is not None and math.isfinite(v)
     ]
     return (min(v for _, v in points) if points else None), points
+
+
+def outcome(records: list[dict], exit_code: int) -> tuple[str, str]:
+    """(status, reason) of a run whose trainer exited, from its events after the last start."""
+    events = [r for r in records if r.get("kind") == "event"]
+    starts = [i for i, r in enumerate(events) if r.get("event") == "start"]
+    tail = events[starts[-1] + 1 :] if starts else []
+    for record in reversed(tail):
+        kind, reason = record.get("event"), str(record.get("reason", ""))
+        if kind == "done":
+            return FINISHED, "reached train.max_steps"
+        if kind == "pruned":
+            return PRUNED, reason
+        if kind == "stopped":
+            if reason.startswith(("time limit", "early stopping")):
+                return FINISHED, reason  # the budget (or early stopping) ended it: complete
+            if "non-finite" in reason:
+                return PRUNED, reason
+            return PENDING, f"stopped ({reason}); re-run the sweep to resume"
+        if kind == "failed":
+            return FAILED, str(record.get("message", "failed"))
+    return FAILED, f"exit code {exit_code} before any end event"
 
 
 def default_storage(out_dir: Path) -> str:
@@ -252,7 +276,6 @@ class SweepStudy:
 
     def _adopt(self, frozen: Any) -> Ticket | None:
         """Take over a killed sweep's trial (module docstring); None when it needs no run."""
-        from tinylm.sweep.runner import outcome
         from tinylm.train.checkpoint import find_latest
 
         trial = self.optuna.trial.Trial(self.study, frozen._trial_id)
