@@ -174,6 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for text in overrides:
         parse_override(text)  # fail fast on malformed overrides
     resume_dir = args.resume if isinstance(args.resume, str) else None
+    resume_reason = None  # set when train.resume continues a run without --resume
     if resume_dir:
         config_file = Path(resume_dir) / "config.yaml"
         if not config_file.is_file():
@@ -195,12 +196,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_local_sources(cfg.data)  # a mistyped data path, before torch is imported
         from tinylm.train.resume import default_run_dir
 
+        explicit_name = bool(cfg.run_name)
         run_dir = (
             default_run_dir(cfg, config)
             if not args.resume
             else Path(cfg.out_dir) / (cfg.run_name or Path(config).stem)
         )
         cfg.run_name = run_dir.name
+        if not args.resume and not (args.print_config or args.dry_run):
+            from tinylm.train.auto_resume import decide  # train.resume: elastic restarts
+
+            decision = decide(cfg, run_dir, explicit_name, config)
+            run_dir, args.resume, resume_reason = (
+                decision.run_dir,
+                decision.resume,
+                decision.reason,
+            )
 
     def preflight(cfg) -> None:
         # Before any data or weights (and before --dry-run builds them): a run that cannot fit
@@ -236,7 +247,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from tinylm.train.trainer import train
 
-    result = train(cfg, run_dir, resume=bool(args.resume), force=args.force, init=init)
+    result = train(
+        cfg,
+        run_dir,
+        resume=bool(args.resume),
+        force=args.force,
+        init=init,
+        resume_reason=resume_reason,
+    )
     if os.environ.get("RANK", "0") != "0":  # under torchrun, the main process reports
         return 0
     if result.stop_reason != "reached train.max_steps":

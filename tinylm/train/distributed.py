@@ -186,6 +186,15 @@ def gather_objects(obj: object, info: DistInfo) -> list:
     return out
 
 
+def broadcast_object(obj: object, info: DistInfo) -> object:
+    """Rank 0's `obj` on every rank (the object itself in a single process)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The elementwise maximum of `value` over all ranks (a copy; `value` itself is unchanged)."""
     if info.enabled:

@@ -1,0 +1,213 @@
+"""Scale-out on the real torchrun (Gloo, CPU): two rendezvous agents as two nodes, elastic restarts
+that resume by themselves, a rank that cannot see rank 0's files, and the Slurm example.
+
+Every launch runs under a wall-clock timeout (`test_distributed.TIMEOUT`), so a deadlock fails the
+test instead of hanging CI. The two-agent run is the reference of the elastic test: same world
+size, same arguments, never interrupted, so a restarted run must end with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from helpers import read_metrics, records, run_cli
+from safetensors.torch import load_file
+from test_distributed import REPO, TIMEOUT, assert_close, env, losses, train_args
+
+from tinylm.train import checkpoint
+
+STEPS = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(tmp_path: Path, corpus: Path, name: str, *extra: str) -> list[str]:
+    return ["tiny", *train_args(tmp_path, corpus, name, f"train.max_steps={STEPS}", *extra)]
+
+
+def _agent_cmd(port: int, *args: object) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=tinylm-test",
+        "-m", "tinylm.cli", "train", *map(str, args),
+    ]  # fmt: skip
+
+
+def _finish(procs: list[subprocess.Popen], logs: list[Path]) -> list[str]:
+    """Wait for every launcher (killing all of them past TIMEOUT); their outputs."""
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+                proc.kill()
+                proc.wait()
+    return [log.read_text() for log in logs]
+
+
+def _two_agents(tmp_path: Path, args: list[object], prefixes=((), ())) -> list[str]:
+    """Two torchrun agents on this machine standing in for two nodes (each agent's command after
+    its prefix); their outputs, then their exit codes."""
+    port = _free_port()
+    procs, logs = [], []
+    for i, prefix in enumerate(prefixes):
+        logs.append(tmp_path / f"agent{i}.log")
+        with open(logs[-1], "w") as log:
+            procs.append(
+                subprocess.Popen(
+                    [*prefix, *_agent_cmd(port, *args)],
+                    cwd=REPO,
+                    env=env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    outputs = _finish(procs, logs)
+    return outputs + [str(p.returncode) for p in procs]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint.find_latest(run / "checkpoints") / checkpoint.MODEL_FILE)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory, corpus):
+    """The uninterrupted reference: one rank per agent, two agents (a two-node run)."""
+    tmp = tmp_path_factory.mktemp("nodes")
+    outputs = _two_agents(tmp, _args(tmp, corpus, "nodes"))
+    assert outputs[2:] == ["0", "0"], outputs
+    return tmp / "nodes", outputs[:2]
+
+
+def test_two_nodes_train_like_one_process_and_only_rank0_writes(two_nodes, tmp_path, corpus):
+    run, outputs = two_nodes
+    joined = "\n".join(outputs)
+    assert joined.count("run directory:") == 1 and "Traceback" not in joined, joined
+    # Rank 0 prepared the data and said so; the other node found it (shared_files.check_visible)
+    # and prepared nothing, and wrote nothing: one start event, each step once, no stray files.
+    assert joined.count("data: play") and "using prepared" not in joined, joined
+    events = read_metrics(run, "event")
+    assert [e["event"] for e in events] == ["start", "done"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".lock", "checkpoints", "config.yaml", "metrics.jsonl", "tokenizer.json",
+    ]  # fmt: skip
+    # Global batch 2 x 8 rows: the losses of one process reading 16 rows a step.
+    assert run_cli("train", *_args(tmp_path, corpus, "one16", "train.batch_size=16")) == 0
+    assert_close(losses(run), losses(tmp_path / "one16"))
+
+
+def _rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
+    """The launcher's live worker processes by global rank."""
+    out = {}
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error, KeyError, ValueError):
+            if "tinylm.cli" in " ".join(child.cmdline()):
+                out[int(child.environ()["RANK"])] = child
+    return out
+
+
+def _wait_for(what: str, condition, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert proc.poll() is None, f"torchrun exited while waiting for {what}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log.read_text()}"
+        time.sleep(0.02)
+
+
+def test_elastic_restarts_resume_and_end_like_an_uninterrupted_run(two_nodes, tmp_path, corpus):
+    """SIGKILL rank 0 while it writes a checkpoint, then rank 1 mid-step: torchrun restarts the
+    group twice, each time it resumes the newest intact checkpoint in the same directory, and
+    the run ends exactly as the uninterrupted two-node run did."""
+    reference, _ = two_nodes
+    run, ckpts, log_path = (
+        tmp_path / "elastic",
+        tmp_path / "elastic" / "checkpoints",
+        tmp_path / "log",
+    )
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "--max-restarts=2", "--monitor-interval=0.1", "-m", "tinylm.cli", "train",
+        *_args(tmp_path, corpus, "elastic"),
+    ]  # fmt: skip
+    slow = {"TINYLM_TEST_SLOW_CHECKPOINT": "1.0"}  # a window to kill rank 0 mid-write
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env={**env(), **slow}, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        # 1: rank 0 killed while writing step 6 (step 3 is complete): resumes at 3.
+        _wait_for(
+            "the write of step 6", lambda: list(ckpts.glob(".tmp-step_00000006-*")), proc, log_path
+        )
+        _rank_processes(proc)[0].kill()
+
+        # 2: rank 1 killed in the middle of the restarted run's steps.
+        def resumed_and_stepping() -> bool:
+            resumed = [r for r in records(run, "event") if r.get("event") == "resumed"]
+            return bool(resumed) and any(r["step"] == 5 for r in records(run, "train"))
+
+        _wait_for("the first restart's step 5", resumed_and_stepping, proc, log_path)
+        _rank_processes(proc)[1].kill()
+        code = proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.send_signal(signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+    output = log_path.read_text()
+    assert code == 0, output
+    resumed = [e["message"] for e in read_metrics(run, "event") if e.get("event") == "resumed"]
+    assert resumed == ["resumed (elastic restart 2) at step 3"], (
+        output
+    )  # restart 1's was rolled back
+    assert "resumed (elastic restart 1) at step 3" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cache", "elastic"]
+    assert [p.name for p in ckpts.iterdir() if p.name.startswith(".")] == []
+    # Same metrics and the same weights, bit for bit, as the run nobody interrupted.
+    assert losses(run) == losses(reference)
+    val = [(r["step"], r["val/loss"]) for r in read_metrics(run, "eval")]
+    assert val == [(r["step"], r["val/loss"]) for r in read_metrics(reference, "eval")]
+    want = _weights(reference)
+    got = _weights(run)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_rank_that_cannot_see_rank0s_files_stops_every_rank(tmp_path, corpus):
+    """Node-local disks: the second agent runs in its own mount namespace with an empty file
+    system over out_dir, as on another node. Both ranks stop at once with one error naming the
+    rank and the path, instead of waiting in a collective."""
+    out = tmp_path / "out"
+    out.mkdir()
+    hide = f'mount -t tmpfs none {out} && exec "$@"'
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", hide, "sh", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here (unshare -rm): {probe.stderr.decode()}")
+    args = ["tiny", *train_args(out, corpus, "local", "train.max_steps=2")]
+    outputs = _two_agents(tmp_path, args, ((), ("unshare", "-rm", "sh", "-c", hide, "sh")))
+    joined = "\n".join(outputs)
+    assert outputs[2:] == ["1", "1"], joined
+    message = f"error: rank 1 (host {socket.gethostname()}) cannot see {out / 'local' / '.lock'}"
+    assert all(message in output for output in outputs[:2]), joined  # said by both ranks
+    assert "/tinylm/" not in joined, joined  # a one-line error, no traceback through tinylm
