@@ -107,9 +107,10 @@ def test_two_nodes_train_like_one_process_and_only_rank0_writes(two_nodes, tmp_p
     # and prepared nothing, and wrote nothing: one start event, each step once, no stray files.
     assert joined.count("data: play") and "using prepared" not in joined, joined
     events = read_metrics(run, "event")
-    assert [e["event"] for e in events] == ["start", "done"]
+    ends = ("start", "done", "stopped", "failed", "resumed")  # not warnings (`slow` on a busy CPU)
+    assert [e["event"] for e in events if e["event"] in ends] == ["start", "done"]
     assert sorted(p.name for p in run.iterdir()) == [
-        ".lock", "checkpoints", "config.yaml", "metrics.jsonl", "tokenizer.json",
+        "checkpoints", "config.yaml", "metrics.jsonl", "tokenizer.json",
     ]  # fmt: skip
     # Global batch 2 x 8 rows: the losses of one process reading 16 rows a step.
     assert run_cli("train", *_args(tmp_path, corpus, "one16", "train.batch_size=16")) == 0

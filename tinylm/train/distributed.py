@@ -71,8 +71,38 @@ def setup() -> DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        timeout = timedelta(minutes=30)
+        store = _elastic_store(world_size, timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(
+                backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+            )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def _elastic_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """torchrun's shared rendezvous store, under a key prefix of its own per restart.
+
+    torchrun (c10d rendezvous) hands its workers the store it rendezvoused on, and that store
+    outlives a restart of the group: a restarted rank can read the address its dead predecessor
+    published and fail to connect ("Connection refused"; pytorch/pytorch#135712). torch's own
+    env:// set-up adds no per-restart prefix, so we add one. The restart count is the same on
+    every rank of a single-agent group; across several agents it can differ, which is why the
+    launch recipes also set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per round).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"tinylm/restart_{restart}", store)
 
 
 def teardown(info: DistInfo) -> None:
