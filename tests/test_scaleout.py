@@ -180,10 +180,7 @@ def test_elastic_restarts_resume_and_end_like_an_uninterrupted_run(two_nodes, tm
     output = log_path.read_text()
     assert code == 0, output
     resumed = [e["message"] for e in read_metrics(run, "event") if e.get("event") == "resumed"]
-    assert resumed == ["resumed (elastic restart 2) at step 3"], (
-        output
-    )  # restart 1's was rolled back
-    assert "resumed (elastic restart 1) at step 3" in output, output
+    assert resumed == [f"resumed (elastic restart {n}) at step 3" for n in (1, 2)], output
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cache", "elastic"]
     assert [p.name for p in ckpts.iterdir() if p.name.startswith(".")] == []
     # Same metrics and the same weights, bit for bit, as the run nobody interrupted.
