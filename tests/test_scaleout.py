@@ -9,6 +9,7 @@ size, same arguments, never interrupted, so a restarted run must end with bit-id
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -209,3 +210,55 @@ def test_a_rank_that_cannot_see_rank0s_files_stops_every_rank(tmp_path, corpus):
     message = f"error: rank 1 (host {socket.gethostname()}) cannot see {out / 'local' / '.lock'}"
     assert all(message in output for output in outputs[:2]), joined  # said by both ranks
     assert "/tinylm/" not in joined, joined  # a one-line error, no traceback through tinylm
+
+
+def test_slurm_script_launches_one_torchrun_per_node_with_slurms_rendezvous(tmp_path):
+    """examples/slurm/train.sbatch under Slurm's environment, with `srun` and `scontrol` replaced
+    by stubs: the torchrun command line it hands srun is one torchrun accepts, rendezvous on the
+    job's first node, and a tinylm train command that resumes by itself on requeue (run_name)."""
+    from torch.distributed.run import get_args_parser
+
+    from tinylm.config import load_config
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\nprintf "%s\\0" "$@" > "$STUB_OUT"\n'
+        'echo "$TORCH_DISABLE_SHARE_RDZV_TCP_STORE $OMP_NUM_THREADS" > "$STUB_OUT.env"\n'
+    )
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\n[ "$*" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n'
+    )
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "tinylm", "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32",
+    }  # fmt: skip
+    out = tmp_path / "srun-args"
+    environ = {
+        **os.environ,
+        **slurm,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "STUB_OUT": str(out),
+    }
+    environ.pop("OMP_NUM_THREADS", None)
+    script = REPO / "examples" / "slurm" / "train.sbatch"
+    subprocess.run(
+        ["bash", script, "train.max_steps=100"], env=environ, check=True, timeout=30, cwd=tmp_path
+    )
+    argv = out.read_text().split("\0")[:-1]
+    assert argv[:2] == ["--kill-on-bad-exit=1", "torchrun"]
+    assert (tmp_path / "srun-args.env").read_text().split() == ["1", "8"]  # 32 CPUs / 4 GPUs
+    launch = get_args_parser().parse_args(argv[2:])
+    assert (launch.nnodes, launch.nproc_per_node) == ("2", "4")
+    assert (launch.rdzv_backend, launch.rdzv_endpoint, launch.rdzv_id) == (
+        "c10d", "gpu07:29500", "4242",
+    )  # fmt: skip
+    assert launch.max_restarts == 3 and launch.module
+    assert [launch.training_script, *launch.training_script_args] == [
+        "tinylm.cli", "train", "tinystories-15m", "run_name=tinylm-4242", "out_dir=runs",
+        "train.max_steps=100",
+    ]  # fmt: skip
+    cfg = load_config("tinystories-15m", launch.training_script_args[2:])
+    assert (cfg.run_name, cfg.train.resume, cfg.train.max_steps) == ("tinylm-4242", "auto", 100)
