@@ -15,8 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -24,6 +26,9 @@ from helpers import read_metrics, records, run_cli
 from safetensors.torch import load_file
 from test_distributed import REPO, TIMEOUT, assert_close, env, losses, train_args
 
+from tinylm.data import resolve_data
+from tinylm.data.loader import BatchLoader
+from tinylm.eval.evaluate import OVERALL, EvalResult, evaluate_sets
 from tinylm.train import checkpoint
 
 STEPS = 6
@@ -36,7 +41,12 @@ def _free_port() -> int:
 
 
 def _args(tmp_path: Path, corpus: Path, name: str, *extra: str) -> list[str]:
-    return ["tiny", *train_args(tmp_path, corpus, name, f"train.max_steps={STEPS}", *extra)]
+    return [
+        "tiny",
+        *train_args(
+            tmp_path, corpus, name, f"train.max_steps={STEPS}", "eval.max_batches=3", *extra
+        ),
+    ]
 
 
 def _agent_cmd(port: int, *args: object) -> list[str]:
@@ -113,6 +123,19 @@ def test_two_nodes_train_like_one_process_and_only_rank0_writes(two_nodes, tmp_p
     assert sorted(p.name for p in run.iterdir()) == [
         "checkpoints", "config.yaml", "metrics.jsonl", "tokenizer.json",
     ]  # fmt: skip
+    # Validation was spread over the ranks (3 batches: 2 on rank 0, 1 on rank 1) and summed once:
+    # the val loss of one process scoring the same checkpoint alone.
+    final = checkpoint.find_latest(run / "checkpoints")
+    model, cfg, tok, _ = checkpoint.load_model(final)
+    val = resolve_data(cfg.data, tok, cfg.model.context_length).val
+    alone = evaluate_sets(
+        model, val, batch_size=8, seq_len=32, max_batches=3, device="cpu",
+        token_bytes=tok.token_bytes(),
+    )[OVERALL]  # fmt: skip
+    logged = read_metrics(run, "eval")[-1]
+    assert logged["step"] == STEPS and alone.batches == 3
+    assert logged["val/loss"] == pytest.approx(alone.loss, abs=1e-6, rel=0)
+    assert logged["val/bits_per_byte"] == pytest.approx(alone.bits_per_byte, abs=1e-6, rel=0)
     # Global batch 2 x 8 rows: the losses of one process reading 16 rows a step.
     assert run_cli("train", *_args(tmp_path, corpus, "one16", "train.batch_size=16")) == 0
     assert_close(losses(run), losses(tmp_path / "one16"))
@@ -262,3 +285,54 @@ def test_slurm_script_launches_one_torchrun_per_node_with_slurms_rendezvous(tmp_
     ]  # fmt: skip
     cfg = load_config("tinystories-15m", launch.training_script_args[2:])
     assert (cfg.run_name, cfg.train.resume, cfg.train.max_steps) == ("tinylm-4242", "auto", 100)
+
+
+class _Mean(torch.nn.Module):
+    """A stand-in model whose loss is a function of the batch alone (the mean target id)."""
+
+    def forward(self, x, y):
+        return None, y.double().mean()
+
+
+def test_evaluation_spread_over_ranks_scores_each_batch_once():
+    """Ranks score batches rank, rank + N, ...; the reduce adds their sums: the result equals one
+    process's, with every batch counted once, also when the batches do not divide evenly (the
+    rank left over re-scores one and discards it)."""
+    tokens = np.arange(7 * 4 * 16 + 1) % 251
+    kw = dict(batch_size=4, seq_len=16, max_batches=7, device="cpu", token_bytes=np.ones(256, int))
+    want = evaluate_sets(_Mean(), {"v": tokens}, **kw)["v"]
+    for world in (2, 3, 8):
+        sums = []
+
+        def reduce(t, sums=sums):
+            sums.append(t.clone())
+            return t
+
+        parts = [evaluate_sets(_Mean(), {"v": tokens}, **kw, shard=(r, world), reduce=reduce)["v"]
+                 for r in range(world)]  # fmt: skip
+        total = torch.stack(sums).sum(0)  # what the all-reduce gives every rank
+        got = EvalResult.from_sums(
+            total[0].item(), int(total[1]), int(total[2]), int(total[3]), False
+        )
+        assert (got.tokens, got.num_bytes, got.batches) == (want.tokens, want.num_bytes, 7)
+        assert got.loss == pytest.approx(want.loss, abs=1e-12)
+        # (the fake reduce returns each rank's own sums) each rank scored only its share
+        assert [p.batches for p in parts] == [len(range(r, 7, world)) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_an_epoch_under_n_ranks_visits_every_window_once(world):
+    """data.sampling=sequential: the ranks' rows of one epoch are the set's windows, each once."""
+    seq, windows = 8, 48
+    tokens = np.arange(seq * windows + 1) % 100
+    seen = Counter()
+    steps = windows // (4 * 2 * world)  # batch 4, grad_accum 2
+    for rank in range(world):
+        loader = BatchLoader(
+            [("a", tokens, 1.0)], batch_size=4, seq_len=seq, grad_accum=2, seed=3, rank=rank,
+            world_size=world, sampling="sequential", prefetch=0,
+        )  # fmt: skip
+        for step in range(steps):
+            for micro in range(2):
+                seen.update((loader.rows(step, micro)[1] // seq).tolist())
+    assert seen == Counter(range(windows))

@@ -207,6 +207,14 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The elementwise sum of `value` over all ranks (a copy; `value` itself is unchanged)."""
+    if info.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def gather_objects(obj: object, info: DistInfo) -> list:
     """`[obj of rank 0, obj of rank 1, ...]` on every rank (`[obj]` in a single process)."""
     if not info.enabled:
