@@ -44,7 +44,13 @@ def _args(tmp_path: Path, corpus: Path, name: str, *extra: str) -> list[str]:
     return [
         "tiny",
         *train_args(
-            tmp_path, corpus, name, f"train.max_steps={STEPS}", "eval.max_batches=3", *extra
+            tmp_path,
+            corpus,
+            name,
+            f"train.max_steps={STEPS}",
+            "eval.max_batches=3",
+            "eval.batch_size=8",
+            *extra,
         ),
     ]
 
@@ -110,7 +116,9 @@ def two_nodes(tmp_path_factory, corpus):
     return tmp / "nodes", outputs[:2]
 
 
-def test_two_nodes_train_like_one_process_and_only_rank0_writes(two_nodes, tmp_path, corpus):
+def test_two_nodes_train_like_one_process_and_only_rank0_writes(
+    two_nodes, tmp_path, corpus, capsys
+):
     run, outputs = two_nodes
     joined = "\n".join(outputs)
     assert joined.count("run directory:") == 1 and "Traceback" not in joined, joined
@@ -136,6 +144,20 @@ def test_two_nodes_train_like_one_process_and_only_rank0_writes(two_nodes, tmp_p
     assert logged["step"] == STEPS and alone.batches == 3
     assert logged["val/loss"] == pytest.approx(alone.loss, abs=1e-6, rel=0)
     assert logged["val/bits_per_byte"] == pytest.approx(alone.bits_per_byte, abs=1e-6, rel=0)
+    # `tinylm eval` under torchrun: the same figures as in one process.
+    eval_args = ["eval", run, "--checkpoint", "latest", "--max-batches", "3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tinylm.cli", *map(str, eval_args)]  # fmt: skip
+    ranks = subprocess.run(
+        cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    capsys.readouterr()
+    assert run_cli(*eval_args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": loss " in line]
+    assert (
+        len(lines) == 2
+        and [line for line in ranks.stdout.splitlines() if ": loss " in line] == lines
+    )
     # Global batch 2 x 8 rows: the losses of one process reading 16 rows a step.
     assert run_cli("train", *_args(tmp_path, corpus, "one16", "train.batch_size=16")) == 0
     assert_close(losses(run), losses(tmp_path / "one16"))
