@@ -42,6 +42,7 @@ NOT_WALKED = {
     "Files, locks and interrupts": "shell job control and signals: tests/test_files_hardening.py, "
     "tests/test_concurrency.py, tests/test_interrupts.py",
     "Serve and watch": "a server that runs until stopped: tests/serve/",
+    "Several processes, nodes and restarts": "torchrun, two nodes, Slurm: tests/test_scaleout.py",
     "Sweeps": "minutes of training per point by design: tests/test_sweep.py (an interrupted sweep "
     "resumed end to end)",
     "Standard benchmarks (lm-evaluation-harness)": "task data from the Hugging Face Hub: "

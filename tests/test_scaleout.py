@@ -358,3 +358,38 @@ def test_an_epoch_under_n_ranks_visits_every_window_once(world):
             for micro in range(2):
                 seen.update((loader.rows(step, micro)[1] // seq).tolist())
     assert seen == Counter(range(windows))
+
+
+def test_train_resume_modes_without_torchrun_and_under_a_restart(tmp_path, corpus, monkeypatch):
+    """train.resume in one process: `auto` keeps today's behaviour outside torchrun (a named run
+    with checkpoints is refused, an unnamed one gets a fresh -N directory), a torchrun restart
+    (`TORCHELASTIC_RESTART_COUNT`) resumes, `always` resumes outside torchrun too (an unnamed
+    run: its series' newest directory), `never` only with --resume."""
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+
+    def train(name: str | None, steps: int, *extra: str) -> int:
+        args = train_args(tmp_path, corpus, name or "x", f"train.max_steps={steps}", *extra)
+        return run_cli("train", "tiny", *[a for a in args if name or not a.startswith("run_name")])
+
+    def resumed(run: Path) -> list[str]:
+        return [e["message"] for e in read_metrics(run, "event") if e.get("event") == "resumed"]
+
+    assert train("named", 3) == 0
+    assert train("named", 6) == 2  # refused: "already has checkpoints: continue it with --resume"
+    assert train("named", 6, "train.resume=always") == 0
+    assert resumed(tmp_path / "named") == ["resumed (run_name=named started again) at step 3"]
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train("named", 9, "train.resume=never") == 2
+    assert train("named", 9) == 0
+    assert resumed(tmp_path / "named")[-1] == "resumed (elastic restart 1) at step 6"
+    assert losses(tmp_path / "named")[-1][0] == 9
+
+    assert train(None, 3) == 0  # unnamed, in a restarted group: its series' newest directory
+    assert train(None, 6) == 0
+    assert resumed(tmp_path / "tiny") == ["resumed (elastic restart 1) at step 3"]
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    assert train(None, 3) == 0 and (tmp_path / "tiny-2" / "checkpoints").is_dir()  # as today
+    assert train(None, 6, "train.resume=always") == 0  # the newest of tiny, tiny-2
+    assert resumed(tmp_path / "tiny-2") == ["resumed (train.resume=always) at step 3"]
+    assert not (tmp_path / "tiny-3").exists()
