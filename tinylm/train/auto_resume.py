@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinylm.config import Config
-from tinylm.train import checkpoint, distributed
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,8 @@ def restart_count() -> int | None:
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
+    from tinylm.train import checkpoint
+
     return checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False) is not None
 
 
@@ -75,6 +76,8 @@ def decide(cfg: Config, run_dir: Path, explicit_name: bool, preset: str | None) 
     if os.environ.get("RANK", "0") == "0":
         decision = _decide_here(cfg, run_dir, explicit_name, preset)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from tinylm.train import distributed  # torch: only when there is something to share
+
         decision = distributed.broadcast_object(decision, distributed.setup())
     cfg.run_name = decision.run_dir.name
     return decision
