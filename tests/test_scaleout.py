@@ -128,9 +128,10 @@ def test_two_nodes_train_like_one_process_and_only_rank0_writes(
     events = read_metrics(run, "event")
     ends = ("start", "done", "stopped", "failed", "resumed")  # not warnings (`slow` on a busy CPU)
     assert [e["event"] for e in events if e["event"] in ends] == ["start", "done"]
+    # data_check.json: the test corpus is templated, so the start-of-train data check warns
     assert sorted(p.name for p in run.iterdir()) == [
         "checkpoints", "config.yaml", "data_check.json", "metrics.jsonl", "tokenizer.json",
-    ]  # fmt: skip  (data_check.json: the test corpus is templated, so the data check warns)
+    ]  # fmt: skip
     # Validation was spread over the ranks (3 batches: 2 on rank 0, 1 on rank 1) and summed once:
     # the val loss of one process scoring the same checkpoint alone.
     final = checkpoint.find_latest(run / "checkpoints")
