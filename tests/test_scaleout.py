@@ -226,6 +226,9 @@ def test_elastic_restarts_resume_and_end_like_an_uninterrupted_run(two_nodes, tm
             proc.wait()
     output = log_path.read_text()
     assert code == 0, output
+    # The survivors of each kill said so in one line; none reported a bug in itself.
+    assert "another process of this run stopped" in output, output
+    assert "internal error" not in output and not list(run.glob("internal-error-*")), output
     resumed = [e["message"] for e in read_metrics(run, "event") if e.get("event") == "resumed"]
     assert resumed == [f"resumed (elastic restart {n}) at step 3" for n in (1, 2)], output
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cache", "elastic"]

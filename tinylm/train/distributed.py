@@ -253,3 +253,23 @@ def any_ranks(flags: list[bool], info: DistInfo, device: torch.device) -> list[b
     t = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+# What Gloo and NCCL say when a peer process is gone (killed, crashed, its node lost).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_lost_message(error: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died, else None.
+
+    Under torchrun that is not a bug in this process: the launcher restarts the group (with
+    --max-restarts) and the run resumes from its latest checkpoint (train.resume=auto).
+    """
+    text = str(error)
+    if not dist.is_initialized() or not any(s in text for s in _PEER_LOST):
+        return None
+    return (
+        f"another process of this run stopped (killed or failed) during a collective "
+        f"({text.splitlines()[0][:160]}); torchrun restarts the group when --max-restarts "
+        "allows, and it resumes from the latest checkpoint (train.resume=auto)"
+    )
