@@ -354,6 +354,7 @@ def test_refused_resume_leaves_the_run_as_it_was(trained_run, capsys):
     "argv, fragment",
     [
         (["train", "tiny", "eval.samples=-1"], "eval.samples=-1"),
+        (["train", "tiny", "train.resume=sometimes"], "train.resume: must be one of 'auto'"),
         (["train", "tiny", "model.n_layer=1000000"], "model.n_layer=1000000"),
         (["generate", "nowhere", "--top-p", "1.5"], "argument --top-p"),
         (["prepare", "x.txt", "--out", "o", "--workers", "-2"], "argument --workers"),

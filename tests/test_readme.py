@@ -42,6 +42,7 @@ NOT_WALKED = {
     "Files, locks and interrupts": "shell job control and signals: tests/test_files_hardening.py, "
     "tests/test_concurrency.py, tests/test_interrupts.py",
     "Serve and watch": "a server that runs until stopped: tests/serve/",
+    "Several processes, nodes and restarts": "torchrun, two nodes, Slurm: tests/test_scaleout.py",
     "Sweeps": "minutes of training per trial by design: tests/test_sweep.py (a killed study "
     "resumed end to end, pruning, best.yaml trained, two sweeps sharing a study), "
     "tests/test_scaling.py, tests/serve/test_sweep_page.py",

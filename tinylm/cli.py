@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntinylm {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: one line here, the traceback in a report file
+        if "torch.distributed" in sys.modules:  # under torchrun, another rank may have died
+            from tinylm.train.distributed import peer_lost_message
+
+            if message := peer_lost_message(e):
+                print(f"tinylm {args.command}: {message}", file=sys.stderr)
+                return 1
         from tinylm.crash import report_internal_error
 
         return report_internal_error(args, argv, e)

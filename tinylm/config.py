@@ -207,6 +207,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = ranged(1337, ge=0, le=SEED_MAX)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto = ddp
+    # continue the run's newest intact checkpoint without --resume: auto = when torchrun
+    # restarted the group or a job with an explicit run_name is re-submitted under torchrun
+    # (train/auto_resume.py); always = also outside torchrun; never = only with --resume
+    resume: Literal["auto", "always", "never"] = "auto"
     # evaluations without improvement before stopping; 0 = off
     early_stop_patience: int = ranged(0, ge=0, le=10**6, note="0 = off")
     early_stop_min_delta: float = ranged(0.0, ge=0, le=100)  # in nats of val loss

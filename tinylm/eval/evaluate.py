@@ -31,6 +31,7 @@ from tinylm.data.errors import DataError
 from tinylm.data.loader import TokenSource, gather_windows, host_tensors, to_device
 
 AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # a sum over the ranks (all-reduce)
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,16 @@ def score_windows(
     autocast: AutocastFactory = contextlib.nullcontext,
     token_bytes: np.ndarray | None = None,
     should_stop: Callable[[], bool] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Reduce | None = None,
 ) -> EvalResult:
     """Sum the losses of the targets of windows `tokens[s : s + seq_len + 1]`, batch by batch.
+
+    `shard=(rank, world_size)` scores batches rank, rank + world_size, ... only, and `reduce`
+    (an all-reduce sum over the ranks) adds up every rank's sums once at the end: the same
+    batches as one process, spread over the ranks. Every rank runs the same number of forwards
+    (a rank without a batch in the last round re-scores one and discards it), because a sharded
+    (FSDP) forward and the `should_stop` vote are collectives.
 
     In window i only targets with index >= `first_scored[i]` count (None: all). The model must
     follow `forward(idx, targets) -> (logits, mean loss over targets != -1)`. The model is put in
@@ -139,14 +148,18 @@ def score_windows(
     total = total.to(device)
     positions = np.arange(seq_len)
     n_tokens, n_bytes, batches, partial = 0, 0, 0, False
+    rank, world = shard
+    num_batches = -(-len(starts) // batch_size)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for lo in range(0, len(starts), batch_size):
+            for first in range(0, num_batches, world):
                 if should_stop is not None and should_stop():
                     partial = True
                     break
+                padding = first + rank >= num_batches  # this rank has no batch this round
+                lo = (num_batches - 1 if padding else first + rank) * batch_size
                 x, y = host_tensors(
                     gather_windows(tokens, starts[lo : lo + batch_size], seq_len + 1),
                     pin=device.type == "cuda",
@@ -155,16 +168,20 @@ def score_windows(
                 if first_scored is not None:
                     targets[positions[None, :] < first_scored[lo : lo + batch_size, None]] = -1
                 scored = targets >= 0
-                count = int(scored.sum())
-                if token_bytes is not None:
+                count = 0 if padding else int(scored.sum())
+                if token_bytes is not None and not padding:
                     n_bytes += int(token_bytes[targets[scored]].sum())
                 with autocast():
                     _, loss = model(to_device(x, device), to_device(y, device))
                 total += loss.detach().to(total.dtype) * count
                 n_tokens += count
-                batches += 1
+                batches += 0 if padding else 1
     finally:
         model.train(was_training)
+    if reduce is not None:  # one collective for the whole evaluation
+        sums = torch.tensor([total.item(), n_tokens, n_bytes, batches], dtype=torch.float64)
+        sums = reduce(sums.to(device) if device.type == "cuda" else sums).cpu()  # NCCL: on GPU
+        total, (n_tokens, n_bytes, batches) = sums[0], map(int, sums[1:].tolist())
     return EvalResult.from_sums(
         float(total.item()), n_tokens, None if token_bytes is None else n_bytes, batches, partial
     )
@@ -182,6 +199,8 @@ def evaluate(
     autocast: AutocastFactory = contextlib.nullcontext,
     token_bytes: np.ndarray | None = None,
     should_stop: Callable[[], bool] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Reduce | None = None,
 ) -> EvalResult:
     """Bounded, deterministic validation: at most `max_batches` batches of fixed windows.
 
@@ -205,6 +224,8 @@ def evaluate(
         autocast=autocast,
         token_bytes=token_bytes,
         should_stop=should_stop,
+        shard=shard,
+        reduce=reduce,
     )
 
 
@@ -232,12 +253,14 @@ def evaluate_sets(
     autocast: AutocastFactory = contextlib.nullcontext,
     token_bytes: np.ndarray | None = None,
     should_stop: Callable[[], bool] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Reduce | None = None,
 ) -> dict[str, EvalResult]:
     """Evaluate each named set (bounded by `max_batches`, or a full pass when it is None).
 
     Returns `{name: result, ..., "overall": result}`; the overall result weights every scored
     token equally. After a stop request the remaining sets are skipped and the overall result
-    is flagged partial.
+    is flagged partial. `shard` and `reduce` spread the batches over ranks (`score_windows`).
     """
     if OVERALL in val:
         raise DataError(f"a validation set may not be named '{OVERALL}'; rename it")
@@ -254,6 +277,8 @@ def evaluate_sets(
             autocast=autocast,
             token_bytes=token_bytes,
             should_stop=should_stop,
+            shard=shard,
+            reduce=reduce,
         )
         if results[name].partial:
             break

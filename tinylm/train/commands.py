@@ -174,6 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for text in overrides:
         parse_override(text)  # fail fast on malformed overrides
     resume_dir = args.resume if isinstance(args.resume, str) else None
+    resume_reason = None  # set when train.resume continues a run without --resume
     if resume_dir:
         config_file = Path(resume_dir) / "config.yaml"
         if not config_file.is_file():
@@ -195,12 +196,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_local_sources(cfg.data)  # a mistyped data path, before torch is imported
         from tinylm.train.resume import default_run_dir
 
+        explicit_name = bool(cfg.run_name)
         run_dir = (
             default_run_dir(cfg, config)
             if not args.resume
             else Path(cfg.out_dir) / (cfg.run_name or Path(config).stem)
         )
         cfg.run_name = run_dir.name
+        if not args.resume and not (args.print_config or args.dry_run):
+            from tinylm.train.auto_resume import decide  # train.resume: elastic restarts
+
+            decision = decide(cfg, run_dir, explicit_name, config)
+            run_dir, args.resume, resume_reason = (
+                decision.run_dir,
+                decision.resume,
+                decision.reason,
+            )
 
     def preflight(cfg) -> None:
         # Before any data or weights (and before --dry-run builds them): a run that cannot fit
@@ -236,7 +247,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from tinylm.train.trainer import train
 
-    result = train(cfg, run_dir, resume=bool(args.resume), force=args.force, init=init)
+    result = train(
+        cfg,
+        run_dir,
+        resume=bool(args.resume),
+        force=args.force,
+        init=init,
+        resume_reason=resume_reason,
+    )
     if os.environ.get("RANK", "0") != "0":  # under torchrun, the main process reports
         return 0
     if result.stop_reason != "reached train.max_steps":
@@ -296,10 +314,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tinylm.config import ConfigError
     from tinylm.data import resolve_data
     from tinylm.eval.evaluate import evaluate_sets
-    from tinylm.train import runtime
+    from tinylm.train import distributed, runtime
     from tinylm.train.checkpoint import load_model
 
-    device, _ = runtime.select_device(args.device)
+    # Under torchrun every rank scores its share of the batches (evaluate.score_windows).
+    dist_info = distributed.setup()
+    device, _ = runtime.select_device(args.device, dist_info.local_rank)
     model, cfg, tokenizer, path = load_model(args.run, args.checkpoint, device)
     if args.stride > cfg.model.context_length:  # windows would skip tokens between them
         raise ConfigError(
@@ -307,19 +327,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"use 1..{cfg.model.context_length} (0 = non-overlapping windows)"
         )
     precision = runtime.select_precision("auto", device)
+    quiet = {} if dist_info.is_main else {"log": lambda _: None}
+    if not dist_info.is_main:  # rank 0 prepares the data (once), the others then open it
+        distributed.barrier(dist_info)
     if args.data:
         cfg.data.train, cfg.data.mix, cfg.data.val, cfg.data.val_fraction = args.data, [], "", 0.0
-        data = resolve_data(cfg.data, tokenizer, cfg.model.context_length, train_label="eval data")
+        data = resolve_data(
+            cfg.data, tokenizer, cfg.model.context_length, train_label="eval data", **quiet
+        )
         val_sets = {name: tokens for name, tokens, _ in data.train}
     else:
-        val_sets = resolve_data(cfg.data, tokenizer, cfg.model.context_length).val
+        val_sets = resolve_data(cfg.data, tokenizer, cfg.model.context_length, **quiet).val
+    if dist_info.is_main:
+        distributed.barrier(dist_info)
     if not val_sets:
         from tinylm.data.errors import DataError
 
         raise DataError(
             "this run has no validation split (data.val_fraction=0); pass --data SOURCE"
         )
-    print(f"checkpoint: {path} (step {int(path.name.split('_')[-1])})")
+    if dist_info.is_main:
+        print(f"checkpoint: {path} (step {int(path.name.split('_')[-1])})")
     batch_size = args.batch_size or cfg.eval.batch_size or cfg.train.batch_size
     token_bytes = tokenizer.token_bytes()
     with torch.no_grad():
@@ -334,9 +362,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             device=device,
             autocast=lambda: runtime.autocast(device, precision),
             token_bytes=token_bytes,
+            shard=(dist_info.rank, dist_info.world_size),
+            reduce=lambda sums: distributed.all_reduce_sum(sums, dist_info),
         )
+    distributed.teardown(dist_info)
     for name, r in results.items():
-        _print_result(name, r)
+        if dist_info.is_main:
+            _print_result(name, r)
     return 0
 
 

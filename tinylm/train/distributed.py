@@ -71,8 +71,38 @@ def setup() -> DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        timeout = timedelta(minutes=30)
+        store = _elastic_store(world_size, timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(
+                backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+            )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def _elastic_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """torchrun's shared rendezvous store, under a key prefix of its own per restart.
+
+    torchrun (c10d rendezvous) hands its workers the store it rendezvoused on, and that store
+    outlives a restart of the group: a restarted rank can read the address its dead predecessor
+    published and fail to connect ("Connection refused"; pytorch/pytorch#135712). torch's own
+    env:// set-up adds no per-restart prefix, so we add one. The restart count is the same on
+    every rank of a single-agent group; across several agents it can differ, which is why the
+    launch recipes also set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per round).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"tinylm/restart_{restart}", store)
 
 
 def teardown(info: DistInfo) -> None:
@@ -177,6 +207,14 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The elementwise sum of `value` over all ranks (a copy; `value` itself is unchanged)."""
+    if info.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def gather_objects(obj: object, info: DistInfo) -> list:
     """`[obj of rank 0, obj of rank 1, ...]` on every rank (`[obj]` in a single process)."""
     if not info.enabled:
@@ -184,6 +222,15 @@ def gather_objects(obj: object, info: DistInfo) -> list:
     out: list = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: object, info: DistInfo) -> object:
+    """Rank 0's `obj` on every rank (the object itself in a single process)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -206,3 +253,23 @@ def any_ranks(flags: list[bool], info: DistInfo, device: torch.device) -> list[b
     t = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+# What Gloo and NCCL say when a peer process is gone (killed, crashed, its node lost).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_lost_message(error: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died, else None.
+
+    Under torchrun that is not a bug in this process: the launcher restarts the group (with
+    --max-restarts) and the run resumes from its latest checkpoint (train.resume=auto).
+    """
+    text = str(error)
+    if not dist.is_initialized() or not any(s in text for s in _PEER_LOST):
+        return None
+    return (
+        f"another process of this run stopped (killed or failed) during a collective "
+        f"({text.splitlines()[0][:160]}); torchrun restarts the group when --max-restarts "
+        "allows, and it resumes from the latest checkpoint (train.resume=auto)"
+    )

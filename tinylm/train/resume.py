@@ -39,6 +39,7 @@ RESUME_SAFE_PREFIXES = (
     "train.device",
     "train.early_stop",
     "train.max_nonfinite_steps",
+    "train.resume",
     "train.spike_factor",
     "train.gap_warn_factor",
     "eval.",

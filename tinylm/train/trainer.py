@@ -26,6 +26,7 @@ import torch
 from tinylm import interrupts, preflight
 from tinylm.config import Config, ConfigError
 from tinylm.eval.evaluate import OVERALL
+from tinylm.locks import LOCK_FILE
 from tinylm.train import (
     checkpoint,
     distributed,
@@ -45,6 +46,7 @@ from tinylm.train.resume import (
     run_lock,
     stop_message,
 )
+from tinylm.train.shared_files import check_visible
 from tinylm.train.validation import Validator
 
 if TYPE_CHECKING:  # the export package (transformers interop) loads only when a run uses it
@@ -91,8 +93,10 @@ class Trainer:
         resume: bool = False,
         force: bool = False,
         init: InitSource | None = None,
+        resume_reason: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.resume_reason = resume_reason if resume else None  # train.resume (auto_resume.py)
         self.run_dir = Path(run_dir)
         self.dist = distributed.setup()
         self.is_main = self.dist.is_main
@@ -118,6 +122,9 @@ class Trainer:
         self.messages = [f"device: {device_reason}"]
         self.messages.append(f"threads: {self.threads.reason}")
 
+        # Multi-node: rank 0 holds the run's lock (resume.run_lock); a rank on another node must
+        # see that file, or it could not read the checkpoints it resumes from (shared_files.py).
+        check_visible([self.run_dir / LOCK_FILE], self.dist)
         resumed = None
         if resume:
             resumed, notes = open_for_resume(self.run_dir, cfg, force)
@@ -164,6 +171,12 @@ class Trainer:
                 distributed.barrier(self.dist)
         else:
             distributed.barrier(self.dist)
+        # Prepared once by rank 0: the others must find it, not prepare a node-local copy.
+        prepared = (
+            [d.directory / "meta.json" for d in self.data.datasets.values()] if self.is_main else []
+        )
+        check_visible(prepared, self.dist)
+        if not self.is_main:
             self.data = resolve_data(
                 cfg.data, tokenizer, cfg.model.context_length, log=lambda _: None
             )
@@ -364,6 +377,9 @@ class Trainer:
         monitor.scaler = self.scaler
         monitor.log_start(state.step, self.run_dir, self.messages)
         self.monitor = monitor
+        if self.resume_reason:
+            message = f"resumed ({self.resume_reason}) at step {state.step}"
+            self.log.event(message, event="resumed", step=state.step)
         self.validator = Validator(
             cfg,
             self.data.val,
@@ -598,9 +614,11 @@ def train(
     resume: bool = False,
     force: bool = False,
     init: InitSource | None = None,
+    resume_reason: str | None = None,
 ) -> TrainResult:
     """Train `cfg` in `run_dir` (continuing its latest checkpoint when `resume`; starting from
-    `init`, an `export.init_from.InitSource`, or from `cfg.train.init_from` when given)."""
+    `init`, an `export.init_from.InitSource`, or from `cfg.train.init_from` when given;
+    `resume_reason`: why a resume happens without --resume, for its `resumed` event)."""
     run_dir = Path(run_dir)
     # A second `train` on this directory is refused with our PID; the caller's thread count is
     # restored afterwards.
@@ -614,7 +632,9 @@ def train(
             )
         try:
             with interrupts.term_as_interrupt():  # SIGTERM unwinds set-up like Ctrl+C
-                trainer = Trainer(cfg, run_dir, resume=resume, force=force, init=init)
+                trainer = Trainer(
+                    cfg, run_dir, resume=resume, force=force, init=init, resume_reason=resume_reason
+                )
         except KeyboardInterrupt as e:
             # Setting up (data preparation, model build) holds nothing worth saving, and
             # preparation keeps its finished chunks, so the same command continues from there.

@@ -107,7 +107,7 @@ class Validator:
 
     def _eval_should_stop(self) -> bool:
         # Agreed across ranks: an FSDP forward is a collective, and every rank must score the
-        # same batches and reach the same verdict (best loss, early stop, which checkpoints).
+        # same number of batches and reach the same verdict (best loss, early stop, checkpoints).
         return distributed.any_rank(self.stop.requested, self.dist, self.device)
 
     def evaluate(self, model: nn.Module, step: int) -> dict[str, EvalResult] | None:
@@ -125,6 +125,9 @@ class Validator:
             autocast=lambda: runtime.autocast(self.device, self.precision),
             token_bytes=self.token_bytes,
             should_stop=self._eval_should_stop,
+            # Each rank scores its share of the batches; the sums are added up once.
+            shard=(self.dist.rank, self.dist.world_size),
+            reduce=lambda sums: distributed.all_reduce_sum(sums, self.dist),
         )
         model.train()
         overall = results[OVERALL]
