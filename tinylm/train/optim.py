@@ -50,6 +50,10 @@ def fused_supported(device: torch.device) -> bool:
 
 def build_adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused where the device supports it (one kernel for all parameters)."""
+    if device.type == "xla":  # sync-free AdamW: skips a non-finite step without a host read
+        from tinylm.train import xla
+
+        return xla.build_adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     fused = fused_supported(device) if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(
         groups,
