@@ -199,7 +199,8 @@ class Trainer:
         """The model on its device, with `weights` when resuming, then compiled and wrapped."""
         from tinylm.model import GPT
 
-        self.raw_model = GPT(self.cfg.model).to(self.device)
+        model = GPT(self.cfg.model)
+        self.raw_model = xla.to_device(model, self.device) if self.xla else model.to(self.device)
         ckpt, reason = preflight.decide_activation_checkpointing(self.cfg, self.device)
         self.raw_model.activation_checkpointing = ckpt
         self.messages.append(f"activation checkpointing: {reason}")

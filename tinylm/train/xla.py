@@ -76,6 +76,26 @@ def auto_precision(device: torch.device):
     return Precision("fp32", f"auto: fp32 on XLA:{kind}")
 
 
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model.to(device)` keeping tied parameters tied.
+
+    Moving to XLA replaces each module's parameters with new ones (an XLA tensor cannot take a
+    CPU tensor's place in the same Parameter), once per module: a tied head and embedding would
+    become two parameters, each trained with half the gradient (measured: the grad norm of the
+    first step 1.283 against the CPU run's 1.245, then the losses apart).
+    """
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    model.to(device)
+    for first, *aliases in groups.values():
+        param = model.get_parameter(first)
+        for alias in aliases:
+            owner, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(owner), attr, param)
+    return model
+
+
 def sync() -> None:
     """Cut the lazy graph here and run it (`mark_step`); values are readable afterwards."""
     _torch_xla().sync()

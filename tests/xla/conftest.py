@@ -1,0 +1,16 @@
+"""The XLA tests run on XLA's CPU device, in `.venv-xla` (torch_xla needs its own torch):
+
+    bash scripts/setup.sh --xla && .venv-xla/bin/python -m pytest -q tests/xla
+
+`.ci/run` does both after the main suite; in the main `.venv` these tests are skipped (no
+torch_xla). The main suite's fixtures (tests/conftest.py) apply here too.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch_xla is imported anywhere (here, in the tests, in their subprocesses): XLA's CPU
+# device, and one compilation cache for every process of the session (a resumed or interrupted
+# run then reuses the graphs the first run compiled).
+os.environ.setdefault("PJRT_DEVICE", "CPU")
