@@ -9,8 +9,10 @@ torch_xla). The main suite's fixtures (tests/conftest.py) apply here too.
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Before torch_xla is imported anywhere (here, in the tests, in their subprocesses): XLA's CPU
 # device, and one compilation cache for every process of the session (a resumed or interrupted
 # run then reuses the graphs the first run compiled).
 os.environ.setdefault("PJRT_DEVICE", "CPU")
+os.environ.setdefault("XLA_PERSISTENT_CACHE_PATH", tempfile.mkdtemp(prefix="tinylm-xla-cache-"))

@@ -49,6 +49,11 @@ def test_xla_matches_cpu_and_checkpoints_cross_over(tmp_path, corpus, capsys):
     common = _common(tmp_path, corpus)
     assert run_cli("train", "tiny", "run_name=cpu", "train.device=cpu", *common) == 0
     assert run_cli("train", "tiny", "run_name=xla", "train.device=xla", *common) == 0
+    # The learning rate changes every step (warm-up): a graph that baked it in would compile
+    # every step (20+). Measured: 9 graphs: the first step (optimizer state created), the steady
+    # step, the first after an evaluation, the evaluation, and the monitor's small reads.
+    compiles = met.metric_data("CompileTime")[0]
+    assert compiles <= 12, met.short_metrics_report()
     out = capsys.readouterr().out
     assert "device: xla (CPU" in out and "--- sample 0 at step 20 ---" in out
     cpu, xla = tmp_path / "cpu", tmp_path / "xla"
@@ -56,11 +61,6 @@ def test_xla_matches_cpu_and_checkpoints_cross_over(tmp_path, corpus, capsys):
     assert _close(_losses(xla), _losses(cpu)), (_losses(xla), _losses(cpu))
     assert _close(_losses(xla, key="grad_norm"), _losses(cpu, key="grad_norm"))
     assert _close(_losses(xla, "eval", "val/loss"), _losses(cpu, "eval", "val/loss"))
-    # The learning rate changes every step (warm-up); a graph that baked it in would compile
-    # every step. Steps compile at most: the first (optimizer state created), the steady step,
-    # the evaluation's batches, and the first step after an evaluation or checkpoint.
-    compiles = met.metric_data("CompileTime")[0]
-    assert compiles <= 10, met.short_metrics_report()
 
     _resume_from_step_10(xla, tmp_path / "xla_then_cpu", "cpu")
     _resume_from_step_10(cpu, tmp_path / "cpu_then_xla", "xla")
