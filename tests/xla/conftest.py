@@ -8,6 +8,7 @@ torch_xla). The main suite's fixtures (tests/conftest.py) apply here too.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 
@@ -16,3 +17,10 @@ import tempfile
 # run then reuses the graphs the first run compiled).
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("XLA_PERSISTENT_CACHE_PATH", tempfile.mkdtemp(prefix="tinylm-xla-cache-"))
+
+# The XLA device must exist before the first backward pass of this process: autograd sizes its
+# per-device queues then, and an XLA backward after a CPU one fails an internal assert.
+if importlib.util.find_spec("torch_xla") is not None:
+    import torch_xla
+
+    torch_xla.device()
