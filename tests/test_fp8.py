@@ -110,6 +110,7 @@ def test_fp8_checkpoint_export_and_resume_unchanged(runs, tmp_path, capsys, monk
     assert run_cli("export", runs / "fp8", "--out", tmp_path / "hf") == 0
     exported = load_file(tmp_path / "hf" / "model.safetensors")
     assert exported and all(v.dtype == torch.float32 for v in exported.values())
+    capsys.readouterr()
     assert run_cli("generate", runs / "fp8", "--prompt", "ANNA:", "--max-new-tokens", "8") == 0
     assert capsys.readouterr().out.startswith("ANNA:")
 

@@ -65,6 +65,22 @@ def build_adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> t
     )
 
 
+# How an optimizer runs, not what it computes: a checkpoint's param_groups carry these, and a
+# run resumed on another device (XLA's sync-free AdamW saves fused=None) must keep its own.
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def implementation(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's implementation flags (see `IMPLEMENTATION_KEYS`)."""
+    return [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+
+
+def set_implementation(optimizer: torch.optim.Optimizer, flags: list[dict]) -> None:
+    """Put back flags from `implementation` after loading a state dict."""
+    for group, keep in zip(optimizer.param_groups, flags, strict=True):
+        group.update(keep)
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, device: torch.device, auto_ns_dtype: str | None = None
 ) -> torch.optim.AdamW | MuonAdamW:

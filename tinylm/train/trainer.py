@@ -259,7 +259,9 @@ class Trainer:
     def _restore(self, loaded: checkpoint.LoadedCheckpoint) -> None:
         """Optimizer, grad scaler, loop state and RNG streams (the weights are already in)."""
         state = loaded.train_state(map_location="cpu", loop_fields=LoopState.__dataclass_fields__)
+        flags = optim.implementation(self.optimizer)  # ours, not the saving device's
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
+        optim.set_implementation(self.optimizer, flags)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.state = LoopState(**state["loop"])
