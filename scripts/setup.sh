@@ -2,10 +2,12 @@
 # Set up tinylm in a virtual environment at .venv (idempotent).
 #   bash scripts/setup.sh          runtime only
 #   bash scripts/setup.sh --dev    + test/lint tools and the optional data extras
+#   bash scripts/setup.sh --xla    PyTorch/XLA in its own .venv-xla (see scripts/setup_xla.sh)
 # On a machine without an NVIDIA GPU it installs the CPU build of PyTorch 2.13.0 first, so that
 # pip never pulls the multi-GB CUDA build. Set TINYLM_TORCH to override the torch requirement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[[ "${1:-}" == "--xla" ]] && exec bash scripts/setup_xla.sh
 extras=""
 [[ "${1:-}" == "--dev" ]] && extras="[dev]"
 python3 -m venv .venv

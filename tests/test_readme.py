@@ -48,6 +48,8 @@ NOT_WALKED = {
     "tests/test_scaling.py, tests/serve/test_sweep_page.py",
     "Standard benchmarks (lm-evaluation-harness)": "task data from the Hugging Face Hub: "
     "tests/test_harness.py (local tasks)",
+    "TPUs (PyTorch/XLA) and FP8": "a TPU or torch_xla's own environment: tests/xla/ (XLA's CPU "
+    "device, in .venv-xla), tests/test_fp8.py (emulated FP8), tests/test_tpu_estimate.py",
 }
 REFUSALS = "Bad input, limits and errors"  # every command there is refused (exit 2), as written
 

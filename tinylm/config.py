@@ -199,12 +199,13 @@ class TrainConfig:
     # with max_time_minutes: time the first steps and set max_steps to what fits the time, so
     # the LR schedule ends when the time does (train/time_budget.py)
     fit_steps_to_time: bool = False
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # fp8: torchao float8 matmuls in the blocks (train/fp8.py; GPUs of compute capability 8.9+)
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"
     compile: bool | Literal["auto"] = "auto"  # auto: on when the run repays compile time
     # Recompute each block in the backward pass instead of keeping its activations (per block,
     # non-reentrant torch.utils.checkpoint); auto: on only when the run would not fit without it
     activation_checkpointing: bool | Literal["auto"] = "auto"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps | xla (PyTorch/XLA: TPU)
     seed: int = ranged(1337, ge=0, le=SEED_MAX)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun; auto = ddp
     # continue the run's newest intact checkpoint without --resume: auto = when torchrun
@@ -662,9 +663,23 @@ def _check_strings(cfg: Config) -> None:
         )
     _require(
         is_device(cfg.train.device),
-        f"train.device={cfg.train.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps",
+        f"train.device={cfg.train.device!r} is not a device; use auto, cpu, cuda, cuda:N, mps or xla",
     )
     t = cfg.train
+    if t.device == "xla":  # what the XLA path supports (tinylm/train/xla.py says why)
+        _require(
+            cfg.optim.name == "adamw",
+            "optim.name=muon is not supported on train.device=xla; use optim.name=adamw",
+        )
+        _require(
+            t.compile is not True,
+            "train.compile=true with train.device=xla: XLA compiles each step's graph itself; "
+            "use train.compile=auto or false",
+        )
+        _require(
+            t.precision in ("auto", "fp32", "bf16"),
+            f"train.precision={t.precision} is not supported on train.device=xla; use bf16 or fp32",
+        )
     _require(
         re.fullmatch(r"all|no-embeddings|last:[1-9][0-9]*", t.trainable) is not None,
         f"train.trainable={t.trainable!r}: expected all, no-embeddings or last:N (N >= 1)",

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 DOMAIN_KEY = "tinylm_domain"
-# auto | cpu | cuda | cuda:N | mps | xpu[:N]: the devices torch names and tinylm can run on.
-DEVICE_RE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d{1,3})?")
+# auto | cpu | cuda | cuda:N | mps | xpu[:N] | xla: the devices torch names and tinylm can run on.
+DEVICE_RE = re.compile(r"auto|cpu|mps|xla|(cuda|xpu)(:\d{1,3})?")
 
 
 def is_device(text: str) -> bool:

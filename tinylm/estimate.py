@@ -31,8 +31,10 @@ from dataclasses import dataclass
 
 from tinylm.cli_args import float_in, int_in
 from tinylm.config import Config, ModelConfig
+from tinylm.tpu import slice_arg
 
-ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# fp8: counted as bf16 (torchao keeps some saved inputs in float8: an upper bound)
+ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 GPT2_VOCAB = 50257
 CHAR_VOCAB_GUESS = 256  # a char tokenizer's size is known only once fitted on the corpus
 
@@ -324,6 +326,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     tokens = int(args.tokens) if args.tokens is not None else None
+    tpu = args.device  # a TPU slice (tinylm/tpu.py) sets the devices and their peak
+    if tpu is not None:
+        args.devices = tpu.devices
+        args.peak_tflops = args.peak_tflops or tpu.tflops_per_device
     e = estimate(
         cfg,
         tokens=tokens,
@@ -333,6 +339,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         devices=args.devices,
     )
     print(f"tinylm estimate: {args.config}")
+    if tpu is not None:
+        print(tpu.describe())
     print(
         format_estimate(
             e, tokens_per_second=args.tokens_per_second, peak_tflops=args.peak_tflops, mfu=args.mfu
@@ -340,6 +348,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     )
     if args.gpu_memory is not None:
         print(format_memory_plan(cfg, args.gpu_memory, e.precision))
+    if tpu is not None:
+        fits = e.total_memory <= tpu.hbm_bytes_per_device
+        print(
+            f"per XLA device: {format_bytes(e.total_memory)} of {format_bytes(tpu.hbm_bytes_per_device)} "
+            f"HBM ({'fits' if fits else 'does not fit: lower train.batch_size or the model size'})"
+        )
     return 0
 
 
@@ -425,5 +439,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="GIB",
         help="propose train.batch_size / grad_accum / activation_checkpointing that fit a card "
         "with this much memory (GiB) for the same global batch",
+    )
+    p.add_argument(
+        "--device",
+        type=slice_arg,
+        help="a TPU slice (tpu-v3-8, tpu-v4-8, tpu-v5e-8, ...): its XLA device count, bf16 peak "
+        "and HBM from a table (tinylm/tpu.py; overrides --devices)",
     )
     p.set_defaults(func=cmd_estimate)

@@ -50,6 +50,10 @@ def fused_supported(device: torch.device) -> bool:
 
 def build_adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused where the device supports it (one kernel for all parameters)."""
+    if device.type == "xla":  # sync-free AdamW: skips a non-finite step without a host read
+        from tinylm.train import xla
+
+        return xla.build_adamw(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     fused = fused_supported(device) if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(
         groups,
@@ -59,6 +63,22 @@ def build_adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> t
         fused=fused,
         foreach=None if fused else True,
     )
+
+
+# How an optimizer runs, not what it computes: a checkpoint's param_groups carry these, and a
+# run resumed on another device (XLA's sync-free AdamW saves fused=None) must keep its own.
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def implementation(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's implementation flags (see `IMPLEMENTATION_KEYS`)."""
+    return [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+
+
+def set_implementation(optimizer: torch.optim.Optimizer, flags: list[dict]) -> None:
+    """Put back flags from `implementation` after loading a state dict."""
+    for group, keep in zip(optimizer.param_groups, flags, strict=True):
+        group.update(keep)
 
 
 def build_optimizer(

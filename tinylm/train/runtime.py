@@ -26,6 +26,10 @@ def select_device(spec: str = "auto", local_rank: int = 0) -> tuple[torch.device
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps"), "mps (Apple GPU)"
         return torch.device("cpu"), "cpu: no CUDA or MPS device found"
+    if spec == "xla":  # PyTorch/XLA (TPU); refused with the install command without torch_xla
+        from tinylm.train import xla
+
+        return xla.select_device()
     try:
         device = torch.device(spec)
     except RuntimeError:
@@ -57,7 +61,15 @@ def select_precision(spec: str, device: torch.device, cfg: Config | None = None)
             return Precision("fp16", "auto -> fp16 with a grad scaler (this GPU has no bf16)")
         if device.type == "cpu" and cfg is not None:
             return choose_cpu_precision(cfg)
+        if device.type == "xla":
+            from tinylm.train import xla
+
+            return xla.auto_precision(device)
         return Precision("fp32", f"auto -> fp32 on {device.type}")
+    if spec == "fp8":
+        from tinylm.train import fp8
+
+        return Precision("fp8", fp8.check_supported(device))
     if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             "train.precision=bf16 is not supported by this GPU; use fp16 (with a grad scaler)"
@@ -171,6 +183,11 @@ def decide_compile(
     to do (FLOPs per token x tokens per step x remaining steps); `max_seconds` the run's time
     limit (0 = none), which caps the time compile can save.
     """
+    if precision.name == "fp8":
+        from tinylm.train import fp8
+
+        if decision := fp8.compile_decision(setting):
+            return decision
     if setting is True or setting is False:
         return setting, f"train.compile={str(setting).lower()}"
     if device.type not in COMPILE_COST_S:

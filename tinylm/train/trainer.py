@@ -37,6 +37,7 @@ from tinylm.train import (
     sinks,
     threads,
     time_budget,
+    xla,
 )
 from tinylm.train.monitor import TrainMonitor
 from tinylm.train.resume import (
@@ -110,6 +111,7 @@ class Trainer:
             width=cfg.model.d_model,
         )
         threads.apply(self.threads)
+        self.xla = self.device.type == "xla"  # PyTorch/XLA: the hooks in train/xla.py
         self.state = LoopState()
         # Tracked by step, not by returned path: only the main process gets a path, and every
         # process must agree on whether to enter the collective `_save`.
@@ -203,7 +205,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             sampling=cfg.data.sampling,
-            device=self.device,
+            device="cpu" if self.xla else self.device,  # XLA: xla.device_batches moves them
             prefetch=cfg.data.prefetch,
             curriculum=curriculum_of(cfg),
         )
@@ -212,7 +214,8 @@ class Trainer:
         """The model on its device, with `weights` when resuming, then compiled and wrapped."""
         from tinylm.model import GPT
 
-        self.raw_model = GPT(self.cfg.model).to(self.device)
+        model = GPT(self.cfg.model)
+        self.raw_model = xla.to_device(model, self.device) if self.xla else model.to(self.device)
         ckpt, reason = preflight.decide_activation_checkpointing(self.cfg, self.device)
         self.raw_model.activation_checkpointing = ckpt
         self.messages.append(f"activation checkpointing: {reason}")
@@ -225,6 +228,10 @@ class Trainer:
             self.messages.append(
                 f"trainable: {self.cfg.train.trainable}: {n_train:,} of {n_total:,} parameters"
             )
+        if self.precision.name == "fp8":  # before compile and the optimizer (same parameters)
+            from tinylm.train import fp8
+
+            self.messages.append(fp8.convert_model(self.raw_model))
         n_all, n_body = self.raw_model.num_params(), self.raw_model.num_params(non_embedding=True)
         self.flops_per_token = self.raw_model.flops_per_token()
         self.messages.append(
@@ -258,14 +265,18 @@ class Trainer:
         self.optimizer = optim.build_optimizer(
             self.raw_model, self.cfg.optim, self.device, self.precision.muon_ns_dtype
         )
-        self.fused_optimizer = bool(self.optimizer.defaults.get("fused"))
+        self.fused_optimizer = bool(self.optimizer.defaults.get("fused")) or getattr(
+            self.optimizer, "takes_found_inf", False
+        )
         self.scaler = precision.make_grad_scaler(self.device, self.precision)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
 
     def _restore(self, loaded: checkpoint.LoadedCheckpoint) -> None:
         """Optimizer, grad scaler, loop state and RNG streams (the weights are already in)."""
         state = loaded.train_state(map_location="cpu", loop_fields=LoopState.__dataclass_fields__)
+        flags = optim.implementation(self.optimizer)  # ours, not the saving device's
         distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
+        optim.set_implementation(self.optimizer, flags)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.state = LoopState(**state["loop"])
@@ -320,6 +331,8 @@ class Trainer:
         elif not nonfinite.item():  # unfused fallback: one host sync per step
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.xla:  # the step's graph ends here; nothing above read a value
+            xla.sync()
         return loss, grad_norm, nonfinite
 
     # ---------------------------------------------------------------- the loop
@@ -405,6 +418,8 @@ class Trainer:
 
         with self.loader:
             batches = iter(self.loader.iterate(state.step))
+            if self.xla:
+                batches = xla.device_batches(batches, self.device, cfg.data.prefetch)
             while state.step < cfg.train.max_steps:
                 loss, grad_norm, nonfinite = self.train_step(batches)
                 state.step += 1
@@ -535,6 +550,8 @@ class Trainer:
         if not self._weights_finite():  # NaN weights: no evaluation, no sample from them
             return False
         results = self.validator.evaluate(self.eval_model, state.step)
+        if self.xla:
+            xla.sync()
         state.eval_pending = results is None and bool(self.validator.val)  # interrupted
         if results is None:
             return False
@@ -559,7 +576,8 @@ class Trainer:
                 f"early stopping: val loss did not improve by more than {cfg.train.early_stop_min_delta} "
                 f"for {patience} evaluations (best {state.best_val_loss:.4f})"
             )
-        self.validator.print_samples(self.raw_model, state.step)
+        sampler = xla.host_model(self.raw_model) if self.xla and self.validator.sample else None
+        self.validator.print_samples(sampler or self.raw_model, state.step)
         return improved
 
     def _weights_finite(self) -> bool:
@@ -578,6 +596,8 @@ class Trainer:
             return None
         model_state = distributed.model_state_dict(self.model, self.dist)
         optim_state = distributed.optimizer_state_dict(self.model, self.optimizer, self.dist)
+        if self.xla:  # files are written from host tensors
+            model_state, optim_state = xla.host_state_dict(self.raw_model), xla.to_host(optim_state)
         rng = checkpoint.numpy_rng_to_torch(runtime.capture_rng_state())
         rng_states = distributed.gather_objects(rng, self.dist)  # each rank's dropout stream
         path = None

@@ -1,0 +1,26 @@
+"""The XLA tests run on XLA's CPU device, in `.venv-xla` (torch_xla needs its own torch):
+
+    bash scripts/setup.sh --xla && .venv-xla/bin/python -m pytest -q tests/xla
+
+`.ci/run` does both after the main suite; in the main `.venv` these tests are skipped (no
+torch_xla). The main suite's fixtures (tests/conftest.py) apply here too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+
+# Before torch_xla is imported anywhere (here, in the tests, in their subprocesses): XLA's CPU
+# device, and one compilation cache for every process of the session (a resumed or interrupted
+# run then reuses the graphs the first run compiled).
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+os.environ.setdefault("XLA_PERSISTENT_CACHE_PATH", tempfile.mkdtemp(prefix="tinylm-xla-cache-"))
+
+# The XLA device must exist before the first backward pass of this process: autograd sizes its
+# per-device queues then, and an XLA backward after a CPU one fails an internal assert.
+if importlib.util.find_spec("torch_xla") is not None:
+    import torch_xla
+
+    torch_xla.device()
