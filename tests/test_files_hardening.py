@@ -274,7 +274,7 @@ def test_tampered_pickle_is_not_a_tinylm_checkpoint(run, capsys):
     ckpt = run / "checkpoints" / "step_00000006"
     torch.save({"loop": {"step": 6}, "evil": _Payload()}, ckpt / "train_state.pt")
     _rehash(ckpt)
-    err = _cli_error(capsys, "train", "--resume", run)
+    err = _cli_error(capsys, "train", "--resume", run, "train.max_steps=12")
     assert "is not a tinylm checkpoint's training state" in err
     assert "weights_only" not in err and "this would have run" not in err
 
@@ -293,7 +293,7 @@ def test_train_state_schema(run, capsys, state, expected):
     ckpt = run / "checkpoints" / "step_00000006"
     torch.save(state, ckpt / "train_state.pt")
     _rehash(ckpt)
-    err = _cli_error(capsys, "train", "--resume", run)
+    err = _cli_error(capsys, "train", "--resume", run, "train.max_steps=12")
     assert "train_state.pt" in err and expected in err
 
 
