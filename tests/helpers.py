@@ -150,3 +150,22 @@ class CliProcess:
     @property
     def output(self) -> str:
         return self.log_path.read_text()
+
+
+def forge_nan(ckpt: Path) -> None:
+    """Put NaN into a checkpoint's first weight and re-hash it (a consistent forgery)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from tinylm.train import checkpoint
+
+    weights = load_file(ckpt / checkpoint.MODEL_FILE)
+    name = sorted(weights)[0]
+    weights[name].view(-1)[:3] = float("nan")
+    save_file(weights, ckpt / checkpoint.MODEL_FILE)
+    meta = json.loads((ckpt / checkpoint.META_FILE).read_text())
+    for file in meta["files"]:
+        data = (ckpt / file).read_bytes()
+        meta["files"][file] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / checkpoint.META_FILE).write_text(json.dumps(meta))

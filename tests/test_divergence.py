@@ -4,14 +4,12 @@ NaN weights; every consumer of a checkpoint refuses NaN weights in one line."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL, read_metrics, run_cli, train_two_steps
-from safetensors.torch import load_file, save_file
+from helpers import SMALL, forge_nan, read_metrics, run_cli, train_two_steps
+from safetensors.torch import save_file
 
 from tinylm.config import load_config
 from tinylm.finite import all_finite, check_finite, nonfinite_names
@@ -87,18 +85,6 @@ def nan_run(tmp_path_factory, corpus) -> Path:
     run = train_two_steps(tmp_path_factory.mktemp("nan-run"), corpus)
     forge_nan(checkpoint.find_latest(run / "checkpoints"))
     return run
-
-
-def forge_nan(ckpt: Path) -> None:
-    weights = load_file(ckpt / checkpoint.MODEL_FILE)
-    name = sorted(weights)[0]
-    weights[name].view(-1)[:3] = float("nan")
-    save_file(weights, ckpt / checkpoint.MODEL_FILE)
-    meta = json.loads((ckpt / checkpoint.META_FILE).read_text())
-    for file in meta["files"]:
-        data = (ckpt / file).read_bytes()
-        meta["files"][file] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (ckpt / checkpoint.META_FILE).write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize(

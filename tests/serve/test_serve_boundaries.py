@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from conftest import API_KEY, ThreadServer
+from helpers import forge_nan
 
 from tinylm.generate import generate
 from tinylm.serve.engine import SLOW_ENV
@@ -31,6 +32,8 @@ def roots(serve_root, tmp_path_factory):
     for name in ("alpha", "beta"):
         shutil.copytree(serve_root / name, served / name)
     shutil.copytree(serve_root / "beta", elsewhere / "secret")
+    shutil.copytree(serve_root / "beta", served / "poisoned")
+    forge_nan(checkpoint.find_latest(served / "poisoned" / "checkpoints"))
     (served / "linked").symlink_to(elsewhere / "secret", target_is_directory=True)
     outside_ckpt = elsewhere / "secret" / "checkpoints" / "step_00000010"
     own = served / "alpha" / "checkpoints" / "step_00000010"
@@ -149,6 +152,18 @@ def test_plain_completions_are_cancelled_when_the_client_leaves(server, client):
         time.sleep(0.1)
     assert stats["cancelled"] - before["cancelled"] == 8
     assert stats["tokens"] - before["tokens"] < 8 * 200  # stopped far before 8 x 400 tokens
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(client):
+    """Issue 21 item 1: serve refuses NaN weights through the shared loader check, in one
+    line naming the checkpoint (503: the model cannot be loaded), and keeps serving the others."""
+    body = {"model": "poisoned", "prompt": "ab", "max_tokens": 2}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 503, r.text
+    message = r.json()["error"]["message"]
+    assert "NaN or infinite" in message and "step_00000010" in message
+    assert len(message.splitlines()) == 1
+    assert client.post("/v1/completions", json={**body, "model": "beta"}).status_code == 200
 
 
 def test_api_key_edge_cases(client, server):
