@@ -75,8 +75,11 @@ def decide(cfg: Config, run_dir: Path, explicit_name: bool, preset: str | None) 
     decision = Decision(run_dir, False, None)
     if os.environ.get("RANK", "0") == "0":
         decision = _decide_here(cfg, run_dir, explicit_name, preset)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from tinylm.train import distributed  # torch: only when there is something to share
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if world_size != "1" and not (world_size.isdigit() and int(world_size) <= 1):
+        # torch only when there is something to share; a malformed WORLD_SIZE is refused in
+        # one line by distributed.setup (launcher_int), not parsed here
+        from tinylm.train import distributed
 
         decision = distributed.broadcast_object(decision, distributed.setup())
     cfg.run_name = decision.run_dir.name
