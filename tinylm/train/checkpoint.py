@@ -493,20 +493,31 @@ def load_checkpoint(target: str | Path, which: str = "latest") -> LoadedCheckpoi
     deadline = time.monotonic() + 10.0
     # Only a read that began with a checkpoint on disk can lose a race with rotation: a path
     # that does not exist, or a run without checkpoints, is refused at once (a mistyped run
-    # path used to cost the whole 10 s).
-    existed = _holds_checkpoint(Path(target))
+    # path used to cost the whole 10 s). And only a failure while the checkpoints on disk
+    # changed is a lost race: a damaged checkpoint that nothing touches is refused at once
+    # (each corrupt-checkpoint test used to wait out the 10 s).
+    target = Path(target)
+    existed = _holds_checkpoint(target)
+    before = _disk_state(target)
     while True:
-        path = None
         try:
-            path = resolve_checkpoint(target, which)
-            return _load(path)
+            return _load(resolve_checkpoint(target, which))
         except (FileNotFoundError, CheckpointError):
-            # Rotation removes a checkpoint's files one by one: gone, or going, means "look
-            # again" (the newer one it made room for is complete by then).
-            vanishing = path is None or not path.exists() or check_checkpoint(path, False)
-            if not (existed and vanishing) or time.monotonic() > deadline:
+            now = _disk_state(target)
+            if not existed or now == before or time.monotonic() > deadline:
                 raise
+            before = now  # rotation moved something: the newer checkpoint is complete by now
             time.sleep(0.02)
+
+
+def _disk_state(target: Path) -> frozenset[tuple[str, tuple[str, ...]]]:
+    """The checkpoint directories at `target` (a checkpoint, or a run's `checkpoints/`) with
+    the names of their files: what a rotation or a newly saved checkpoint changes."""
+    if (target / META_FILE).is_file() or CHECKPOINT_NAME.match(target.name):
+        dirs = [target]
+    else:
+        dirs = _entries(target / "checkpoints")
+    return frozenset((d.name, tuple(sorted(e.name for e in _entries(d)))) for d in dirs)
 
 
 def _holds_checkpoint(path: Path) -> bool:
