@@ -1,7 +1,7 @@
 """tinylm's training step side by side with nanoGPT's, in one process, on the same machine.
 
     .venv/bin/python bench/bench_vs_nanogpt.py --nanogpt PATH [--shapes nano4,nano6,tiny]
-        [--rounds 5] [--steps 5] [--profile] [--compile]
+        [--rounds 5] [--steps 5] [--profile] [--compile] [--auto] [--own]
 
 PATH is a checkout of karpathy/nanoGPT (its `model.py` is imported from there; nothing of it is
 kept in this repository). For each shape the variants are timed in turn, `--steps` steps each,
@@ -28,6 +28,9 @@ Shapes (vocabulary: the 65 characters of Tiny Shakespeare):
 `--compile` adds tinylm with `train.compile=true` (compile time reported separately);
 `--auto` adds tinylm with its defaults, `train.precision=auto train.compile=auto` (the
 precision probe and the compile decision of a long run; issue 18's acceptance comparison);
+`--own` adds tinylm with its defaults AND its own architecture and optimizer at the shape's size
+(RMSNorm, RoPE, SwiGLU, QK-norm, Muon: the `tiny` preset resized), a different network from
+nanoGPT's of about the same parameter count;
 `--profile` prints the op table (torch.profiler, CPU self time) of a few steps of each.
 """
 
@@ -69,8 +72,11 @@ def load_nanogpt(path: Path):
     return module
 
 
-def tinylm_config(shape: str, text: Path, workdir: Path, compile_: bool | str):
-    """The tinylm config of a shape: the tiny preset, resized for the nanoGPT shapes."""
+def tinylm_config(
+    shape: str, text: Path, workdir: Path, compile_: bool | str, own_form: bool = False
+):
+    """The tinylm config of a shape: the tiny preset, resized for the nanoGPT shapes (with
+    `own_form`, resized only: tinylm's own architecture and optimizer at that size)."""
     s = SHAPES[shape]
     overrides = [
         f"data.train={text}",
@@ -83,7 +89,16 @@ def tinylm_config(shape: str, text: Path, workdir: Path, compile_: bool | str):
         "log.tensorboard=false",
         "log.progress=false",
     ]
-    if s["gpt2_form"]:
+    if s["gpt2_form"] and own_form:
+        overrides += [
+            f"model.n_layer={s['n_layer']}",
+            f"model.n_head={s['n_head']}",
+            f"model.d_model={s['d_model']}",
+            f"model.context_length={s['context']}",
+            f"train.batch_size={s['batch']}",
+            "model.d_ff=null",
+        ]
+    elif s["gpt2_form"]:
         overrides += [
             *GPT2_FORM,
             f"model.n_layer={s['n_layer']}",
@@ -236,6 +251,9 @@ def main() -> None:
     parser.add_argument(
         "--no-eager", action="store_true", help="leave out tinylm fp32 eager (with --auto)"
     )
+    parser.add_argument(
+        "--own", action="store_true", help="also tinylm's own architecture at the shape's size"
+    )
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -268,6 +286,9 @@ def main() -> None:
                     if m.startswith(("precision:", "compile:"))
                 ]
                 print(f"{shape}: tinylm auto: " + "; ".join(chosen))
+            if args.own and SHAPES[shape]["gpt2_form"]:
+                ocfg = tinylm_config(shape, text, workdir, compile_="auto", own_form=True)
+                variants["tinylm own"] = TinylmStep(ocfg, workdir, f"{shape}-own")
             for name, step in variants.items():
                 t0 = time.process_time()  # CPU seconds: includes compiling, if any
                 for _ in range(args.warmup):

@@ -3,6 +3,8 @@
     .venv/bin/python bench/recipe_vs_nanogpt.py --nanogpt PATH [--corpus char|plays] [--runs 3]
         [--preset tiny] [--variant NAME=key=value,key=value ...] [--equal-time]
         [--skip-nanogpt] [--out DIR]
+    .venv/bin/python bench/recipe_vs_nanogpt.py --nanogpt PATH --shape nano6 --concurrent \
+        --minutes 15 --nanogpt-iters N
 
 PATH is a checkout of karpathy/nanoGPT: its own `train.py` runs in a subprocess, in a scratch
 directory holding our copy of the data in its format (nothing of nanoGPT is kept here). The
@@ -19,6 +21,21 @@ are measured, and each final model is scored by the same code on the same text.
 - `--corpus plays`: the 42 Shakespeare plays; whole plays held out for validation (every 10th
   work in name order); a BPE tokenizer (`--bpe-vocab`, default 2048) trained by tinylm on the
   training plays only, used by both. Same nanoGPT recipe on those tokens. Score: bits per byte.
+
+`--shape nano6`: nanoGPT's own `config/train_shakespeare_char.py` model and recipe as it is (6
+layers, 6 heads, d_model 384, context 256, batch 64, dropout 0.2, lr 1e-3, beta2 0.99) on CPU,
+with `--max_iters=N --lr_decay_iters=N` (`--nanogpt-iters`) so that its schedule ends within the
+budget (its 5,000 iterations take hours on 2 CPU cores) and its warm-up scaled alike (100 of
+5,000 = 2%); one evaluation at the end (`--eval_interval=N --eval_iters=10`: its in-run estimate
+only decides which checkpoint it keeps). tinylm runs its `tiny` preset resized to the same
+network size (6 layers, 6 heads, d_model 384, context 256) with everything else its own defaults
+(batch 16, Muon, precision and compile `auto`).
+
+`--concurrent`: nanoGPT and tinylm run at the same time, one thread each (`OMP_NUM_THREADS=1`,
+`train.threads=1`), so that load from other processes on a shared machine falls on both within
+the same minutes; tinylm gets `--minutes` (its steps fitted to the time), nanoGPT
+`--nanogpt-iters` (pick N so that its run takes about as long: the report prints both wall times,
+and tinylm's must not exceed nanoGPT's for a fair comparison).
 
 Variants: `--variant muon=optim.name=muon` adds a tinylm run with those overrides to every round
 (`tinylm` = the preset as it is always runs). `--equal-time`: each tinylm run gets the wall time
@@ -66,7 +83,30 @@ NANOGPT_RECIPE = [
     "--lr_decay_iters=2000",
     "--dropout=0.0",
 ]
+# nanoGPT's train_shakespeare_char model as its config has it (--shape nano6): no overrides of
+# the network or the batch; the schedule is fitted to the budget by nano6_recipe().
+NANO6_TINYLM = [
+    "model.n_layer=6",
+    "model.n_head=6",
+    "model.d_model=384",
+    "model.d_ff=null",
+    "model.context_length=256",
+]
 REPO = Path(__file__).resolve().parent.parent
+
+
+def nano6_recipe(iters: int) -> list[str]:
+    """nanoGPT's config/train_shakespeare_char.py on CPU, its schedule fitted to `iters`."""
+    return [
+        "--device=cpu",
+        "--compile=False",
+        "--log_interval=1",
+        f"--max_iters={iters}",
+        f"--lr_decay_iters={iters}",
+        f"--warmup_iters={max(1, round(iters * 100 / 5000))}",
+        f"--eval_interval={iters}",
+        "--eval_iters=10",
+    ]
 
 
 def child_cpu_seconds() -> float:
@@ -74,11 +114,13 @@ def child_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_timed(cmd: list[str], cwd: Path, log_path: Path) -> tuple[float, float, list[tuple]]:
+def run_timed(
+    cmd: list[str], cwd: Path, log_path: Path, env_extra: dict | None = None
+) -> tuple[float, float, list[tuple]]:
     """Run `cmd`; returns (wall s, CPU s, [(wall s since start, line), ...])."""
     cpu0, t0 = child_cpu_seconds(), time.perf_counter()
     lines = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -86,6 +128,7 @@ def run_timed(cmd: list[str], cwd: Path, log_path: Path) -> tuple[float, float, 
         for line in proc.stdout:
             lines.append((time.perf_counter() - t0, line.rstrip()))
             log.write(line)
+            log.flush()  # a run watched from outside, or killed, keeps its log
         if proc.wait() != 0:
             sys.exit(f"{' '.join(cmd)} failed; see {log_path}")
     return time.perf_counter() - t0, child_cpu_seconds() - cpu0, lines
@@ -241,15 +284,24 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, overrides.split(",")
 
 
-def run_nanogpt(i: int, work: Path, ng_dir: Path, nanogpt: Path, corpus: dict) -> dict:
+def run_nanogpt(
+    i: int,
+    work: Path,
+    ng_dir: Path,
+    nanogpt: Path,
+    corpus: dict,
+    recipe: list[str] = NANOGPT_RECIPE,
+    env_extra: dict | None = None,
+) -> dict:
     out = work / f"nanogpt-out-{i}"
     # (train.py seeds with a constant 1337 and has no seed option: its runs on CPU give the same
     # model; repeating them measures its time.)
     wall, cpu, _ = run_timed(
-        [sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_RECIPE,
+        [sys.executable, "train.py", "config/train_shakespeare_char.py", *recipe,
          "--dataset=corpus", f"--out_dir={out}"],
         ng_dir,
         work / f"nanogpt-{i}.log",
+        env_extra,
     )  # fmt: skip
     s = score_nanogpt(nanogpt, out, corpus)
     print(
@@ -285,6 +337,37 @@ def run_tinylm(
           f"{steps} steps; curve {[(round(t), st, round(v, 3)) for t, st, v in curve]}",
           flush=True)  # fmt: skip
     return {"wall": wall, "cpu": cpu, "score": s, "steps": steps, "curve": curve}
+
+
+def run_side_by_side(
+    i: int,
+    work: Path,
+    ng_dir: Path,
+    nanogpt: Path,
+    corpus: dict,
+    preset: str,
+    recipe: list[str],
+    variants: list[tuple[str, list[str]]],
+    timed: list[str],
+    results: dict[str, list[dict]],
+) -> None:
+    """Round `i` of --concurrent: nanoGPT and each tinylm variant at once, one thread each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    one = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(len(variants) + 1) as pool:
+        ng = pool.submit(run_nanogpt, i, work, ng_dir, nanogpt, corpus, recipe, one)
+        tl = {
+            label: pool.submit(
+                run_tinylm, i, label, work, preset, corpus, [*o, *timed, "train.threads=1"]
+            )
+            for label, o in variants
+        }
+        results["nanoGPT"].append(ng.result())
+        for label, future in tl.items():
+            results[label].append(future.result())
+    walls = ", ".join(f"{k} {v[-1]['wall']:.0f} s" for k, v in results.items())
+    print(f"round {i} wall times (tinylm's must not exceed nanoGPT's): {walls}", flush=True)
 
 
 def report(results: dict[str, list[dict]], unit: str) -> None:
@@ -333,8 +416,13 @@ def main() -> None:
     )
     parser.add_argument("--skip-nanogpt", action="store_true", help="tinylm runs only")
     parser.add_argument("--out", type=Path, default=Path("/tmp/recipe-vs-nanogpt"))
+    parser.add_argument("--shape", choices=["nano4", "nano6"], default="nano4")
+    parser.add_argument("--nanogpt-iters", type=int, default=60, help="nanoGPT's with nano6")
+    parser.add_argument("--concurrent", action="store_true")
     args = parser.parse_args()
-    work = args.out / args.corpus
+    if args.concurrent and not args.minutes:
+        parser.error("--concurrent needs --minutes (tinylm's time)")
+    work = args.out / args.corpus / args.shape
     work.mkdir(parents=True, exist_ok=True)
     nanogpt = args.nanogpt.resolve()
     corpus = char_corpus(work) if args.corpus == "char" else plays_corpus(work, args.bpe_vocab)
@@ -344,8 +432,20 @@ def main() -> None:
         if not link.exists():
             link.symlink_to(nanogpt / name)
     print(f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
-    variants = [("tinylm", []), *args.variant]
+    base = NANO6_TINYLM if args.shape == "nano6" else []
+    variants = [("tinylm", base), *((n, [*base, *o]) for n, o in args.variant)]
     results: dict[str, list[dict]] = {"nanoGPT": [], **{name: [] for name, _ in variants}}
+    if args.concurrent:
+        recipe = nano6_recipe(args.nanogpt_iters) if args.shape == "nano6" else NANOGPT_RECIPE
+        timed = [f"train.max_time_minutes={args.minutes:.4f}", "train.fit_steps_to_time=true"]
+        for i in range(args.runs):
+            run_side_by_side(
+                i, work, ng_dir, nanogpt, corpus, args.preset, recipe, variants, timed, results
+            )
+        report(results, corpus["unit"])
+        (work / "results.json").write_text(json.dumps(results, indent=1))
+        print(f"load average at end {os.getloadavg()[0]:.2f}")
+        return
     for i in range(args.runs):
         minutes = args.minutes
         if not args.skip_nanogpt:
