@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from tinylm.config import Config, ModelConfig
-from tinylm.export.hf_tokenizer import write_tokenizer_files
-from tinylm.export.init_from import apply_init_from
 from tinylm.export.writer import export_hf
+from tinylm.hf.tokenizer import write_tokenizer_files
 from tinylm.model import GPT
 from tinylm.tokenizer import CharTokenizer
 from tinylm.train.checkpoint import save_checkpoint
+from tinylm.train.init_from import apply_init_from
 
 CASES = {
     "gpt2": dict(norm="layernorm", pos_emb="learned", mlp="gelu", bias=True),

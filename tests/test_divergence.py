@@ -114,7 +114,7 @@ def test_the_loader_serve_uses_refuses_nan_weights(nan_run):
 
 
 def test_init_from_refuses_nan_hf_weights(tmp_path):
-    from tinylm.export.init_from import read_hf_weights
+    from tinylm.train.init_from import read_hf_weights
 
     save_file({"w": torch.tensor([1.0, float("inf")])}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="NaN or infinite"):

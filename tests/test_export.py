@@ -18,14 +18,14 @@ from tinylm.config import (
     load_config,
     load_config_file,
 )
-from tinylm.export.hf import hf_family
-from tinylm.export.init_from import apply_init_from, open_source
 from tinylm.export.writer import export_hf
 from tinylm.generate import generate
+from tinylm.hf.model import hf_family
 from tinylm.model import GPT
 from tinylm.tokenizer import CharTokenizer
 from tinylm.tokenizer.base import EOT
 from tinylm.train.checkpoint import CheckpointError, save_checkpoint
+from tinylm.train.init_from import apply_init_from, open_source
 
 transformers = pytest.importorskip("transformers")  # in the dev and hf extras
 
@@ -139,7 +139,7 @@ def test_exported_model_matches_tinylm(tmp_path, name):
 
 
 def test_tokenizers_encode_exactly_like_tinylm(tmp_path, shared_data):
-    from tinylm.export.hf_tokenizer import tokenizer_from_hf_dir, write_tokenizer_files
+    from tinylm.hf.tokenizer import tokenizer_from_hf_dir, write_tokenizer_files
     from tinylm.tokenizer.bpe import from_gpt2_files
     from tinylm.tokenizer.bpe_train import train_bpe
 
@@ -234,7 +234,7 @@ def test_export_refusals_and_force(tmp_path, capsys):
 
 def _hf_random_dir(tmp_path: Path, family: str) -> tuple[Path, object]:
     """save_pretrained of a random-init stock HF model with a tinylm char tokenizer beside it."""
-    from tinylm.export.hf_tokenizer import write_tokenizer_files
+    from tinylm.hf.tokenizer import write_tokenizer_files
 
     tok = char_tok()
     common = dict(vocab_size=tok.vocab_size + 5, bos_token_id=tok.eot_id, eos_token_id=tok.eot_id)

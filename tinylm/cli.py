@@ -16,7 +16,7 @@ import sys
 
 COMMAND_PROVIDERS = [
     "tinylm.train.commands",  # train, eval, generate
-    "tinylm.tokenizer.cli",  # tokenizer train|encode|stats|import|export
+    "tinylm.data.tokenizer_cli",  # tokenizer train|encode|stats|import|export
     "tinylm.data.cli",  # prepare, datasets
     "tinylm.estimate",  # estimate
     "tinylm.runs",  # runs, plot

@@ -6,6 +6,9 @@ from the Hugging Face Hub into the `datasets` cache), runs them on a `TinyLMHarn
 harness's results table, writes the full results to `RUN/eval/harness-<UTC time>.json`
 (temporary file, renamed when complete), and logs the headline metrics as a `kind: eval` line in
 the run's `metrics.jsonl` and as `harness/<task>/<metric>` scalars in TensorBoard.
+
+The checkpoint is loaded by the caller (`train/commands.py`, through `load`): checkpoints and
+devices belong to `train/`, which sits above `eval/` (docs/DESIGN.md, "Layers").
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,19 @@ class HarnessResult:
     path: Path
     metrics: dict[str, float]
     table: str
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint ready for the harness, loaded by the caller (the layer that owns checkpoints)."""
+
+    model: Any  # tinylm.model.GPT, in eval mode on `device`
+    cfg: Any  # the run's tinylm.config.Config
+    tokenizer: Any
+    path: Path  # the checkpoint directory (RUN/checkpoints/step_N)
+    device: Any  # torch.device
+    autocast: Callable[[], Any]  # a fresh autocast context for the run's precision
+    metrics_file: Path  # the run's metrics.jsonl (where the headline metrics are appended)
 
 
 # Examples per task: far more than any task has; past it `--limit 1e30` reached the harness
@@ -290,39 +307,35 @@ def write_results(results: dict[str, Any], run_dir: Path) -> Path:
     return atomic_write_text(path, json.dumps(results, indent=2, default=handle_non_serializable))
 
 
-def log_metrics(run_dir: Path, step: int, metrics: dict[str, Any], tensorboard: bool) -> None:
+def log_metrics(metrics_file: Path, step: int, metrics: dict[str, Any], tensorboard: bool) -> None:
     """Append a `kind: eval` line to the run's metrics.jsonl and the scalars to TensorBoard.
 
     Appended, never truncated: a harness evaluation of an older checkpoint must not cut the
     history after it (which is what a resuming `RunLogger` would do).
     """
-    from tinylm.train.sinks import METRICS_FILE
-
     record = {"kind": "eval", "step": step, "time": round(time.time(), 3), **metrics}
-    with open_append(run_dir / METRICS_FILE) as f:
+    with open_append(metrics_file) as f:
         f.write(json.dumps(record) + "\n")
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        with contextlib.closing(SummaryWriter(str(run_dir / "tb"))) as writer:
+        with contextlib.closing(SummaryWriter(str(metrics_file.parent / "tb"))) as writer:
             for key, value in metrics.items():
                 if isinstance(value, float):
                     writer.add_scalar(key, value, step)
 
 
 def run_harness(
-    run: str | Path,
+    load: Callable[[], LoadedCheckpoint],
     tasks: list[str],
     *,
-    checkpoint: str = "best",
     num_fewshot: int | None = None,
     limit: int | float | None = None,
     batch_size: int = 0,
-    device: str = "auto",
     include_path: list[str] | None = None,
     log: bool = True,
 ) -> HarnessResult:
-    """Evaluate a run's checkpoint on harness tasks; write and log the results."""
+    """Evaluate the checkpoint `load()` gives on harness tasks; write and log the results."""
     _require_lm_eval()
     if not tasks:
         raise ConfigError("--tasks: give at least one task name, e.g. --tasks hellaswag,arc_easy")
@@ -337,37 +350,33 @@ def run_harness(
     from tinylm.eval.task_names import check_names
 
     check_names(tasks, list(include_path or []))
-    from tinylm.train import runtime
-    from tinylm.train.checkpoint import load_model
-
-    dev, _ = runtime.select_device(device)
-    model, cfg, tokenizer, path = load_model(run, checkpoint, dev)
+    loaded = load()
+    cfg, path = loaded.cfg, loaded.path
     _go_offline_if_unreachable()
     # The harness logs every step at INFO; keep its warnings.
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    manager, loaded = load_tasks(tasks, list(include_path or []))
+    manager, task_objs = load_tasks(tasks, list(include_path or []))
     if num_fewshot:
-        check_fewshot(loaded, num_fewshot)
+        check_fewshot(task_objs, num_fewshot)
 
     from lm_eval import simple_evaluate
     from lm_eval.utils import make_table
 
     from tinylm.eval.harness import TinyLMHarness
 
-    precision = runtime.select_precision("auto", dev)
     lm = TinyLMHarness(
-        model,
-        tokenizer,
+        loaded.model,
+        loaded.tokenizer,
         batch_size=batch_size or cfg.eval.batch_size or cfg.train.batch_size,
-        autocast=lambda: runtime.autocast(dev, precision),
+        autocast=loaded.autocast,
     )
     results = simple_evaluate(
         model=lm,
-        tasks=loaded,
+        tasks=task_objs,
         num_fewshot=num_fewshot,
         limit=limit,
         batch_size=lm.batch_size,
-        device=str(dev),
+        device=str(loaded.device),
         log_samples=False,
         task_manager=manager,  # without it the harness indexes its built-in tasks again (~60 s)
     )
@@ -378,5 +387,5 @@ def run_harness(
     out = write_results(results, run_dir)
     metrics = headline_metrics(results)
     if log:
-        log_metrics(run_dir, step, metrics, tensorboard=cfg.log.tensorboard)
+        log_metrics(loaded.metrics_file, step, metrics, tensorboard=cfg.log.tensorboard)
     return HarnessResult(results, out, metrics, table)

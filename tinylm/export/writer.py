@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from tinylm.export import card
-from tinylm.export.hf import CLASS_NAMES, hf_family, to_hf_config, to_hf_state
-from tinylm.export.hf_tokenizer import write_tokenizer_files
 from tinylm.fileio import atomic_write_text, make_dir, os_error_message
+from tinylm.hf.model import CLASS_NAMES, hf_family, to_hf_config, to_hf_state
+from tinylm.hf.tokenizer import write_tokenizer_files
 from tinylm.train.checkpoint import CHECKPOINT_NAME, META_FILE, CheckpointError, load_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -56,6 +56,7 @@ from tinylm.config import (
     config_from_dict,
     validate,
 )
+from tinylm.errors import CheckpointError  # re-exported: callers import it from here
 from tinylm.fileio import atomic_write_text, confined, make_dir, os_error_message
 from tinylm.finite import check_finite
 from tinylm.tokenizer import Tokenizer, TokenizerError, tokenizer_from_file
@@ -69,10 +70,6 @@ CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})$")
 # Leftovers of our own interrupted writes: `.tmp-step_N-PID` and `.trash-step_N-PID`.
 STRAY_NAME = re.compile(r"^\.(?:tmp|trash)-step_\d{8,}-(\d+)$")
 REQUIRED_FILES = (MODEL_FILE, STATE_FILE, TOKENIZER_FILE)
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was expected; the message says what was found."""
 
 
 _noted: set[str] = set()

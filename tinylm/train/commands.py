@@ -225,7 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     init = None
     if cfg.train.init_from and not args.resume:
-        from tinylm.export.init_from import apply_init_from
+        from tinylm.train.init_from import apply_init_from
 
         # Before the run directory exists: errors first; the preflight before the weights load.
         init = apply_init_from(cfg, overrides, preflight)
@@ -279,6 +279,27 @@ def _as_overrides(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _load_for_harness(run: str, checkpoint: str, device: str):
+    """The checkpoint `tinylm eval --tasks` scores (eval/ sits below train/: it is handed this)."""
+    from tinylm.eval.harness_run import LoadedCheckpoint, run_dir_of
+    from tinylm.train import runtime
+    from tinylm.train.checkpoint import load_model
+    from tinylm.train.sinks import METRICS_FILE
+
+    dev, _ = runtime.select_device(device)
+    model, cfg, tokenizer, path = load_model(run, checkpoint, dev)
+    precision = runtime.select_precision("auto", dev)
+    return LoadedCheckpoint(
+        model,
+        cfg,
+        tokenizer,
+        path,
+        dev,
+        autocast=lambda: runtime.autocast(dev, precision),
+        metrics_file=run_dir_of(path) / METRICS_FILE,
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tinylm.suggest import refuse_missing_path
 
@@ -297,13 +318,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
 
         result = run_harness(
-            args.run,
+            lambda: _load_for_harness(args.run, args.checkpoint, args.device),
             [t.strip() for t in args.tasks.split(",") if t.strip()],
-            checkpoint=args.checkpoint,
             num_fewshot=args.num_fewshot,
             limit=parse_limit(args.limit),
             batch_size=args.batch_size,
-            device=args.device,
             include_path=args.include_path,
         )
         print(result.table)

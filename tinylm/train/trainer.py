@@ -51,7 +51,7 @@ from tinylm.train.shared_files import check_visible
 from tinylm.train.validation import Validator
 
 if TYPE_CHECKING:  # the export package (transformers interop) loads only when a run uses it
-    from tinylm.export.init_from import InitSource
+    from tinylm.train.init_from import InitSource
 
 
 @dataclass
@@ -132,7 +132,7 @@ class Trainer:
             resumed, notes = open_for_resume(self.run_dir, cfg, force)
             self.messages += notes
         elif cfg.train.init_from and init is None:  # library use; the CLI passes its own `init`
-            from tinylm.export.init_from import apply_init_from
+            from tinylm.train.init_from import apply_init_from
 
             init = apply_init_from(cfg)
         if init is not None:  # weights and tokenizer of another run or an HF model

@@ -230,8 +230,8 @@ def from_hf_state(
 
     Checkpoints saved from the bare GPT-2 body (`wte.weight`, `h.0...`) are accepted too.
     """
+    from tinylm.errors import CheckpointError
     from tinylm.model import padded_vocab_size
-    from tinylm.train.checkpoint import CheckpointError
 
     if family == "gpt2" and not any(k.startswith("transformer.") for k in hf_state):
         hf_state = {f"transformer.{k}": v for k, v in hf_state.items()}
@@ -328,7 +328,7 @@ def to_hf_config(
 
 def _require(cond: bool, where: str, message: str) -> None:
     if not cond:
-        from tinylm.train.checkpoint import CheckpointError
+        from tinylm.errors import CheckpointError
 
         raise CheckpointError(f"{where}: {message}; tinylm cannot represent this model exactly")
 
@@ -344,7 +344,7 @@ def _rope_theta(d: dict[str, Any], where: str) -> float:
 
 def from_hf_config(d: dict[str, Any], where: str) -> tuple[str, ModelConfig]:
     """(family, ModelConfig) for an HF `config.json`; CheckpointError for what tinylm cannot hold."""
-    from tinylm.train.checkpoint import CheckpointError
+    from tinylm.errors import CheckpointError
 
     family = d.get("model_type")
     if family not in FAMILIES:

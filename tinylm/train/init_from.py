@@ -3,7 +3,7 @@
 A source is one of
 - a tinylm run directory (its latest intact checkpoint) or checkpoint directory,
 - a Hugging Face model directory of a supported family (GPT-2, Llama, Qwen3, Mistral shapes
-  tinylm can represent: see `hf.from_hf_config`), converted on load, with its tokenizer,
+  tinylm can represent: see `tinylm.hf.model.from_hf_config`), converted on load, with its tokenizer,
 - `hf:NAME`: the same, downloaded from the Hugging Face hub (or found in its local cache).
 
 The new run gets a fresh optimizer and schedule; the architecture and the tokenizer come from the
@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from tinylm.config import Config, ConfigError, ModelConfig, build_section, parse_override, validate
-from tinylm.export.hf import ARCH_FIELDS, CLASS_NAMES, arch_values, from_hf_config, from_hf_state
-from tinylm.export.hf_tokenizer import tokenizer_from_hf_dir
+from tinylm.errors import CheckpointError
 from tinylm.finite import check_finite
+from tinylm.hf.model import ARCH_FIELDS, CLASS_NAMES, arch_values, from_hf_config, from_hf_state
+from tinylm.hf.tokenizer import tokenizer_from_hf_dir
 from tinylm.tokenizer import Tokenizer
-from tinylm.train.checkpoint import CheckpointError
 
 # What the run may choose for itself; every other model field comes from the source.
 RUN_FIELDS = ("dropout", "attn_dropout", "init", "init_std", "context_length")

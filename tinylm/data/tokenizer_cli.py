@@ -1,4 +1,8 @@
-"""`tinylm tokenizer train|encode|stats|import|export`: thin argument handling over the tokenizer package."""
+"""`tinylm tokenizer train|encode|stats|import|export`: thin argument handling over the tokenizer package.
+
+In `data/`, not `tokenizer/`: `tokenizer train FILES` reads its documents through the data sources
+(`data.train_bpe_on_sources`), and the tokenizer package sits below data (docs/DESIGN.md, "Layers").
+"""
 
 from __future__ import annotations
 
