@@ -1,8 +1,10 @@
 """The page at `/` in a real headless Chromium (Debian's chromium + chromedriver, via selenium):
 the dashboard lists the runs and draws their curves (checked point by point against
 metrics.jsonl), a run training during the test gets new points without a reload, the
-playground streams a completion and stops one, and the chart's unit switches to bits/byte when
-a run with another tokenizer appears while run colours stay. Screenshots go to tests/artifacts/."""
+playground streams a completion and stops one, the chart's unit switches to bits/byte when
+a run with another tokenizer appears while run colours stay, and a curriculum run (`data.phases`)
+shows its phase on its row and its phase boundary on the chart. Screenshots go to
+tests/artifacts/."""
 
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import SERVE_MODEL, ThreadServer
-from helpers import read_metrics
+from helpers import SMALL, read_metrics, run_cli
 
 from tinylm.serve.engine import SLOW_ENV
+from tinylm.serve.phases import run_phases
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 POLL_MS = 400
@@ -65,6 +68,18 @@ def live_root(serve_root, corpus, tmp_path_factory):
     root.mkdir()
     for name in ("alpha", "beta"):
         _shutil.copytree(serve_root / name, root / name)
+    # A curriculum run: `play` alone for steps 1-4, then 20/80 play/zoo for steps 5-8 (~1 s).
+    zoo = root.parent / "zoo.txt"
+    zoo.write_text("".join(f"zebra {i} quietly ate {i % 5} plums.\n" for i in range(800)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYLM_CACHE", str(serve_root.parent / "cache"))
+        assert run_cli(
+            "train", "tiny", "run_name=phased", f"out_dir={root}", *SMALL,
+            f"data.mix=[{{path: {corpus}, name: play}}, {{path: {zoo}, name: zoo}}]",
+            "data.phases=[{until: 0.5, weights: [1, 0]}, {until: 1, weights: [0.2, 0.8]}]",
+            "train.max_steps=8", "log.interval=1", "eval.interval=4", "eval.samples=0",
+            "checkpoint.interval=8", "optim.warmup_steps=2",
+        ) == 0  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TINYLM_CACHE": str(serve_root.parent / "cache")}
     cmd = [sys.executable, "-m", "tinylm.cli", "train", "tiny", "run_name=live"]
     args = [f"data.train={corpus}", f"out_dir={root}", *SERVE_MODEL, "train.max_steps=100000"]
@@ -245,3 +260,32 @@ def test_units_switch_to_bits_per_byte_and_colours_stay(page, live_root):
     _wait(lambda: _points(browser, "gamma", "val"), 30, "the reloaded page's curves")
     again = browser.execute_script("return window.tinylmDashboard.colors()")
     assert {k: again[k] for k in now} == now
+
+
+def test_curriculum_phase_on_the_row_and_the_chart(page, live_root):
+    browser, _ = page
+    train = read_metrics(live_root / "phased", "train")
+    # What the trainer logged: phase 1 up to step 4, phase 2 from step 5.
+    assert [r["phase"] for r in train] == [1, 1, 1, 1, 2, 2, 2, 2]
+    row = _wait(lambda: _rows(browser).get("phased"), 90, "the curriculum run in the table")
+    cells = row.split("\t")
+    assert cells[4] == "2/2 · steps 5–8 · play 20% zoo 80%"
+    assert _rows(browser)["alpha"].split("\t")[4] == "-"  # no curriculum
+    title = browser.find_element("css selector", "tr[data-run=phased] .phase").get_attribute(
+        "title"
+    )
+    assert title == "phase 1: steps 1–4 · play 100%\nphase 2: steps 5–8 · play 20% zoo 80%"
+    # The current phase is the newest record's: two records in, the run was in phase 1.
+    assert (
+        run_phases(live_root / "phased", [{"kind": "train", **r} for r in train[:2]])["current"]
+        == 1
+    )
+    marks = lambda: browser.execute_script("return window.tinylmDashboard.phaseMarks()")  # noqa: E731
+    got = _wait(lambda: [m for m in marks() if m["run"] == "phased"], 30, "the phase boundary")
+    assert got == [{"run": "phased", "phase": 2, "x": 4, "drawn": True}]
+    # By tokens: the boundary moves with the curve, to step 4's tokens.
+    browser.find_element("css selector", "input[name=xaxis][value=tokens]").click()
+    got = [m for m in marks() if m["run"] == "phased"]
+    assert got[0]["x"] == train[3]["tokens"] and got[0]["drawn"]
+    browser.find_element("css selector", "input[name=xaxis][value=step]").click()
+    browser.save_screenshot(str(ARTIFACTS / "serve-dashboard-phases.png"))

@@ -85,13 +85,25 @@ def _resolve_source(src: DataSourceConfig, cache: Path) -> _Source:
     return _Source(name, src.weight, train_specs=train, val_specs=val)
 
 
-def _unique_names(sources: list[_Source]) -> None:
+def unique_names(names: list[str]) -> list[str]:
+    """The second `x` becomes `x-2`, the third `x-3`: one label per source, in order."""
     seen: dict[str, int] = {}
-    for s in sources:
-        n = seen.get(s.name, 0)
-        seen[s.name] = n + 1
-        if n:
-            s.name = f"{s.name}-{n + 1}"
+    out = []
+    for name in names:
+        n = seen.get(name, 0)
+        seen[name] = n + 1
+        out.append(f"{name}-{n + 1}" if n else name)
+    return out
+
+
+def mix_names(mix: list[DataSourceConfig]) -> list[str]:
+    """The label of each `data.mix` source, as in its `val_<name>/...` metrics."""
+    return unique_names([src.name or source_name(src.path) for src in mix])
+
+
+def _unique_names(sources: list[_Source]) -> None:
+    for s, name in zip(sources, unique_names([s.name for s in sources]), strict=True):
+        s.name = name
 
 
 def fitted_tokenizer(

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from tinylm.runs import METRICS_FILE, parse_record, read_metrics, summarize
+from tinylm.serve.phases import run_phases
 from tinylm.serve.protocol import ApiError
 from tinylm.serve.registry import UnknownModel, canonical_id
 from tinylm.train.checkpoint import CheckpointError
@@ -63,9 +64,10 @@ def run_tokenizer(run_dir: Path) -> str | None:
 def run_row(run_dir: Path) -> dict[str, Any]:
     """One run for the dashboard table."""
     s = summarize(run_dir)
+    records = read_metrics(run_dir)
     bpb = [
         v
-        for r in read_metrics(run_dir)
+        for r in records
         if r.get("kind") == "eval" and (v := _finite(r.get("val/bits_per_byte"))) is not None
     ]
     return {
@@ -80,6 +82,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "last_checkpoint": s.last_checkpoint,
         "tokenizer": run_tokenizer(run_dir),
         "bad_lines": s.bad_lines,
+        "curriculum": run_phases(run_dir, records),  # data.phases (serve/phases.py), or None
     }
 
 

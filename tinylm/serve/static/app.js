@@ -16,6 +16,7 @@ const runs = new Map(); // name -> {row, train: [], evals: [], offset, file, sel
 let chart = null;
 let chartKey = "";
 let yUnitChosen = null; // "nats" | "bpb" once the user picks one; until then chosen per runs
+let phaseMarks = []; // curriculum phase boundaries on the chart: {run, phase, x, color, px}
 
 // A run's colour depends on its name (and is remembered in this browser), never on the order
 // in which runs appear: a new run does not repaint the others. Two names that hash alike get
@@ -67,6 +68,22 @@ function fmt(value, digits = 4) {
   return value === null || value === undefined ? "-" : Number(value).toFixed(digits);
 }
 
+// A run's curriculum (data.phases, from /api/runs): "2/3 · steps 41–80 · play 20% zoo 80%" and,
+// as the cell's tooltip, every phase on its own line.
+function pct(share) { return `${+(share * 100).toFixed(1)}%`; }
+
+function phaseLine(p) {
+  const mix = Object.entries(p.weights).filter(([, w]) => w > 0).map(([n, w]) => `${n} ${pct(w)}`).join(" ");
+  return `steps ${p.first}–${p.last} · ${mix}`;
+}
+
+function phaseCell(c) {
+  if (!c) return "-";
+  const p = c.phases[c.current - 1];
+  const all = c.phases.map((q) => `phase ${q.index}: ${phaseLine(q)}`).join("\n");
+  return `<span class="phase" title="${escapeHTML(all)}">${c.current}/${c.count} · ${escapeHTML(phaseLine(p))}</span>`;
+}
+
 function human(n) {
   for (const [unit, size] of [["B", 1e9], ["M", 1e6], ["K", 1e3]]) {
     if (n >= size) return (n / size).toFixed(1) + unit;
@@ -112,6 +129,7 @@ function renderTable() {
       `<span class="swatch" style="background:${run.color}"></span>${escapeHTML(name)}`,
       `<span class="status-${r.status}">${r.status}</span>`,
       r.max_steps ? `${r.step}/${r.max_steps}` : String(r.step),
+      phaseCell(r.curriculum),
       human(r.tokens),
       fmt(r.best_val_loss),
       fmt(r.best_bits_per_byte),
@@ -122,6 +140,7 @@ function renderTable() {
       const td = document.createElement("td");
       if (i === 0) td.appendChild(box); else td.innerHTML = html;
       if (i === 2) td.className = "status";
+      if (i === 4) td.className = "phase-cell";
       tr.appendChild(td);
     });
     tbody.appendChild(tr);
@@ -187,11 +206,18 @@ function curves() {
   const logX = $("xlog").checked;
   const tables = [];
   const series = [];
+  const marks = [];
   for (const [name, run] of runs) {
     if (!run.selected) continue;
     const last = run.train[run.train.length - 1];
     const perStep = last && last.step ? last.tokens / last.step : 0;
     const x = (r, isEval) => (mode === "step" ? r.step : isEval ? r.step * perStep : r.tokens);
+    // Where each next phase starts: after the last step of the one before (serve/phases.py).
+    const c = run.row && run.row.curriculum;
+    for (const p of c ? c.phases.slice(0, -1) : []) {
+      const xv = mode === "step" ? p.last : p.last * perStep;
+      if (Number.isFinite(xv) && xv > 0) marks.push({ run: name, phase: p.index + 1, x: xv, color: run.color });
+    }
     const scale = bpb ? bitsPerNat(run) : 1;
     for (const [kind, records, key] of [["train", run.train, "loss"], ["val", run.evals, "val/loss"]]) {
       const y = (r) => (!bpb ? Number(r[key]) : kind === "val" ? Number(r["val/bits_per_byte"] ?? NaN)
@@ -207,11 +233,37 @@ function curves() {
       });
     }
   }
-  return { tables, series };
+  return { tables, series, marks };
+}
+
+// uPlot draw hook: a dashed vertical line in the run's colour at each phase boundary, labelled
+// with the phase that starts there. Marks outside the plotted x range are skipped.
+function drawPhaseMarks(u) {
+  const ctx = u.ctx;
+  const { left, top, width, height } = u.bbox;
+  ctx.save();
+  ctx.setLineDash([3, 3]);
+  ctx.lineWidth = 1;
+  ctx.font = `${Math.round(11 * devicePixelRatio)}px system-ui, sans-serif`;
+  for (const m of phaseMarks) {
+    m.px = null;
+    const px = u.valToPos(m.x, "x", true);
+    if (!Number.isFinite(px) || px < left || px > left + width) continue;
+    m.px = px;
+    ctx.strokeStyle = m.color;
+    ctx.fillStyle = m.color;
+    ctx.beginPath();
+    ctx.moveTo(px, top);
+    ctx.lineTo(px, top + height);
+    ctx.stroke();
+    ctx.fillText(`phase ${m.phase}`, px + 3 * devicePixelRatio, top + 12 * devicePixelRatio);
+  }
+  ctx.restore();
 }
 
 function drawChart() {
-  const { tables, series } = curves();
+  const { tables, series, marks } = curves();
+  phaseMarks = marks;
   const box = $("chart");
   const unit = yUnit();
   const key = [xMode(), unit, $("xlog").checked, $("ylog").checked, ...series.map((s) => s.label)].join("|");
@@ -232,6 +284,7 @@ function drawChart() {
     axes: [{ label: xMode() === "step" ? "step" : "tokens" },
            { label: unit === "bpb" ? "bits/byte" : "loss (nats/token)" }],
     series: [{ label: xMode() }, ...series],
+    hooks: { draw: [drawPhaseMarks] },
   };
   chart = new uPlot(opts, data, box);
 }
@@ -240,6 +293,8 @@ function drawChart() {
 window.tinylmDashboard = {
   chart: () => chart,
   yUnit,
+  // Phase boundaries drawn on the chart: [{run, phase, x, drawn}] (drawn: inside the plot).
+  phaseMarks() { return phaseMarks.map((m) => ({ run: m.run, phase: m.phase, x: m.x, drawn: m.px !== null && m.px !== undefined })); },
   colors() { return Object.fromEntries([...runs].map(([n, r]) => [n, r.color])); },
   points(run, kind) {
     if (!chart) return [];
