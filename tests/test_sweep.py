@@ -33,7 +33,7 @@ from tinylm.sweep.plan import (
 from tinylm.sweep.report import collect, format_table
 from tinylm.sweep.runner import Divergence, divergence_reason, outcome
 from tinylm.sweep.space import expand_grid, parse_space
-from tinylm.sweep.study import SweepStudy, default_storage
+from tinylm.sweep.study import SweepStudy, default_storage, tpe_startup_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -340,3 +340,22 @@ def test_other_pruners_take_reports(tmp_path, pruner):
     pruned = study.report(second, [(10, 9.0), (50, 9.0)], max_steps=100)
     assert isinstance(pruned, bool) and (pruner == "hyperband" or not pruned)  # none never prunes
     assert study.trials()[0].value == pytest.approx(1.5 / math.log(2))
+
+
+def test_small_studies_use_tpe_and_one_hyperband_bracket(tmp_path):
+    """With Optuna's defaults a study of <= 10 trials was all random draws (TPE starts after 10)
+    and Hyperband spread its trials over 5 brackets at 100 steps (min_resource=1), each bracket
+    a separate study for TPE and for pruning. Now: TPE after a third of the trials, and one
+    bracket per 10 trials: a 2-trial study has one bracket, and prunes its loser at the rung."""
+    assert [tpe_startup_trials(n) for n in (4, 6, 12, 30, 100)] == [2, 2, 4, 10, 10]
+    study = make_study(tmp_path, ["optim.lr=log:1e-3..1e-2"], n_trials=2, pruner="hyperband",
+                       prune_after=0.0)  # fmt: skip
+    assert study.study.sampler._n_startup_trials == 2
+    first = study.claim(set())
+    assert not study.report(first, [(10, 2.0), (50, 1.5)], max_steps=100)
+    write_run(tmp_path, first.run, [(10, 2.0), (50, 1.5)])
+    study.finish(first, "finished", "")
+    second = study.claim(set())
+    assert not study.report(second, [(10, 9.0)], max_steps=100)  # before the rung: no verdict
+    assert study.report(second, [(10, 9.0), (50, 9.0)], max_steps=100)  # past it, and losing
+    assert study.study.pruner._n_brackets == 1  # Optuna's attribute: set once it has judged

@@ -143,6 +143,37 @@ def trainer_pid(path: Path) -> int | None:
     return None
 
 
+def tpe_startup_trials(n_trials: int) -> int:
+    """Random trials before TPE models the results: Optuna's 10, or a third of a smaller study.
+
+    TPE samples at random until `n_startup_trials` trials have finished (Optuna's TPESampler
+    docs), so with Optuna's default of 10 a study of <= 10 trials, the size a CPU sweep affords,
+    never used TPE at all: every trial was a random draw (optuna/optuna#6723; last session's
+    4-trial "TPE" run was 4 random draws, notes/issue-20-experiments.md). Optuna's sampler
+    benchmark (optuna/optuna#2964) scored 10 start-up trials far above 100 at its budgets: fewer
+    random trials leave more of a fixed budget to the model. A third, at least 2 (the first fit
+    needs a spread), leaves two thirds of a small study to TPE. (Optuna 5 already defaults to the
+    multivariate TPE for one objective, which the same benchmark scored higher.)
+    """
+    return max(2, min(10, n_trials // 3))
+
+
+def hyperband_min_resource(max_steps: int, n_trials: int, reduction_factor: int = 3) -> int:
+    """Hyperband's first rung (steps) for this study size: about one bracket per 10 trials.
+
+    Hyperband runs one successive-halving bracket per
+    `floor(log_rf(max_resource / min_resource)) + 1`, and each bracket's trials are all its TPE
+    sees (Optuna's HyperbandPruner docs: "each bracket needs to observe more than 10 trials" for
+    TPE to adapt; they advise 4-6 brackets). With Optuna's `min_resource=1` a 300-step trial gave
+    6 brackets: a 6-trial study put one trial in each, so TPE saw one point and no bracket ever
+    had a rival to prune against. So: `n_trials // 10` brackets, 1 to 4, and the first rung just
+    above `max_steps / rf**brackets` (one bracket: a single rung at ~1/3 of the steps, where the
+    best third of the trials go on).
+    """
+    brackets = max(1, min(4, n_trials // 10))
+    return max(1, max_steps // reduction_factor**brackets + 1)
+
+
 def _grid_sampler(base: type) -> type:
     """Optuna's GridSampler without its `study.stop()` when the grid is used up: that works
     only inside `study.optimize`, and the sweep counts its trials itself (`--trials`)."""
@@ -221,14 +252,23 @@ class SweepStudy:
         if self.spec.sampler == "random":
             return samplers.RandomSampler(seed=self.spec.seed)
         # constant_liar: trials running at once do not all sample the same promising point.
-        return samplers.TPESampler(seed=self.spec.seed, constant_liar=True)
+        return samplers.TPESampler(
+            seed=self.spec.seed,
+            constant_liar=True,
+            n_startup_trials=tpe_startup_trials(self.n_trials),
+        )
 
     def _pruner(self, startup: int) -> Any:
         pruners = self.optuna.pruners
         if self.spec.pruner == "median":
             return pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
         if self.spec.pruner == "hyperband":
-            return pruners.HyperbandPruner(max_resource=max(1, self.max_steps))
+            steps = max(1, self.max_steps)
+            return pruners.HyperbandPruner(
+                min_resource=hyperband_min_resource(steps, self.n_trials),
+                max_resource=steps,
+                reduction_factor=3,
+            )
         return pruners.NopPruner()
 
     # ------------------------------------------------------------------ claiming
