@@ -33,7 +33,7 @@ from tinylm.sweep.plan import (
 from tinylm.sweep.report import collect, format_table
 from tinylm.sweep.runner import Divergence, divergence_reason, outcome
 from tinylm.sweep.space import expand_grid, parse_space
-from tinylm.sweep.study import SweepStudy, default_storage, tpe_startup_trials
+from tinylm.sweep.study import SweepStudy, default_storage, pruning_chances, tpe_startup_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -359,3 +359,12 @@ def test_small_studies_use_tpe_and_one_hyperband_bracket(tmp_path):
     assert not study.report(second, [(10, 9.0)], max_steps=100)  # before the rung: no verdict
     assert study.report(second, [(10, 9.0), (50, 9.0)], max_steps=100)  # past it, and losing
     assert study.study.pruner._n_brackets == 1  # Optuna's attribute: set once it has judged
+
+
+def test_pruning_chances_count_the_evaluations_the_pruner_can_act_on():
+    """`tinylm sweep` notes an eval.interval that leaves the pruner < 2 evaluations to act on."""
+    assert pruning_chances(300, 250, 0.25) == 1  # tiny's interval at a 300-step budget: 250 only
+    assert pruning_chances(300, 30, 0.25) == 7  # 90, 120, ..., 270 (300 is the end)
+    assert pruning_chances(100, 10, 0.0) == 9
+    assert pruning_chances(8, 4, 0.25) == 1
+    assert pruning_chances(100, 0, 0.25) == pruning_chances(100, 100, 0.25) == 0

@@ -118,7 +118,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     from tinylm.sweep.report import write_report
     from tinylm.sweep.runner import Divergence, SweepRunner
-    from tinylm.sweep.study import SweepStudy, default_storage
+    from tinylm.sweep.study import SweepStudy, default_storage, pruning_chances
 
     sampler, trials = args.sampler, args.trials
     if args.random is not None:
@@ -147,7 +147,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
     out.mkdir(parents=True, exist_ok=True)
     first = spec.trial_overrides({a.key: axis_ends(a)[0] for a in spec.axes})
-    max_steps = load_config(spec.preset, first).train.max_steps
+    first_cfg = load_config(spec.preset, first)
+    max_steps = first_cfg.train.max_steps
+    chances = pruning_chances(max_steps, first_cfg.eval.interval, args.prune_after)
+    if spec.pruner != "none" and budget.kind != "minutes" and chances < 2:
+        print(
+            f"sweep: note: eval.interval={first_cfg.eval.interval} leaves the {spec.pruner} pruner "
+            f"{chances} evaluation(s) between {args.prune_after:.0%} of the {max_steps} steps and "
+            f"the end, and it acts only at evaluations: e.g. eval.interval={max(1, max_steps // 10)}",
+            file=sys.stderr,
+        )
     study = SweepStudy(
         spec, out, storage=storage, n_trials=n_trials, max_steps=max_steps,
         prune_after=args.prune_after, prune_startup=args.prune_startup,

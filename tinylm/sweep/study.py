@@ -174,6 +174,16 @@ def hyperband_min_resource(max_steps: int, n_trials: int, reduction_factor: int 
     return max(1, max_steps // reduction_factor**brackets + 1)
 
 
+def pruning_chances(max_steps: int, eval_interval: int, prune_after: float) -> int:
+    """Evaluations at which the pruner can stop a trial: from `prune_after` of the steps on,
+    before the last step (a verdict at the end saves nothing). Pruning reads only evaluations:
+    with `tiny`'s eval.interval=250 and a 300-step budget there was one, at 83% of the steps."""
+    if eval_interval <= 0:
+        return 0
+    first = max(eval_interval, math.ceil(prune_after * max_steps / eval_interval) * eval_interval)
+    return max(0, (max_steps - 1 - first) // eval_interval + 1) if first < max_steps else 0
+
+
 def _grid_sampler(base: type) -> type:
     """Optuna's GridSampler without its `study.stop()` when the grid is used up: that works
     only inside `study.optimize`, and the sweep counts its trials itself (`--trials`)."""
