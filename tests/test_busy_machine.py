@@ -35,6 +35,7 @@ def test_thread_count_comes_from_config_then_env_then_a_probe(monkeypatch, tmp_p
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "usable_cores", lambda: (4, "4 in its CPU affinity"))
     monkeypatch.setattr(threads, "load_average", lambda: 3.0)  # 2 cores held by others
+    monkeypatch.setattr(threads, "busy_cores", lambda: None)  # no /proc/stat: the load average
     seen = []
 
     def fake_probe(counts, rows, width):
@@ -82,6 +83,133 @@ def test_governor_ignores_compile_waits_for_a_trend_then_settles():
         assert calm.observe(first_step=10 * i + 11, session_start=0, share=0.9) is None
     assert calm.settled and calm.observe(first_step=99, session_start=0, share=0.1) is None
     assert threads.ThreadGovernor(2, settled=False, adjustable=False).settled  # train.threads=N
+
+
+def test_start_decision_reads_the_cores_busy_now_not_the_lagging_load_average(monkeypatch):
+    """Two spinners started just before the run: the load average still reads 1.4 (measured:
+    1.38), but both CPUs are busy right now, so the run starts on 1 thread without a probe."""
+    for name in threads.ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: (2, "2 in its CPU affinity"))
+    monkeypatch.setattr(threads, "load_average", lambda: 1.38)
+    probed: list[list[int]] = []
+
+    def fake_probe(counts, rows, width):
+        probed.append(counts)
+        return {1: 1.0, 2: 0.6}
+
+    monkeypatch.setattr(threads, "probe", fake_probe)
+    views = {"busy": (2.0, 2), "one busy": (1.0, 2), "idle": (0.05, 2), "mostly idle": (0.4, 2)}
+    chosen = {}
+    for name, view in views.items():
+        monkeypatch.setattr(threads, "busy_cores", lambda view=view: view)
+        chosen[name] = threads.decide("auto", CPU)
+    assert {k: c.count for k, c in chosen.items()} == {
+        "busy": 1, "one busy": 1, "idle": 2, "mostly idle": 2,
+    }  # fmt: skip
+    assert probed == [[1, 2], [1, 2]]  # only where a second core is free
+    assert "kept 2.0 of its 2 CPUs busy just now, load average 1.4" in chosen["busy"].reason
+    assert chosen["idle"].ceiling == 2 and "re-checked" in chosen["idle"].reason
+    # a 2-CPU cgroup quota on a 64-CPU host: 40 busy host CPUs still leave it its 2 cores
+    assert threads.free_cores(2, busy=40.0, watched=64) == 2
+    assert threads.free_cores(2, busy=63.5, watched=64) == 1
+
+
+def test_busy_cores_come_from_the_per_cpu_counters_of_this_process_cpus(tmp_path):
+    stat = tmp_path / "stat"
+    #                 user nice system idle iowait irq softirq steal
+    stat.write_text(
+        "cpu  30 0 0 30 0 0 0 0 0 0\n"
+        "cpu0 10 0 5 70 5 0 0 10 0 0\n"
+        "cpu1 99 0 0 1 0 0 0 0 0 0\n"
+        "cpu2 1 1 1 50 0 0 0 0 0 0\n"
+        "intr 1 2 3\n"
+    )
+    assert threads.cpu_ticks({0}, stat) == (25, 75)  # steal is busy: not ours either
+    assert threads.cpu_ticks({0, 2}, stat) == (28, 125)  # cpu1 is not in the affinity
+    assert threads.cpu_ticks({0}, tmp_path / "missing") is None
+    view = threads.busy_cores(0.05)  # the real counters: a fraction of the CPUs watched
+    assert view is None or 0.0 <= view[0] <= view[1]
+
+
+def _governed(ticks, *, threads_now=2, ceiling=2):
+    """Feed a governor (step seconds, CPU seconds, idle seconds) per step; the steps where it
+    changed the count."""
+    g = threads.ThreadGovernor(threads_now, settled=False, adjustable=True, ceiling=ceiling)
+    wall = cpu = idle = 0.0
+    changes = {}
+    for step, (w, c, i) in enumerate(ticks, start=1):
+        wall, cpu, idle = wall + w, cpu + c, idle + i
+        count = g.tick(step=step, session_start=0, wall=wall, cpu=cpu, idle=idle)
+        if count is not None:
+            changes[step] = count
+    return g, changes
+
+
+def test_governor_acts_on_its_own_clock_and_never_on_compile_time():
+    compile_steps = [(30.0, 15.0, 15.0)] * 2  # one thread busy compiling: 25% share
+    starved = [(0.5, 0.2, 0.0)] * 20  # 2 threads beside 2 spinners: 20% share (measured 19-27%)
+    g, changes = _governed(compile_steps + starved)
+    assert changes == {6: 1} and g.settled  # 2 windows of 1 s after the warm-up: step 6
+    g, changes = _governed(compile_steps + [(0.5, 0.95, 0.0)] * 20)  # alone: no change
+    assert changes == {} and g.settled and g.checks == threads.SETTLE_CHECKS
+    # one busy moment is not a trend; calm windows settle it: later load changes nothing
+    g, changes = _governed(compile_steps + [(1.0, 0.4, 0)] + [(1.0, 1.9, 0)] * 3 + starved)
+    assert changes == {} and g.settled and g.checks == threads.SETTLE_CHECKS
+    # started on 1 thread while another job held a core; it left: a whole core idle twice
+    g, changes = _governed(compile_steps + [(0.5, 0.5, 0.45)] * 20, threads_now=1)
+    assert changes == {6: 2} and g.threads == 2 and g.settled
+    g, changes = _governed(compile_steps + [(0.5, 0.5, 0.3)] * 20, threads_now=1)  # 0.6 idle
+    assert changes == {}
+    g, changes = _governed(compile_steps + [(0.5, 0.5, 0.45)] * 20, threads_now=1, ceiling=1)
+    assert changes == {} and g.settled  # train.threads=1 or a rank's share: never raised
+    # an evaluation inside a window is not a step: the window restarts after it
+    g = threads.ThreadGovernor(2, settled=False, adjustable=True)
+    for step, wall in [(1, 30.0), (2, 60.0), (3, 60.5)]:
+        assert g.tick(step=step, session_start=0, wall=wall, cpu=wall / 4, idle=0.0) is None
+    g.restart()  # 20 s of a one-thread evaluation follow
+    assert g.tick(step=4, session_start=0, wall=81.0, cpu=25.0, idle=0.0) is None
+    assert g.checks == 0 and g.window == (4, 81.0, 25.0, 0.0)
+
+
+def test_monitor_changes_the_count_within_seconds_whatever_the_log_interval(tmp_path, monkeypatch):
+    """log.interval=50: the first version could not act within a 100-step run."""
+    from tinylm.config import load_config
+    from tinylm.train import monitor as monitor_mod
+    from tinylm.train.distributed import DistInfo
+    from tinylm.train.runtime import Precision
+    from tinylm.train.sinks import RunLogger
+
+    cfg = load_config("tiny", [*SMALL, "log.interval=50"])
+    log = RunLogger(tmp_path, cfg.log, enabled=False, run_name="r", config_dict={}, max_steps=100)
+    events: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(
+        log,
+        "event",
+        lambda message, **kw: events.append((kw["event"], kw.get("step"), kw.get("threads"))),
+    )
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(
+        monitor_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock["wall"])
+    )
+    monkeypatch.setattr(monitor_mod.TrainMonitor, "_cpu_seconds", lambda self: clock["cpu"])
+    monkeypatch.setattr(monitor_mod, "idle_seconds", lambda: 0.0)
+    mon = monitor_mod.TrainMonitor(
+        log, cfg, optimizer=types.SimpleNamespace(param_groups=[{"lr": 0.1}]), device=CPU,
+        precision=Precision("fp32", "test"), dist=DistInfo(), flops_per_token=1.0,
+        governor=threads.ThreadGovernor(2, settled=False, adjustable=True),
+    )  # fmt: skip
+    with threads.restored():
+        torch.set_num_threads(2)
+        mon.log_start(0, tmp_path, [])
+        counts = []
+        for _ in range(12):  # 1.2 s per step at 2 threads, 20% of their CPU time
+            clock["wall"] += 1.2
+            clock["cpu"] += 0.48
+            mon.record(torch.tensor(1.0), torch.tensor(False))
+            counts.append(torch.get_num_threads())
+    assert counts == [2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # step 4: two 1.2 s windows
+    assert events == [("start", 0, 2), ("slow", 4, 1)] and mon.governor.settled
 
 
 # ---------------------------------------------------------------- resume under another count

@@ -13,9 +13,11 @@ one; the trainer times those through `pause(kind)`). A line that averages fewer 
 `log.interval` (the first after a resume, the last of a run) says how many. On a CPU, when the
 process got less than `SLOW_CPU_SHARE` of the CPU time its threads could use (other processes
 hold the cores), one `slow` event says so with the figures, so a run that takes 10x the README's
-time says why. Whether the thread count then drops is `threads.ThreadGovernor`'s call (starved
-intervals in a row, never the warm-up or compile steps, only until the count is settled):
-OpenMP threads that wait for each other lose whole time slices when the cores are shared (tiny
+time says why. Whether the thread count changes is `threads.ThreadGovernor`'s call, which
+`record` feeds after every step with the wall, CPU and idle clocks (its own windows of about a
+second, not the log interval: at log.interval=50 a 100-step run had no second interval to act
+on; never the warm-up or compile steps; only until the count is settled); a change is logged at
+once (`slow` for a drop, `threads` for a raise). OpenMP threads that wait for each other lose whole time slices when the cores are shared (tiny
 preset, 2 cores, load average 19.5: 18.3 s per step with 2 threads, 2.6 s with 1;
 `bench/bench_cpu_threads.py`, notes/issue-11-first-hour.md).
 """
@@ -41,7 +43,7 @@ from tinylm.finite import all_finite
 from tinylm.train import distributed, runtime
 from tinylm.train.eta import EtaEstimator
 from tinylm.train.sinks import RunLogger
-from tinylm.train.threads import STARVED_SHARE, WARMUP_STEPS, ThreadGovernor
+from tinylm.train.threads import STARVED_SHARE, WARMUP_STEPS, ThreadGovernor, idle_seconds
 
 if TYPE_CHECKING:
     from tinylm.data.curriculum import Curriculum
@@ -82,8 +84,8 @@ def slow_cpu_message(
     gflops = flops_per_token * tokens_per_second / 1e9
     if fewer is not None and fewer < threads:
         action = (
-            f" Using {fewer} thread(s) from now on (threads that wait for each other lose their "
-            "time slices on busy cores)."
+            f" Using {fewer} thread(s) from now on (was {threads}; kept for the rest of the run): "
+            "threads that wait for each other lose their time slices on busy cores."
         )
     elif threads > 1:
         action = (
@@ -145,6 +147,7 @@ class TrainMonitor:
         self.log_interval = cfg.log.interval
         self.session_start, self.session_start_step = time.perf_counter(), 0
         self.slow_reported = False
+        self.session_steps = 0  # steps recorded since log_start (the governor's step count)
         self.interval_cpu = self._cpu_seconds()
         self.scaler: torch.amp.GradScaler | None = None  # fp16: its scale goes in the record
         self.governor = governor
@@ -164,6 +167,8 @@ class TrainMonitor:
         finally:
             seconds = time.perf_counter() - start
             self.paused += seconds
+            if self.governor is not None:  # not a step: the thread check's window restarts
+                self.governor.restart()
             self.eta.overhead(kind, seconds)
 
     def log_start(self, step: int, run_dir: Path, messages: list[str]) -> None:
@@ -189,6 +194,7 @@ class TrainMonitor:
         )
         self.interval_start = self.session_start = time.perf_counter()
         self.session_start_step = step
+        self.session_steps = 0
         self.interval_cpu = self._cpu_seconds()
 
     def record(self, loss: torch.Tensor, nonfinite: torch.Tensor) -> None:
@@ -199,6 +205,48 @@ class TrainMonitor:
         self.nonfinite_streak = (self.nonfinite_streak + 1) * nonfinite
         self.nonfinite_total += nonfinite
         self.interval_steps += 1
+        self.session_steps += 1
+        if self.governor is not None and not self.governor.settled and self.device.type == "cpu":
+            self._check_threads()
+
+    def _check_threads(self) -> None:
+        """Feed the governor this step's clocks; apply and log a change of the thread count."""
+        governor, step = self.governor, self.session_start_step + self.session_steps
+        assert governor is not None
+        before = governor.threads
+        count = governor.tick(
+            step=step,
+            session_start=self.session_start_step,
+            wall=time.perf_counter(),
+            cpu=self._cpu_seconds(),
+            idle=idle_seconds(),
+        )
+        if count is None:
+            return
+        torch.set_num_threads(count)
+        last = governor.last
+        if count < before:
+            tokens_per_second = last["steps"] * self.tokens_per_step / last["seconds"]
+            message = slow_cpu_message(
+                step,
+                cpu_seconds=last["cpu"],
+                wall_seconds=last["seconds"],
+                threads=before,
+                tokens_per_second=tokens_per_second,
+                flops_per_token=self.flops_per_token,
+                fewer=count,
+            )
+            self.slow_reported = True
+            self.log.event(message or "", event="slow", step=step, threads=count)
+            return
+        self.log.event(
+            f"step {step}: threads {before} -> {count}: {last.get('idle_cores', 0):.1f} of this "
+            f"process's CPUs stayed idle in each of the last windows (other processes left "
+            f"them); kept for the rest of the run (a step's sums depend on the count)",
+            event="threads",
+            step=step,
+            threads=count,
+        )
 
     def flush(self, step: int, tokens_seen: int, grad_norm: torch.Tensor) -> dict[str, Any]:
         """Log the interval that ends at `step` and start the next; returns the train record."""
@@ -269,21 +317,15 @@ class TrainMonitor:
         return times.user + times.system
 
     def _warn_slow(self, step: int, elapsed: float, tokens_per_second: float) -> None:
-        """One `slow` event per session when other processes starve this one of CPU time, and
-        the governor's re-check of the thread count. An interval that holds the session's first
-        steps is neither: their allocations and torch.compile run on one thread, which read as
-        contention (a compile=true run once dropped to 1 thread at step 1)."""
+        """One `slow` event per session when other processes starve this one of CPU time (the
+        thread count is the governor's, fed by `record`). An interval that holds the session's
+        first steps is not judged: their allocations and torch.compile run on one thread, which
+        read as contention (a compile=true run once dropped to 1 thread at step 1)."""
         first_step = step - self.interval_steps + 1
         if self.device.type != "cpu" or first_step <= self.session_start_step + WARMUP_STEPS:
             return
         threads, cpu_seconds = torch.get_num_threads(), self._cpu_seconds() - self.interval_cpu
         wall = max(elapsed - self.paused, 1e-9)  # evaluations and saves are not steps
-        share = cpu_seconds / (wall * threads)
-        fewer = None
-        if self.governor is not None:
-            fewer = self.governor.observe(
-                first_step=first_step, session_start=self.session_start_step, share=share
-            )
         message = slow_cpu_message(
             step,
             cpu_seconds=cpu_seconds,
@@ -291,13 +333,10 @@ class TrainMonitor:
             threads=threads,
             tokens_per_second=tokens_per_second,
             flops_per_token=self.flops_per_token,
-            fewer=fewer,
         )
-        if fewer is not None:
-            torch.set_num_threads(fewer)
-        # While the governor waits for a second starved interval, the message would be premature.
+        # While the governor may still change the count, the message would be premature.
         pending = self.governor is not None and not self.governor.settled
-        if message and not pending and (fewer is not None or not self.slow_reported):
+        if message and not pending and not self.slow_reported:
             self.slow_reported = True
             self.log.event(message, event="slow", step=step, threads=torch.get_num_threads())
 

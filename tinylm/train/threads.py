@@ -12,15 +12,33 @@ of the thread count, so a run keeps ONE count:
    `OMP_NUM_THREADS` now, so that the resume is bit-identical to an uninterrupted run;
 3. the environment variables users already know (`OMP_NUM_THREADS`, `MKL_NUM_THREADS`), as
    torch itself honours them;
-4. `auto`: the cores this process may use (CPU affinity, cgroup CPU quota), the load average
-   (the cores other processes hold), and a short probe of the run's own matmul shape at each
-   candidate count: the fewest threads within `PROBE_MARGIN` of the fastest.
+4. `auto`: the cores this process may use (CPU affinity, cgroup CPU quota), the cores other
+   processes keep busy RIGHT NOW, and a short probe of the run's own matmul shape at each
+   count those leave free: the fewest threads within `PROBE_MARGIN` of the fastest.
 
-During the first log intervals `ThreadGovernor` re-checks the choice from the CPU time the
-process actually got: only after `PATIENCE` starved intervals in a row (warm-up and compile
-intervals never count) does it drop to the threads the process gets; once a change was made, or
-`SETTLE_CHECKS` intervals passed without one, the count is settled and never changes again in
-this run (its checkpoints record it, and `threads_settled`).
+"Right now" is the point. The first version read the 1-minute load average and trusted a 0.2 s
+probe; with 2 busy processes started just before the quickstart run (2 cores) the load average
+still read 1.38 and the probe's 20 ms pieces looked fine (freshly woken threads are favoured by
+the scheduler), so the run kept 2 threads and took 122.4 s against 54.3 s on 1 thread
+(notes/issue-24-busy-machine.md). The busy cores are now measured from the per-CPU counters of
+/proc/stat over `BUSY_SAMPLE_SECONDS` while this process sleeps: only the CPUs in its affinity,
+steal time counted as busy, exact over the window rather than a point sample. Measured on the
+2-core machine: 0.0-0.1 busy cores idle, 2.0 within 50 ms of starting 2 spinners (the load
+average then: 1.64); a steady 2-thread matmul loop next to them got 19-27% of its CPU time and
+ran 1.9-2.8x slower than 1 thread, while the old probe saw 7.2 vs 7.7 ms. (The runnable-task
+count, `procs_running`, said the same here, but it counts the whole host: in a container pinned
+to 2 of 64 CPUs it would see everyone's tasks; the per-CPU counters see only ours.)
+
+During the run `ThreadGovernor` re-checks the choice on its own clock, not the log interval:
+windows of `WINDOW_SECONDS` of steps from the session's third step (the first steps, allocation
+and torch.compile, run on one thread and would read as contention), each judged by the CPU
+share the threads got and by the idle time of the cores. `PATIENCE` starved windows in a row
+(< `STARVED_SHARE`) drop the count to the cores' worth the process gets; `PATIENCE` windows
+with a whole core idle raise it (to at most the cores `auto` may use). One change, or
+`SETTLE_CHECKS` calm windows, settle it for the rest of the run: the count changes numerics, so
+only this early window may change it, and the change is an event in the log (`slow` for a drop,
+`threads` for a raise). Checkpoints record the count and whether it is settled; a resume uses
+them, so it stays bit-identical.
 """
 
 from __future__ import annotations
@@ -45,6 +63,9 @@ ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 PROBE_MARGIN = 0.10
 PROBE_ROUNDS = 3  # alternated rounds; the median of each count is compared
 PROBE_SECONDS = 0.02  # target length of one timed measurement (about 0.2 s of probe in all)
+# How long the start decision watches the cores (the process sleeps meanwhile): /proc/stat
+# counts in 10 ms ticks, so 0.3 s on 2 cores resolves 1/30 of a core.
+BUSY_SAMPLE_SECONDS = 0.3
 # Re-checking during the run (ThreadGovernor). Below this share of its threads' CPU time the
 # process is starved (a run alone on its cores gets close to all of it): with ~20 busy processes
 # on 2 cores, a 1-thread tiny run got 8-20%.
@@ -52,6 +73,11 @@ STARVED_SHARE = 0.5
 PATIENCE = 2  # starved intervals in a row before the count drops (one busy moment is not a trend)
 SETTLE_CHECKS = 4  # checked intervals without a change after which the count is settled
 WARMUP_STEPS = 2  # a session's first steps (allocation, torch.compile) never count as starved
+# A governor window: at least this long (whole steps). A tiny step is ~0.15 s alone and ~1.2 s
+# on 2 threads beside 2 spinners, so a drop comes within ~2-4 s of the warm-up whatever
+# log.interval is; a second covers ~40 scheduler slices, enough for a steady CPU share.
+WINDOW_SECONDS = 1.0
+RAISE_IDLE = 0.75  # idle cores in each of PATIENCE windows before a thread is added
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,7 @@ class ThreadChoice:
     count: int
     source: str  # config | checkpoint | env | auto | device
     reason: str  # what the header prints after "threads: "
+    ceiling: int = 0  # the most threads the governor may raise the count to (0: the count)
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -98,6 +125,63 @@ def env_threads() -> tuple[int, str] | None:
         if value.isdigit() and int(value) > 0:
             return int(value), f"{name}={value}"
     return None
+
+
+def cpu_ticks(cpus: set[int], stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
+    """(busy, idle) clock ticks of `cpus` since boot from /proc/stat, or None (not Linux).
+    Steal time (the hypervisor gave the CPU to another guest) counts as busy: not ours either."""
+    busy = idle = 0
+    try:
+        with stat.open() as f:
+            for line in f:
+                if not line.startswith("cpu") or not line[3:4].isdigit():
+                    continue
+                fields = line.split()
+                if int(fields[0][3:]) not in cpus:
+                    continue
+                values = [
+                    int(v) for v in fields[1:9]
+                ]  # user nice system idle iowait irq softirq steal
+                idle += values[3] + values[4]
+                busy += sum(values) - values[3] - values[4]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy, idle) if busy + idle else None
+
+
+def affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:
+        return set(range(os.cpu_count() or 1))
+
+
+def idle_seconds() -> float | None:
+    """Idle CPU seconds of this process's CPUs since boot (the governor's raise check)."""
+    ticks = cpu_ticks(affinity())
+    return None if ticks is None else ticks[1] / os.sysconf("SC_CLK_TCK")
+
+
+def busy_cores(seconds: float = BUSY_SAMPLE_SECONDS) -> tuple[float, int] | None:
+    """(cores other processes keep busy, CPUs watched): the busy time of this process's CPUs
+    over `seconds` while it sleeps, or None where /proc/stat is not available."""
+    cpus = affinity()
+    before, start = cpu_ticks(cpus), time.perf_counter()
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after, wall = cpu_ticks(cpus), time.perf_counter() - start
+    if after is None:
+        return None
+    busy = (after[0] - before[0]) / os.sysconf("SC_CLK_TCK") / max(wall, 1e-6)
+    return max(0.0, min(float(len(cpus)), busy)), len(cpus)
+
+
+def free_cores(cores: int, busy: float, watched: int) -> int:
+    """The threads the idle CPUs leave room for: their idle share rounded to whole cores (a core
+    more than half idle counts), at least 1 and at most `cores` (a cgroup quota may cap it
+    below the CPUs watched)."""
+    return max(1, min(cores, math.floor(watched - busy + 0.5)))
 
 
 def saved_count(run_dir: Path) -> tuple[int, bool] | None:
@@ -163,20 +247,33 @@ def load_average() -> float | None:
 
 
 def decide_auto(rows: int, width: int) -> ThreadChoice:
-    """`train.threads=auto` on a CPU: cores, load and a probe (see the module docstring)."""
+    """`train.threads=auto` on a CPU: cores, their busy time now and a probe (module docstring)."""
     cores, how = usable_cores()
     load = load_average()
     load_note = f", load average {load:.1f}" if load is not None else ""
     if cores <= 1:
         return ThreadChoice(1, "auto", f"1 (auto: {how}{load_note})")
-    # Candidates: 1, all usable cores, and the cores the load average leaves free (it counts
-    # this process's own recent work too, which is at most one core while it prepares data).
-    free = cores if load is None else max(1, round(cores - max(0.0, load - 1)))
-    counts = sorted({1, free, cores})
-    timings = probe(counts, rows, width)
-    count = pick(timings)
+    view = busy_cores()
+    if view is not None:
+        busy, watched = view
+        free = free_cores(cores, busy, watched)
+        seen = f"; other processes kept {busy:.1f} of its {watched} CPUs busy just now{load_note}"
+        counts = sorted({1, free})  # never more threads than idle cores: they wait at barriers
+    else:  # no per-CPU counters: the load average (it counts this process's recent work too),
+        # which may lag, so the probe also tries all cores
+        free = cores if load is None else max(1, round(cores - max(0.0, load - 1)))
+        seen = load_note
+        counts = sorted({1, free, cores})
+    timings = probe(counts, rows, width) if len(counts) > 1 else {}
+    count = pick(timings) if timings else 1
     shown = ", ".join(f"{n}: {1000 * t:.1f} ms" for n, t in sorted(timings.items()))
-    return ThreadChoice(count, "auto", f"{count} (auto: {how}{load_note}; probe {shown})")
+    probed = f"; probe {shown}" if shown else ""
+    return ThreadChoice(
+        count,
+        "auto",
+        f"{count} (auto: {how}{seen}{probed}; re-checked over the first seconds of steps)",
+        ceiling=cores,
+    )
 
 
 def decide(
@@ -235,30 +332,86 @@ def restored() -> Iterator[None]:
 
 
 class ThreadGovernor:
-    """Re-checks the thread count during a run's first log intervals (see the module docstring).
+    """Re-checks the thread count during a run's first seconds of steps (module docstring).
 
-    `observe(...)` runs once per log interval with the CPU time the process got; it returns the
-    new thread count when the count should drop, else None.
+    `tick(...)` runs after every step with the clocks; every `WINDOW_SECONDS` it judges the
+    window (`observe`) and returns the new thread count when the count should change, else None.
+    `restart()` drops the window in progress (an evaluation or checkpoint is not a step).
     """
 
-    def __init__(self, threads: int, *, settled: bool, adjustable: bool) -> None:
+    def __init__(self, threads: int, *, settled: bool, adjustable: bool, ceiling: int = 0) -> None:
         self.threads = threads
-        self.settled = settled or not adjustable or threads <= 1
+        self.ceiling = max(ceiling, threads)
+        self.settled = settled or not adjustable or (threads <= 1 and self.ceiling <= 1)
         self.checks = 0
         self.starved_in_a_row = 0
+        self.roomy: list[float] = []  # idle cores of the windows in a row that had a core idle
+        # (step, wall, cpu, idle) at the start of the window in progress
+        self.window: tuple[int, float, float, float | None] | None = None
+        self.last: dict[str, float] = {}  # the last window's figures (for the event message)
 
-    def observe(self, *, first_step: int, session_start: int, share: float) -> int | None:
-        """`first_step`: the interval's first step; `share`: CPU seconds / (wall x threads)."""
+    def restart(self) -> None:
+        self.window = None
+
+    def tick(
+        self, *, step: int, session_start: int, wall: float, cpu: float, idle: float | None
+    ) -> int | None:
+        """After step `step`: `wall` seconds, `cpu` process CPU seconds and `idle` idle seconds
+        of its CPUs (None: unknown), each a running clock."""
+        if self.settled:
+            return None
+        if step <= session_start + WARMUP_STEPS or self.window is None:
+            self.window = (step, wall, cpu, idle)  # the window starts after this step
+            return None
+        first, wall0, cpu0, idle0 = self.window
+        seconds = wall - wall0
+        if seconds < WINDOW_SECONDS:
+            return None
+        self.window = (step, wall, cpu, idle)
+        share = (cpu - cpu0) / (seconds * self.threads)
+        idle_cores = None if idle is None or idle0 is None else (idle - idle0) / seconds
+        self.last = {"steps": step - first, "seconds": seconds, "cpu": cpu - cpu0, "share": share}
+        if idle_cores is not None:
+            self.last["idle_cores"] = idle_cores
+        return self.observe(
+            first_step=first + 1, session_start=session_start, share=share, idle_cores=idle_cores
+        )
+
+    def observe(
+        self,
+        *,
+        first_step: int,
+        session_start: int,
+        share: float,
+        idle_cores: float | None = None,
+    ) -> int | None:
+        """Judge one window. `first_step`: its first step; `share`: CPU seconds / (wall x
+        threads); `idle_cores`: idle CPU seconds of the process's CPUs / wall."""
         if self.settled or first_step <= session_start + WARMUP_STEPS:
             return None  # warm-up and compile time are one thread's work, not contention
         self.checks += 1
-        self.starved_in_a_row = self.starved_in_a_row + 1 if share < STARVED_SHARE else 0
+        starved = share < STARVED_SHARE
+        self.starved_in_a_row = self.starved_in_a_row + 1 if starved else 0
+        roomy = (
+            not starved
+            and idle_cores is not None
+            and idle_cores >= RAISE_IDLE
+            and self.threads < self.ceiling
+        )
+        self.roomy = [*self.roomy, idle_cores] if roomy and idle_cores is not None else []
         if self.starved_in_a_row >= PATIENCE:
-            fewer = threads_to_use(self.threads, share)
-            self.settled = True
-            if fewer < self.threads:
-                self.threads = fewer
-                return fewer
+            return self._change(threads_to_use(self.threads, share))
+        if len(self.roomy) >= PATIENCE:
+            more = self.threads + max(1, math.floor(min(self.roomy) + 1 - RAISE_IDLE))
+            return self._change(min(self.ceiling, more))
         if self.checks >= SETTLE_CHECKS:
             self.settled = True
         return None
+
+    def _change(self, count: int) -> int | None:
+        """Settle on `count`: one change per run (each one alters the numerics)."""
+        self.settled = True
+        if count == self.threads:
+            return None
+        self.threads = count
+        return count

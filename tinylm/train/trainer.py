@@ -384,6 +384,7 @@ class Trainer:
                 state.threads,
                 settled=state.threads_settled,
                 adjustable=self.threads.source in ("auto", "checkpoint"),
+                ceiling=self.threads.ceiling,
             ),
             curriculum=self.loader.curriculum,
         )
@@ -424,7 +425,9 @@ class Trainer:
                 loss, grad_norm, nonfinite = self.train_step(batches)
                 state.step += 1
                 state.tokens_seen += monitor.tokens_per_step
-                monitor.record(loss, nonfinite)
+                monitor.record(loss, nonfinite)  # also the thread check's clock (threads.py)
+                state.threads = monitor.governor.threads
+                state.threads_settled = monitor.governor.settled
                 if step_timer and (
                     fit := step_timer.observe(state.step, time.perf_counter() - run_start)
                 ):
@@ -434,8 +437,6 @@ class Trainer:
 
                 if state.step % cfg.log.interval == 0 or last_step:
                     monitor.flush(state.step, state.tokens_seen, grad_norm)
-                    state.threads = monitor.governor.threads
-                    state.threads_settled = monitor.governor.settled
                     if reason := monitor.nonfinite_stop_reason(state.step):
                         nonfinite_stop = True
                         self.stop.request(reason)
