@@ -8,7 +8,7 @@ from the start, dropped by the `slow` check once it fires. Reports the median wa
 variant and its ratio to auto, with the CPU flags and the load average before each condition.
 Usage:
   .venv/bin/python bench/bench_threads_quickstart.py [--steps 150] [--rounds 3] [--busy 2]
-      [--conditions loaded,idle] [--base REV]
+      [--conditions loaded,idle] [--base REV] [--variants auto,today,omp1]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,9 +62,13 @@ def run_once(code_dir: Path, env_threads: str | None, steps: int, out: Path, nam
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    threads = re.findall(r"threads: (\d+)", proc.stdout)
+    shown = (re.findall(r"threads: (\d+)", proc.stdout)[:1] or ["-"])[0]
+    # a change during the run: the governor's `slow` (drop) or `threads` (raise) event
+    changes = r"step (\d+): (?:slow: .*?Using (\d+) thread|threads \d+ -> (\d+))"
+    for step, fewer, more in re.findall(changes, proc.stdout):
+        shown += f" -> {fewer or more} at step {step}"
     slow = "slow" in proc.stdout
-    print(f"  {name}: {wall:.1f} s (threads {threads[:1] or '-'}, slow event: {slow})", flush=True)
+    print(f"  {name}: {wall:.1f} s (threads {shown}; slow event: {slow})", flush=True)
     return wall
 
 
@@ -74,7 +79,10 @@ def main() -> None:
     ap.add_argument("--busy", type=int, default=2)
     ap.add_argument("--conditions", default="loaded,idle")
     ap.add_argument("--base", default="", help="git revision of today's behaviour")
+    ap.add_argument("--variants", default="auto,today,omp1", help="a subset of auto,today,omp1")
     args = ap.parse_args()
+    # `timeout` or kill: still stop the spinners and remove the worktree (the finally blocks)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     base = (
         args.base
         or subprocess.run(
@@ -91,6 +99,7 @@ def main() -> None:
         "today": (base_dir, None),
         "omp1": (REPO, "1"),
     }
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     print(
         f"CPU flags: {cpu_flags()}; {os.cpu_count()} cores; {args.steps} steps of tiny; base {base[:10]}"
     )
@@ -119,13 +128,14 @@ def main() -> None:
             finally:
                 for p in spinners:
                     p.terminate()
-            ref = statistics.median(times["auto"])
+            first = next(iter(times))  # auto, unless --variants leaves it out
+            ref = statistics.median(times[first])
             print(f"{condition}: load average after: {loadavg()}")
             for name, values in times.items():
                 med = statistics.median(values)
                 print(
                     f"{condition:>7} {name:>6}: median {med:.1f} s "
-                    f"({' '.join(f'{v:.1f}' for v in values)}); ratio to auto {med / ref:.2f}"
+                    f"({' '.join(f'{v:.1f}' for v in values)}); ratio to {first} {med / ref:.2f}"
                 )
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base_dir)], cwd=REPO)

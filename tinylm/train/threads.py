@@ -68,10 +68,11 @@ PROBE_SECONDS = 0.02  # target length of one timed measurement (about 0.2 s of p
 BUSY_SAMPLE_SECONDS = 0.3
 # Re-checking during the run (ThreadGovernor). Below this share of its threads' CPU time the
 # process is starved (a run alone on its cores gets close to all of it): with ~20 busy processes
-# on 2 cores, a 1-thread tiny run got 8-20%.
+# on 2 cores, a 1-thread tiny run got 8-20%; a steady 2-thread matmul loop beside 2 spinners
+# got 19-27% (bench/bench_busy_view.py); alone, 99%.
 STARVED_SHARE = 0.5
-PATIENCE = 2  # starved intervals in a row before the count drops (one busy moment is not a trend)
-SETTLE_CHECKS = 4  # checked intervals without a change after which the count is settled
+PATIENCE = 2  # windows in a row before the count changes (one busy moment is not a trend)
+SETTLE_CHECKS = 4  # judged windows without a change after which the count is settled
 WARMUP_STEPS = 2  # a session's first steps (allocation, torch.compile) never count as starved
 # A governor window: at least this long (whole steps). A tiny step is ~0.15 s alone and ~1.2 s
 # on 2 threads beside 2 spinners, so a drop comes within ~2-4 s of the warm-up whatever
@@ -139,9 +140,8 @@ def cpu_ticks(cpus: set[int], stat: Path = Path("/proc/stat")) -> tuple[int, int
                 fields = line.split()
                 if int(fields[0][3:]) not in cpus:
                     continue
-                values = [
-                    int(v) for v in fields[1:9]
-                ]  # user nice system idle iowait irq softirq steal
+                # user nice system idle iowait irq softirq steal
+                values = [int(v) for v in fields[1:9]]
                 idle += values[3] + values[4]
                 busy += sum(values) - values[3] - values[4]
     except (OSError, ValueError, IndexError):
