@@ -152,6 +152,9 @@ def test_governor_acts_on_its_own_clock_and_never_on_compile_time():
     g, changes = _governed(compile_steps + starved)
     assert changes == {6: 1} and g.settled  # 2 windows of 1 s after the warm-up: step 6
     g, changes = _governed(compile_steps + [(0.5, 0.95, 0.0)] * 20)  # alone: no change
+    # a low share with the cores idle is waiting (data, disk, a lock), not other processes
+    g, changes = _governed(compile_steps + [(0.5, 0.2, 0.3)] * 20)
+    assert changes == {} and g.settled
     assert changes == {} and g.settled and g.checks == threads.SETTLE_CHECKS
     # one busy moment is not a trend; calm windows settle it: later load changes nothing
     g, changes = _governed(compile_steps + [(1.0, 0.4, 0)] + [(1.0, 1.9, 0)] * 3 + starved)

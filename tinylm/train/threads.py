@@ -23,17 +23,20 @@ the scheduler), so the run kept 2 threads and took 122.4 s against 54.3 s on 1 t
 (notes/issue-24-busy-machine.md). The busy cores are now measured from the per-CPU counters of
 /proc/stat over `BUSY_SAMPLE_SECONDS` while this process sleeps: only the CPUs in its affinity,
 steal time counted as busy, exact over the window rather than a point sample. Measured on the
-2-core machine: 0.0-0.1 busy cores idle, 2.0 within 50 ms of starting 2 spinners (the load
-average then: 1.64); a steady 2-thread matmul loop next to them got 19-27% of its CPU time and
-ran 1.9-2.8x slower than 1 thread, while the old probe saw 7.2 vs 7.7 ms. (The runnable-task
-count, `procs_running`, said the same here, but it counts the whole host: in a container pinned
-to 2 of 64 CPUs it would see everyone's tasks; the per-CPU counters see only ours.)
+shared 2-core machine (bench/bench_busy_view.py, /tmp experiments of the same shape): 2.0 busy
+cores within 50 ms of starting 2 spinners while the load average read 1.64; a steady 2-thread
+forward+backward matmul loop beside them got 19-27% of its CPU time and ran 1.9-2.8x slower than
+1 thread (at load average 8.5 from other work: 5-14% and 3-6x), while the old probe saw 7.2 vs
+7.7 ms; alone, the loop got 99% and 2 threads were 1.8x faster. (The runnable-task count,
+`procs_running`, said the same here, 1 alone and 3-5 with the spinners, but it counts the whole
+host: in a container pinned to 2 of 64 CPUs it would see everyone's tasks; the per-CPU counters
+see only this process's CPUs.)
 
 During the run `ThreadGovernor` re-checks the choice on its own clock, not the log interval:
 windows of `WINDOW_SECONDS` of steps from the session's third step (the first steps, allocation
 and torch.compile, run on one thread and would read as contention), each judged by the CPU
 share the threads got and by the idle time of the cores. `PATIENCE` starved windows in a row
-(< `STARVED_SHARE`) drop the count to the cores' worth the process gets; `PATIENCE` windows
+(< `STARVED_SHARE` while the cores were busy) drop the count to the cores' worth the process gets; `PATIENCE` windows
 with a whole core idle raise it (to at most the cores `auto` may use). One change, or
 `SETTLE_CHECKS` calm windows, settle it for the rest of the run: the count changes numerics, so
 only this early window may change it, and the change is an event in the log (`slow` for a drop,
@@ -79,6 +82,9 @@ WARMUP_STEPS = 2  # a session's first steps (allocation, torch.compile) never co
 # log.interval is; a second covers ~40 scheduler slices, enough for a steady CPU share.
 WINDOW_SECONDS = 1.0
 RAISE_IDLE = 0.75  # idle cores in each of PATIENCE windows before a thread is added
+# A low share only counts as starved while the CPUs were busy (idle below this many cores):
+# threads that wait for data, a lock or the disk leave the cores idle; other processes don't.
+CONTENDED_IDLE = 0.5
 
 
 @dataclass(frozen=True)
@@ -390,7 +396,8 @@ class ThreadGovernor:
         if self.settled or first_step <= session_start + WARMUP_STEPS:
             return None  # warm-up and compile time are one thread's work, not contention
         self.checks += 1
-        starved = share < STARVED_SHARE
+        busy = idle_cores is None or idle_cores < CONTENDED_IDLE
+        starved = share < STARVED_SHARE and busy
         self.starved_in_a_row = self.starved_in_a_row + 1 if starved else 0
         roomy = (
             not starved
