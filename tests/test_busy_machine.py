@@ -110,6 +110,11 @@ def test_start_decision_reads_the_cores_busy_now_not_the_lagging_load_average(mo
     assert probed == [[1, 2], [1, 2]]  # only where a second core is free
     assert "kept 2.0 of its 2 CPUs busy just now, load average 1.4" in chosen["busy"].reason
     assert chosen["idle"].ceiling == 2 and "re-checked" in chosen["idle"].reason
+    assert chosen["busy"].ceiling == 2  # held down by busy cores: may rise if they go idle
+    monkeypatch.setattr(threads, "busy_cores", lambda: (0.0, 2))
+    monkeypatch.setattr(threads, "probe", lambda counts, rows, width: {1: 1.0, 2: 0.95})
+    no_gain = threads.decide("auto", CPU)
+    assert (no_gain.count, no_gain.ceiling) == (1, 1)  # the probe's call: an idle core stays so
     # a 2-CPU cgroup quota on a 64-CPU host: 40 busy host CPUs still leave it its 2 cores
     assert threads.free_cores(2, busy=40.0, watched=64) == 2
     assert threads.free_cores(2, busy=63.5, watched=64) == 1

@@ -36,12 +36,13 @@ During the run `ThreadGovernor` re-checks the choice on its own clock, not the l
 windows of `WINDOW_SECONDS` of steps from the session's third step (the first steps, allocation
 and torch.compile, run on one thread and would read as contention), each judged by the CPU
 share the threads got and by the idle time of the cores. `PATIENCE` starved windows in a row
-(< `STARVED_SHARE` while the cores were busy) drop the count to the cores' worth the process gets; `PATIENCE` windows
-with a whole core idle raise it (to at most the cores `auto` may use). One change, or
-`SETTLE_CHECKS` calm windows, settle it for the rest of the run: the count changes numerics, so
-only this early window may change it, and the change is an event in the log (`slow` for a drop,
-`threads` for a raise). Checkpoints record the count and whether it is settled; a resume uses
-them, so it stays bit-identical.
+(< `STARVED_SHARE` while the cores were busy) drop the count to the cores' worth the process
+gets; `PATIENCE` windows with a whole core idle raise it (only where busy cores held the start
+count down, to at most the cores `auto` may use). One change, or `SETTLE_CHECKS` calm windows,
+settle it for the rest of the run: the count changes numerics, so only this early window may
+change it, and the change is an event in the log (`slow` for a drop, `threads` for a raise).
+Checkpoints record the count and whether it is settled; a resume uses them, so it stays
+bit-identical.
 """
 
 from __future__ import annotations
@@ -274,11 +275,14 @@ def decide_auto(rows: int, width: int) -> ThreadChoice:
     count = pick(timings) if timings else 1
     shown = ", ".join(f"{n}: {1000 * t:.1f} ms" for n, t in sorted(timings.items()))
     probed = f"; probe {shown}" if shown else ""
+    # The governor may add threads only where busy cores held the count down, not where the
+    # probe found more threads no faster.
+    ceiling = cores if view is not None and count == free < cores else count
     return ThreadChoice(
         count,
         "auto",
         f"{count} (auto: {how}{seen}{probed}; re-checked over the first seconds of steps)",
-        ceiling=cores,
+        ceiling=ceiling,
     )
 
 
