@@ -515,13 +515,14 @@ def test_bad_token_source_is_refused_clearly(
         ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x' in the environment: not a non-negative"),
         ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK=5 is not a rank of WORLD_SIZE=2"),
         ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+        ({"LOCAL_WORLD_SIZE": "1.5"}, "LOCAL_WORLD_SIZE='1.5'"),  # read by the memory preflight
     ],
 )
 def test_distributed_environment_without_a_launcher(
     env, fragment, corpus, tmp_path, monkeypatch, capsys
 ):
     """`WORLD_SIZE=2 tinylm train ...` by hand, without torchrun: once a KeyError (issue 21)."""
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -23,7 +23,6 @@ import psutil
 import pytest
 import torch
 from helpers import read_metrics, records, run_cli
-from safetensors.torch import load_file
 from test_distributed import REPO, assert_close, env, losses, train_args
 
 from tinylm.data import resolve_data
@@ -107,7 +106,8 @@ def _two_agents(tmp_path: Path, args: list[object], prefixes=((), ())) -> list[s
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(checkpoint.find_latest(run / "checkpoints") / checkpoint.MODEL_FILE)
+    """The latest checkpoint's weights, full or sharded (consolidated)."""
+    return checkpoint.load_checkpoint(run).model_state
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,10 @@ def _wait_for(what: str, condition, proc: subprocess.Popen, log: Path) -> None:
 def test_elastic_restarts_resume_and_end_like_an_uninterrupted_run(two_nodes, tmp_path, corpus):
     """SIGKILL rank 0 while it writes a checkpoint, then rank 1 mid-step: torchrun restarts the
     group twice, each time it resumes the newest intact checkpoint in the same directory, and
-    the run ends exactly as the uninterrupted two-node run did."""
+    the run ends exactly as the uninterrupted two-node run did. Its checkpoints are sharded
+    (checkpoint.format=sharded): a sharded write killed on one rank is never taken for a
+    checkpoint, and resuming one at the same world size is bit-identical (the reference's
+    trajectory does not depend on its checkpoints' format)."""
     reference, _ = two_nodes
     run, ckpts, log_path = (
         tmp_path / "elastic",
@@ -198,7 +201,7 @@ def test_elastic_restarts_resume_and_end_like_an_uninterrupted_run(two_nodes, tm
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "--max-restarts=2", "--monitor-interval=0.1", "-m", "tinylm.cli", "train",
-        *_args(tmp_path, corpus, "elastic"),
+        *_args(tmp_path, corpus, "elastic", "checkpoint.format=sharded"),
     ]  # fmt: skip
     slow = {"TINYLM_TEST_SLOW_CHECKPOINT": "1.0"}  # a window to kill rank 0 mid-write
     with open(log_path, "w") as log:
@@ -236,6 +239,7 @@ def test_elastic_restarts_resume_and_end_like_an_uninterrupted_run(two_nodes, tm
     assert resumed == [f"resumed (elastic restart {n}) at step 3" for n in (1, 2)], output
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cache", "elastic"]
     assert [p.name for p in ckpts.iterdir() if p.name.startswith(".")] == []
+    assert checkpoint.read_meta(checkpoint.find_latest(ckpts))["format"] == "sharded"
     # Same metrics and the same weights, bit for bit, as the run nobody interrupted.
     assert losses(run) == losses(reference)
     val = [(r["step"], r["val/loss"]) for r in read_metrics(run, "eval")]

@@ -256,6 +256,10 @@ class CheckpointConfig:
     keep_best: bool = True  # also keep the checkpoint with the best validation loss
     # keep every checkpoint whose step is a multiple; 0 = none
     milestone_interval: int = ranged(0, ge=0, le=10**9, note="0 = none")
+    # full: one model.safetensors + train_state.pt gathered on rank 0; sharded: each rank writes
+    # its shards (torch.distributed.checkpoint); auto: sharded under FSDP above a size threshold
+    # (tinylm/train/sharded.py says which and why)
+    format: Literal["full", "sharded", "auto"] = "auto"
 
 
 @dataclass

@@ -18,7 +18,6 @@ state over WORLD_SIZE.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
@@ -71,12 +70,15 @@ def _need(
         cfg, train=dataclasses.replace(cfg.train, precision=_resolved_precision(cfg, device))
     )
     e = estimate(cfg, activation_checkpointing=checkpointing)
+    # torchrun's variables, a malformed one refused in one line (not a ValueError traceback)
+    from tinylm.train.distributed import launcher_int
+
     state = e.weights + e.gradients + e.optimizer + e.weight_copies
     if cfg.train.distributed == "fsdp":
-        state //= int(os.environ.get("WORLD_SIZE", "1"))
+        state //= max(1, launcher_int("WORLD_SIZE", 1))
     need = state + e.activations
     if device.type == "cpu":
-        need *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        need *= max(1, launcher_int("LOCAL_WORLD_SIZE", 1))
     return need, e
 
 

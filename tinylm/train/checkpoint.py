@@ -6,6 +6,11 @@ A checkpoint is a directory `checkpoints/step_00001000/` holding
   tokenizer.json      the run's tokenizer, so the directory alone is enough for inference
   meta.json           step, validation loss, loop state (tokens seen, ...), the resolved config,
                       and size + SHA-256 of each file
+A sharded checkpoint (`checkpoint.format=sharded`, `meta.json` says `"format": "sharded"`) holds
+torch.distributed.checkpoint's files instead of `model.safetensors`: `.metadata` (the index) and
+one `__R_0.distcp` per rank holding that rank's shards of the weights and the optimizer state;
+`train_state.pt` then holds the rest (scaler, RNG, loop). The same atomic write, checks, rotation
+and loading apply; readers consolidate the weights in one process (`sharded_io.py`).
 It is assembled under a temporary name and renamed into place only once every file is on disk,
 so a crash leaves either the previous checkpoints or a stray `.tmp-*` directory, never a
 checkpoint that looks complete but is not. `meta.json`'s sizes and checksums catch the rest
@@ -70,6 +75,8 @@ CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})$")
 # Leftovers of our own interrupted writes: `.tmp-step_N-PID` and `.trash-step_N-PID`.
 STRAY_NAME = re.compile(r"^\.(?:tmp|trash)-step_\d{8,}-(\d+)$")
 REQUIRED_FILES = (MODEL_FILE, STATE_FILE, TOKENIZER_FILE)
+FORMATS = ("full", "sharded")
+SHARD_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint
 
 
 _noted: set[str] = set()
@@ -158,20 +165,50 @@ def save_checkpoint(
     A failed write (disk full, read-only, permission) leaves no trace and raises
     CheckpointError; the checkpoints already under `root` are untouched.
     """
+    root, tmp = begin_write(root, step)
+    try:
+        tensors, aliases = _dedupe_shared(model_state)
+        save_file(tensors, tmp / MODEL_FILE)
+        slow_checkpoint_hook()
+        files = hash_files(tmp, [MODEL_FILE])
+        write_rest(tmp, step, train_state, config, tokenizer, val_loss, files, aliases=aliases)
+    except BaseException as e:
+        abandon_write(root, tmp, step, e)
+    return publish(root, tmp, step)
+
+
+def begin_write(root: str | Path, step: int) -> tuple[Path, Path]:
+    """`(root, tmp)`: the checkpoint directory (created) and an empty temporary directory in it
+    where checkpoint `step` is assembled (CheckpointError naming the path when that fails)."""
     root = make_dir(root, CheckpointError, "checkpoint directory")
-    final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _write_files(tmp, step, model_state, train_state, config, tokenizer, val_loss)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(_write_failure(e, root, step)) from None
-        raise
+    except OSError as e:
+        raise CheckpointError(_write_failure(e, root, step)) from None
+    return root, tmp
 
+
+def abandon_write(root: Path, tmp: Path, step: int, error: BaseException) -> None:
+    """Remove the temporary directory of a failed write and raise: CheckpointError for an OS
+    error (disk full, read-only, permission), `error` itself otherwise."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(error, OSError):
+        raise CheckpointError(_write_failure(error, root, step)) from None
+    raise error
+
+
+def slow_checkpoint_hook() -> None:
+    """Test hook: sleep `TINYLM_TEST_SLOW_CHECKPOINT` seconds mid-write (see the module docstring)."""
+    if slow := os.environ.get("TINYLM_TEST_SLOW_CHECKPOINT"):
+        time.sleep(float(slow))
+
+
+def publish(root: Path, tmp: Path, step: int) -> Path:
+    """Rename the complete `tmp` into place as checkpoint `step`; its final path."""
+    final = root / checkpoint_name(step)
     if final.exists():  # re-saving the same step (e.g. end of run right after an interval save)
         trash = root / f".trash-{final.name}-{os.getpid()}"
         final.replace(trash)
@@ -193,27 +230,35 @@ def _write_failure(e: OSError, root: Path, step: int) -> str:
     return f"{os_error_message(e, root, f'write checkpoint {checkpoint_name(step)} into')}. Nothing was half-written: {kept}"
 
 
-def _write_files(
+def hash_files(directory: Path, names: Collection[str]) -> dict[str, dict[str, Any]]:
+    """`{name: {bytes, sha256}}` of files in `directory`, each fsync'ed first (meta.json's
+    `files` entries; under a sharded save each rank hashes the files it wrote)."""
+    files = {}
+    for name in names:
+        path = directory / name
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return files
+
+
+def write_rest(
     tmp: Path,
     step: int,
-    model_state: dict[str, torch.Tensor],
     train_state: dict[str, Any],
     config: Config,
     tokenizer: Tokenizer,
     val_loss: float | None,
+    files: dict[str, dict[str, Any]],
+    *,
+    aliases: dict[str, str] | None = None,
+    fmt: str = "full",
 ) -> None:
-    tensors, aliases = _dedupe_shared(model_state)
-    save_file(tensors, tmp / MODEL_FILE)
-    if slow := os.environ.get("TINYLM_TEST_SLOW_CHECKPOINT"):  # see the module docstring
-        time.sleep(float(slow))
+    """The training state, tokenizer and `meta.json` (last) of a checkpoint whose weights are
+    written already (`files`: their sizes and hashes)."""
     torch.save(train_state, tmp / STATE_FILE)
     tokenizer.save(tmp / TOKENIZER_FILE)
-    files = {}
-    for name in REQUIRED_FILES:
-        path = tmp / name
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-        files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    files = {**files, **hash_files(tmp, [STATE_FILE, TOKENIZER_FILE])}
     meta = {
         "step": step,
         "val_loss": val_loss,
@@ -222,7 +267,8 @@ def _write_files(
         "loop": train_state.get("loop"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "tinylm_version": __version__,
-        "aliases": aliases,
+        "format": fmt,
+        "aliases": aliases or {},
         "files": files,
         "config": config.to_dict(),
     }
@@ -269,9 +315,13 @@ def meta_problem(path: Path, meta: Any) -> str | None:
         isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
     ):
         return "meta.json: 'aliases' must map tensor names to tensor names"
+    fmt = meta.get("format", "full")  # absent in checkpoints written before the format existed
+    if fmt not in FORMATS:
+        return f"meta.json: 'format' is {fmt!r}, not one of {', '.join(FORMATS)}"
+    required = required_files(fmt)
     files = meta.get("files")
-    if not isinstance(files, dict) or not set(REQUIRED_FILES) <= set(files):
-        return f"meta.json must list {', '.join(REQUIRED_FILES)} under 'files'"
+    if not isinstance(files, dict) or not set(required) <= set(files):
+        return f"meta.json must list {', '.join(required)} under 'files'"
     for name, info in files.items():
         try:
             confined(path, name, path / META_FILE)
@@ -285,6 +335,14 @@ def meta_problem(path: Path, meta: Any) -> str | None:
         ):
             return f"meta.json: the entry for {name} needs 'bytes' and a hex 'sha256'"
     return None
+
+
+def required_files(fmt: str) -> tuple[str, ...]:
+    """The files a checkpoint of format `fmt` cannot be without (a sharded one's shard files
+    are listed in its meta.json, one per rank that wrote any)."""
+    if fmt == "sharded":
+        return (SHARD_INDEX, STATE_FILE, TOKENIZER_FILE)
+    return REQUIRED_FILES
 
 
 def check_checkpoint(path: Path, verify_hashes: bool = True) -> str | None:
@@ -386,8 +444,18 @@ class LoadedCheckpoint:
     path: Path
     meta: dict[str, Any]
     config: Config
-    model_state: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor]  # meta-device tensors: a sharded one not consolidated
     tokenizer: Tokenizer
+
+    @property
+    def format(self) -> str:
+        return self.meta.get("format", "full")
+
+    @property
+    def consolidated(self) -> bool:
+        """False for a sharded checkpoint loaded for resuming: `model_state` holds the shapes
+        only, and the weights are read into the wrapped model (`sharded.load_into`)."""
+        return all(t.device.type != "meta" for t in self.model_state.values())
 
     def train_state(
         self,
@@ -395,7 +463,13 @@ class LoadedCheckpoint:
         loop_fields: Collection[str] | None = None,
     ) -> dict[str, Any]:
         """Optimizer, scaler, RNG and loop state, checked (`loop_fields`: the keys 'loop' may hold)."""
-        return read_train_state(self.path, self.meta["step"], map_location, loop_fields)
+        return read_train_state(
+            self.path,
+            self.meta["step"],
+            map_location,
+            loop_fields,
+            sharded=self.format == "sharded",
+        )
 
 
 def read_train_state(
@@ -403,8 +477,10 @@ def read_train_state(
     step: int,
     map_location: str | torch.device = "cpu",
     loop_fields: Collection[str] | None = None,
+    sharded: bool = False,
 ) -> dict[str, Any]:
-    """`path/train_state.pt`, loaded with `weights_only=True` and checked against its schema."""
+    """`path/train_state.pt`, loaded with `weights_only=True` and checked against its schema
+    (a sharded checkpoint's optimizer state is in its shards, not in this file)."""
     file = path / STATE_FILE
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
@@ -427,7 +503,7 @@ def read_train_state(
 
     if not isinstance(state, dict):
         raise bad(f"holds a {type(state).__name__}, not a dict")
-    if not _is_optimizer_state(state.get("optimizer")):
+    if not sharded and not _is_optimizer_state(state.get("optimizer")):
         raise bad("no optimizer state ('optimizer' with 'state' and 'param_groups')")
     if not isinstance(state.get("rng"), list) or not state["rng"]:
         raise bad("no RNG states ('rng')")
@@ -477,11 +553,15 @@ def resolve_checkpoint(target: str | Path, which: str = "latest") -> Path:
     return found
 
 
-def load_checkpoint(target: str | Path, which: str = "latest") -> LoadedCheckpoint:
+def load_checkpoint(
+    target: str | Path, which: str = "latest", consolidate: bool = True
+) -> LoadedCheckpoint:
     """Load weights, config and tokenizer (not the optimizer) from a run or checkpoint dir.
 
     Everything is checked against everything else before it is returned (see the module
-    docstring). A checkpoint rotated away by a training run between being found and being read
+    docstring). A sharded checkpoint's weights are consolidated in this process, without a
+    process group; with `consolidate=False` (resuming: each rank reads its own shards later)
+    only their shapes are read, as meta-device tensors. A checkpoint rotated away by a training run between being found and being read
     is resolved again: rotation deletes only after a newer checkpoint is complete.
     """
     # Each retry means a newer checkpoint was completed meanwhile. A deadline, not a count: a
@@ -498,7 +578,7 @@ def load_checkpoint(target: str | Path, which: str = "latest") -> LoadedCheckpoi
     before = _disk_state(target)
     while True:
         try:
-            return _load(resolve_checkpoint(target, which))
+            return _load(resolve_checkpoint(target, which), consolidate)
         except (FileNotFoundError, CheckpointError):
             now = _disk_state(target)
             if not existed or now == before or time.monotonic() > deadline:
@@ -531,7 +611,7 @@ def _entries(root: Path) -> list[Path]:
         return []
 
 
-def _load(path: Path) -> LoadedCheckpoint:
+def _load(path: Path, consolidate: bool = True) -> LoadedCheckpoint:
     meta = read_meta(path)
     try:
         config = config_from_dict(meta["config"])
@@ -540,22 +620,24 @@ def _load(path: Path) -> LoadedCheckpoint:
         raise CheckpointError(
             f"{path / META_FILE}: its config is not valid for this tinylm ({e})"
         ) from None
-    try:
-        state = load_file(path / MODEL_FILE)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(
-            f"{path / MODEL_FILE}: not a readable safetensors file ({type(e).__name__}: {e})"
-        ) from None
+    if meta.get("format", "full") == "sharded":
+        from tinylm.train import sharded_io
+
+        file = path / SHARD_INDEX
+        state = sharded_io.read_model(path, file, consolidate, CheckpointError)
+    else:
+        file = path / MODEL_FILE
+        state = _read_safetensors(file)
     for alias, source in meta.get("aliases", {}).items():
         if source not in state:
             raise CheckpointError(
                 f"{path / META_FILE}: alias {alias!r} names {source!r}, which is not in {MODEL_FILE}"
             )
         state[alias] = state[source]
-    check_weights(path / MODEL_FILE, state, config)
-    check_finite(state, f"checkpoint {path}", CheckpointError)  # generate, eval, export, serve
+    check_weights(file, state, config)
+    # Shapes only (a sharded one read for resuming): the run checks its weights at its first log line.
+    if not any(t.is_meta for t in state.values()):
+        check_finite(state, f"checkpoint {path}", CheckpointError)  # generate, eval, export, serve
     try:
         tokenizer = tokenizer_from_file(path / TOKENIZER_FILE)
     except TokenizerError as e:
@@ -567,6 +649,17 @@ def _load(path: Path) -> LoadedCheckpoint:
             "is not the one this model was trained with"
         )
     return LoadedCheckpoint(path, meta, config, state, tokenizer)
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({type(e).__name__}: {e})"
+        ) from None
 
 
 def shape_changes(weights: dict[str, Any], model_cfg: ModelConfig) -> list[str]:

@@ -163,7 +163,8 @@ def open_for_resume(
         raise checkpoint.CheckpointError(
             f"--resume: no intact checkpoint in {root}; start a new run without --resume"
         )
-    loaded = checkpoint.load_checkpoint(latest)
+    # A sharded checkpoint: shapes only here; each rank reads its shards after wrapping the model.
+    loaded = checkpoint.load_checkpoint(latest, consolidate=False)
     step = loaded.meta["step"]
     refuse_shape_change(loaded, cfg, run_dir)
     changes = unsafe_changes(loaded.config, cfg, step)

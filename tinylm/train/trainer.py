@@ -33,6 +33,7 @@ from tinylm.train import (
     optim,
     precision,
     runtime,
+    sharded,
     signals,
     sinks,
     threads,
@@ -144,7 +145,8 @@ class Trainer:
         self.precision = runtime.select_precision(cfg.train.precision, self.device, cfg)
         self.autocast = runtime.autocast(self.device, self.precision)
         self.messages.append(f"precision: {self.precision.reason}")
-        self._build_model(start.model_state if start else None)
+        # A sharded checkpoint is read into the wrapped model in `_restore` (its own shards per rank).
+        self._build_model(start.model_state if start and start.consolidated else None)
         self._build_optimizer()
         if resumed is not None:
             self._restore(resumed)
@@ -233,6 +235,10 @@ class Trainer:
 
             self.messages.append(fp8.convert_model(self.raw_model))
         n_all, n_body = self.raw_model.num_params(), self.raw_model.num_params(non_embedding=True)
+        self.ckpt_format, reason = sharded.choose_format(
+            self.cfg.checkpoint.format, self.dist, self.cfg.train.distributed, n_all, self.device
+        )
+        self.messages.append(f"checkpoints: {reason}")
         self.flops_per_token = self.raw_model.flops_per_token()
         self.messages.append(
             f"model: {n_all / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings), "
@@ -275,7 +281,12 @@ class Trainer:
         """Optimizer, grad scaler, loop state and RNG streams (the weights are already in)."""
         state = loaded.train_state(map_location="cpu", loop_fields=LoopState.__dataclass_fields__)
         flags = optim.implementation(self.optimizer)  # ours, not the saving device's
-        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
+        if loaded.consolidated:
+            distributed.load_optimizer_state(
+                self.model, self.optimizer, state["optimizer"], self.dist
+            )
+        else:  # sharded: weights and optimizer state, each rank its part (resharded)
+            sharded.load_into(loaded.path, self.model, self.optimizer, self.dist)
         optim.set_implementation(self.optimizer, flags)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -595,6 +606,8 @@ class Trainer:
         """Checkpoint the current step (collective under FSDP; the main process writes)."""
         if not self._weights_finite():  # never a checkpoint (or a best) of NaN weights
             return None
+        if self.ckpt_format == "sharded":
+            return self._save_sharded()
         model_state = distributed.model_state_dict(self.model, self.dist)
         optim_state = distributed.optimizer_state_dict(self.model, self.optimizer, self.dist)
         if self.xla:  # files are written from host tensors
@@ -622,6 +635,31 @@ class Trainer:
                 if self.val_loss_step == self.state.step
                 else None,
             )
+            checkpoint.rotate(self.run_dir / "checkpoints", self.cfg.checkpoint)
+        distributed.barrier(self.dist)
+        self.saved_step = self.state.step
+        return path
+
+    def _save_sharded(self) -> Path | None:
+        """`_save` for checkpoint.format=sharded: every rank writes its shards (sharded.py)."""
+        rng = checkpoint.numpy_rng_to_torch(runtime.capture_rng_state())
+        rng_states = distributed.gather_objects(rng, self.dist)
+        path = sharded.save(
+            self.run_dir / "checkpoints",
+            self.state.step,
+            self.model,
+            self.optimizer,
+            self.dist,
+            train_state={
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "rng": rng_states,
+                "loop": asdict(self.state),
+            },
+            config=self.cfg,
+            tokenizer=self.tokenizer,
+            val_loss=self.state.last_val_loss if self.val_loss_step == self.state.step else None,
+        )
+        if self.is_main:
             checkpoint.rotate(self.run_dir / "checkpoints", self.cfg.checkpoint)
         distributed.barrier(self.dist)
         self.saved_step = self.state.step
