@@ -30,6 +30,7 @@ from helpers import run_cli
 from safetensors.torch import load_file
 from test_distributed import REPO, TIMEOUT, assert_close, env, losses, train_args
 
+from tinylm.config import ConfigError
 from tinylm.train import checkpoint, sharded
 from tinylm.train.checkpoint import CheckpointError
 from tinylm.train.distributed import DistInfo
@@ -115,7 +116,9 @@ def test_sharded_checkpoints_reshard_on_load_and_resume_exactly(chain):
     assert strays == []
 
 
-def test_generate_and_export_read_a_sharded_checkpoint_like_a_full_one(chain, tmp_path, capsys):
+def test_generate_eval_and_export_read_a_sharded_checkpoint_like_a_full_one(
+    chain, tmp_path, capsys
+):
     one, full = chain["one"], chain["full"]
     assert checkpoint.read_meta(checkpoint.find_latest(full / "checkpoints"))["format"] == "full"
     assert _equal(_weights(one), _weights(full))  # consolidated in this process, no group
@@ -124,9 +127,12 @@ def test_generate_and_export_read_a_sharded_checkpoint_like_a_full_one(chain, tm
         capsys.readouterr()
         args = ["--prompt", "ANNA:", "--max-new-tokens", "12", "--seed", "3"]
         assert run_cli("generate", run, *args) == 0
-        outputs.append(capsys.readouterr().out)
+        assert run_cli("eval", run, "--max-batches", "2") == 0
+        lines = capsys.readouterr().out.replace(str(run), "RUN").splitlines()
+        outputs.append([line for line in lines if not line.startswith("data: ")])  # cache notes
         assert run_cli("export", run, "--out", tmp_path / run.name) == 0
-    assert outputs[0] == outputs[1] and outputs[0].startswith("ANNA:")
+    assert outputs[0] == outputs[1] and outputs[0][0].startswith("ANNA:")
+    assert any(": loss " in line for line in outputs[0]), outputs[0]
     exported = [load_file(tmp_path / r.name / "model.safetensors") for r in (one, full)]
     assert _equal(*exported)
 
@@ -189,3 +195,21 @@ def test_a_partial_sharded_checkpoint_is_never_taken_for_a_whole_one(chain, tmp_
 class _Evil:
     def __reduce__(self):
         return (print, ("this ran",))
+
+
+def test_auto_shards_only_under_fsdp_past_the_threshold_and_never_on_xla():
+    cpu, two = torch.device("cpu"), DistInfo(rank=0, world_size=2)
+    big, small = sharded.AUTO_SHARD_PARAMS, sharded.AUTO_SHARD_PARAMS - 1
+
+    def choose(requested, info=two, mode="fsdp", n=big, device=cpu):
+        return sharded.choose_format(requested, info, mode, n, device)[0]
+
+    assert choose("auto") == "sharded"
+    assert choose("auto", n=small) == choose("auto", mode="ddp") == "full"
+    assert choose("auto", info=DistInfo()) == "full"  # one process: nothing to gather
+    assert choose("sharded", info=DistInfo(), n=1) == "sharded"  # asked for: also in one process
+    assert choose("full") == "full"
+    xla = torch.device("xla")
+    assert choose("auto", device=xla) == "full"
+    with pytest.raises(ConfigError, match=r"checkpoint\.format=sharded is not supported on XLA"):
+        choose("sharded", device=xla)
