@@ -146,7 +146,8 @@ class Trainer:
         self.autocast = runtime.autocast(self.device, self.precision)
         self.messages.append(f"precision: {self.precision.reason}")
         # A sharded checkpoint is read into the wrapped model in `_restore` (its own shards per rank).
-        self._build_model(start.model_state if start and start.consolidated else None)
+        in_shards = resumed is not None and not resumed.consolidated
+        self._build_model(start.model_state if start and not in_shards else None)
         self._build_optimizer()
         if resumed is not None:
             self._restore(resumed)
