@@ -120,6 +120,7 @@ def save(
         written = f"rank {info.rank}: {type(e).__name__}: {str(e).strip()[:300]}"
     every = distributed.gather_objects(written, info)
     outcome: str | None = None
+    bug: Exception | None = None  # not an I/O failure: rank 0 re-raises it for the crash report
     if info.is_main:
         failed = [w for w in every if isinstance(w, str)]
         try:
@@ -137,7 +138,10 @@ def save(
                 checkpoint.abandon_write(tmp.parent, tmp, step, e)
             except Exception as raised:
                 outcome = f"error: {raised}"
+                bug = None if isinstance(raised, CheckpointError) else raised
     outcome = distributed.broadcast_object(outcome, info)
+    if bug is not None:
+        raise bug
     if outcome.startswith("error: "):
         raise CheckpointError(outcome[len("error: ") :])
     return Path(outcome) if info.is_main else None
