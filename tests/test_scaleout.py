@@ -114,7 +114,11 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def two_nodes(tmp_path_factory, corpus):
     """The uninterrupted reference: one rank per agent, two agents (a two-node run)."""
     tmp = tmp_path_factory.mktemp("nodes")
-    outputs = _two_agents(tmp, _args(tmp, corpus, "nodes"))
+    # Its own dataset cache: the per-test one (conftest) is not set yet for a module fixture,
+    # and a cache another module filled would let rank 0 find the data prepared already.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TINYLM_CACHE", str(tmp / "cache"))
+        outputs = _two_agents(tmp, _args(tmp, corpus, "nodes"))
     assert outputs[2:] == ["0", "0"], outputs
     return tmp / "nodes", outputs[:2]
 

@@ -79,6 +79,12 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def chain(tmp_path_factory, corpus):
     """The runs described in the module docstring: {name: run directory}."""
     tmp = tmp_path_factory.mktemp("sharded")
+    with pytest.MonkeyPatch.context() as patch:  # its own dataset cache (module scope)
+        patch.setenv("TINYLM_CACHE", str(tmp / "cache"))
+        return _run_chain(tmp, corpus)
+
+
+def _run_chain(tmp: Path, corpus: Path) -> dict[str, Path]:
     runs = {name: tmp / name for name in ("one", "full", "two", "four", "back", "again")}
     # the single-process reference, sharded; and the same run with full checkpoints
     assert run_cli("train", *_args(tmp, corpus, "one", 16, *SHARDED)) == 0
