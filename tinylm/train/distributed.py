@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,8 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    # XLA replica threads of one process (train/xla_replicas.py): their host-side collectives.
+    group: Any = field(default=None, compare=False)
 
     @property
     def enabled(self) -> bool:
@@ -56,8 +60,18 @@ def launcher_int(name: str, default: int | None) -> int:
     return value
 
 
+_thread = threading.local()
+
+
+def set_thread_info(info: DistInfo) -> None:
+    """What `setup()` returns in this thread: an XLA replica's place in its group."""
+    _thread.info = info
+
+
 def setup() -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a no-op."""
+    if (info := getattr(_thread, "info", None)) is not None:
+        return info
     world_size = launcher_int("WORLD_SIZE", 1)
     if world_size <= 1:
         return DistInfo()
@@ -112,13 +126,15 @@ def teardown(info: DistInfo) -> None:
 
 
 def barrier(info: DistInfo) -> None:
-    if info.enabled:
+    if info.group is not None:
+        info.group.exchange(info.rank, None)
+    elif info.enabled:
         dist.barrier()
 
 
 def wrap_model(model: nn.Module, mode: str, info: DistInfo, device: torch.device) -> nn.Module:
     """DDP (replicated weights) or FSDP2 (sharded weights, grads and optimizer state)."""
-    if not info.enabled:
+    if not info.enabled or info.group is not None:  # XLA replicas: xla.reduce_gradients
         return model
     if mode in ("auto", "ddp"):
         from torch.nn.parallel import DistributedDataParallel
@@ -159,7 +175,7 @@ def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager
 
 def model_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict of the model, collective under FSDP; all ranks call it."""
-    if not info.enabled:
+    if not info.enabled or info.group is not None:
         return unwrap(model).state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -170,7 +186,7 @@ def model_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor
 def optimizer_state_dict(
     model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
 ) -> dict:
-    if not info.enabled:
+    if not info.enabled or info.group is not None:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -182,7 +198,7 @@ def load_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, info: DistInfo
 ) -> None:
     """Load a saved optimizer state (full, as `optimizer_state_dict` wrote it) on every rank."""
-    if not info.enabled:
+    if not info.enabled or info.group is not None:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -197,6 +213,8 @@ def _parts(optimizer) -> torch.optim.Optimizer | tuple[torch.optim.Optimizer, ..
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.group is not None:
+        return info.group.reduce(info.rank, value, "mean")
     if info.enabled:
         value = value.clone()
         dist.all_reduce(
@@ -209,6 +227,8 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The elementwise sum of `value` over all ranks (a copy; `value` itself is unchanged)."""
+    if info.group is not None:
+        return info.group.reduce(info.rank, value, "sum")
     if info.enabled:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
@@ -219,6 +239,8 @@ def gather_objects(obj: object, info: DistInfo) -> list:
     """`[obj of rank 0, obj of rank 1, ...]` on every rank (`[obj]` in a single process)."""
     if not info.enabled:
         return [obj]
+    if info.group is not None:
+        return info.group.exchange(info.rank, obj)
     out: list = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
@@ -228,6 +250,8 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     """Rank 0's `obj` on every rank (the object itself in a single process)."""
     if not info.enabled:
         return obj
+    if info.group is not None:
+        return info.group.exchange(info.rank, obj)[0]
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -235,6 +259,8 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
 
 def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The elementwise maximum of `value` over all ranks (a copy; `value` itself is unchanged)."""
+    if info.group is not None:
+        return info.group.reduce(info.rank, value, "max")
     if info.enabled:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -250,6 +276,9 @@ def any_ranks(flags: list[bool], info: DistInfo, device: torch.device) -> list[b
     """`any_rank` for several flags in one collective (the loop asks two questions a step)."""
     if not info.enabled:
         return list(flags)
+    if info.group is not None:
+        every = info.group.exchange(info.rank, flags)
+        return [any(theirs[i] for theirs in every) for i in range(len(flags))]
     t = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]

@@ -7,6 +7,8 @@ import os
 import random
 import shutil
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -82,11 +84,26 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     return autocast_context(device, precision)
 
 
+# The host RNGs are process-wide; XLA replica threads (train/xla_replicas.py) share them.
+_RNG_LOCK = threading.RLock()
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    with _RNG_LOCK:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded_build(seed: int) -> Iterator[None]:
+    """Draw from torch's host generator as a freshly seeded process would, leaving it as it was:
+    XLA replica threads build their models one at a time, each from the run's seed, into the
+    weights a single process builds (its generator is seeded with the same seed just before)."""
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -81,6 +81,8 @@ class GracefulStop:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # shared with XLA replica threads (xla_replicas.py): the main thread restores
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()

@@ -122,6 +122,8 @@ class Trainer:
         self.finite_step = -1  # the last step whose weights were checked and found finite
         # Under torchrun one Ctrl+C arrives twice (terminal + launcher): see signals.py.
         self.stop = signals.GracefulStop(repeat_grace_s=2.0 if self.dist.enabled else 0.0)
+        if self.dist.group is not None:  # XLA replica threads: the main thread's handlers set it
+            self.stop = self.dist.group.stop
         self.messages = [f"device: {device_reason}"]
         self.messages.append(f"threads: {self.threads.reason}")
 
@@ -153,7 +155,7 @@ class Trainer:
             self._restore(resumed)
         # Dropout masks differ per rank but are reproducible; a resumed run restores these states.
         if resumed is None:
-            runtime.seed_everything(cfg.train.seed + self.dist.rank)
+            self._seed_streams(cfg.train.seed + self.dist.rank)
         if self.threads.source != "checkpoint":  # a new choice, or one the user made
             self.state.threads_settled = self.threads.source != "auto"
         self.state.threads = self.threads.count
@@ -217,7 +219,11 @@ class Trainer:
         """The model on its device, with `weights` when resuming, then compiled and wrapped."""
         from tinylm.model import GPT
 
-        model = GPT(self.cfg.model)
+        if self.dist.group is not None:  # XLA replica threads share the host RNG (xla_replicas.py)
+            with runtime.seeded_build(self.cfg.train.seed):
+                model = GPT(self.cfg.model)
+        else:
+            model = GPT(self.cfg.model)
         self.raw_model = xla.to_device(model, self.device) if self.xla else model.to(self.device)
         ckpt, reason = preflight.decide_activation_checkpointing(self.cfg, self.device)
         self.raw_model.activation_checkpointing = ckpt
@@ -295,12 +301,26 @@ class Trainer:
         self.saved_step = self.state.step  # on disk already: a resume at max_steps re-saves nothing
         rng_states = state["rng"]
         if len(rng_states) == self.dist.world_size:
-            runtime.restore_rng_state(checkpoint.torch_rng_to_numpy(rng_states[self.dist.rank]))
+            rng = checkpoint.torch_rng_to_numpy(rng_states[self.dist.rank])
+            # XLA: the device's dropout stream; a checkpoint written on CPU has none.
+            fresh = self.cfg.train.seed + self.dist.rank + self.state.step
+            self._seed_streams(rng.get("xla", fresh), rng)
         else:
-            runtime.seed_everything(self.cfg.train.seed + self.dist.rank + self.state.step)
+            self._seed_streams(self.cfg.train.seed + self.dist.rank + self.state.step)
             self.messages.append(
                 f"world size changed ({len(rng_states)} -> {self.dist.world_size}): dropout RNG reseeded"
             )
+
+    def _seed_streams(self, seed: int, saved: dict | None = None) -> None:
+        """Seed (or restore from `saved`) the RNG streams dropout draws from: the host RNGs, and
+        on XLA the device's own. XLA replica threads share the host RNGs: the master sets them."""
+        if self.dist.group is None or self.is_main:
+            if saved is not None:
+                runtime.restore_rng_state(saved)
+            else:
+                runtime.seed_everything(seed)
+        if self.xla:
+            xla.set_rng_state(self.device, seed)
 
     # ---------------------------------------------------------------- the step
 
@@ -321,6 +341,8 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(loss.detach())
         loss = losses[0] if accum == 1 else torch.stack(losses).mean()
+        if self.xla:  # averaged over the XLA replicas of this process (none: a no-op)
+            xla.reduce_gradients(self.params, self.dist)
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -344,7 +366,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.xla:  # the step's graph ends here; nothing above read a value
-            xla.sync()
+            xla.sync(self.dist)
         return loss, grad_norm, nonfinite
 
     # ---------------------------------------------------------------- the loop
@@ -564,7 +586,7 @@ class Trainer:
             return False
         results = self.validator.evaluate(self.eval_model, state.step)
         if self.xla:
-            xla.sync()
+            xla.sync(self.dist)
         state.eval_pending = results is None and bool(self.validator.val)  # interrupted
         if results is None:
             return False
@@ -614,6 +636,8 @@ class Trainer:
         if self.xla:  # files are written from host tensors
             model_state, optim_state = xla.host_state_dict(self.raw_model), xla.to_host(optim_state)
         rng = checkpoint.numpy_rng_to_torch(runtime.capture_rng_state())
+        if self.xla:
+            rng["xla"] = xla.rng_state(self.device)
         rng_states = distributed.gather_objects(rng, self.dist)  # each rank's dropout stream
         path = None
         if self.is_main:
@@ -690,22 +714,39 @@ def train(
             return TrainResult(
                 run_dir, cfg.train.max_steps, "reached train.max_steps", math.inf, None, None, None
             )
-        try:
-            with interrupts.term_as_interrupt():  # SIGTERM unwinds set-up like Ctrl+C
-                trainer = Trainer(
-                    cfg, run_dir, resume=resume, force=force, init=init, resume_reason=resume_reason
-                )
-        except KeyboardInterrupt as e:
-            # Setting up (data preparation, model build) holds nothing worth saving, and
-            # preparation keeps its finished chunks, so the same command continues from there.
-            return TrainResult(
-                run_dir,
-                0,
-                f"interrupted ({interrupts.signal_name(e)}) while setting up, before the first "
-                "step (nothing to save); run the same command again",
-                math.inf,
-                None,
-                None,
-                checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False),
+        if cfg.train.device == "xla" and xla.device_count() > 1:  # a replica per device
+            from tinylm.train import xla_replicas
+
+            return xla_replicas.run(
+                cfg, lambda: _set_up_and_fit(cfg, run_dir, resume, force, init, resume_reason)
             )
-        return trainer.fit()
+        return _set_up_and_fit(cfg, run_dir, resume, force, init, resume_reason)
+
+
+def _set_up_and_fit(
+    cfg: Config,
+    run_dir: Path,
+    resume: bool,
+    force: bool,
+    init: InitSource | None,
+    resume_reason: str | None,
+) -> TrainResult:
+    try:
+        with interrupts.term_as_interrupt():  # SIGTERM unwinds set-up like Ctrl+C
+            trainer = Trainer(
+                cfg, run_dir, resume=resume, force=force, init=init, resume_reason=resume_reason
+            )
+    except KeyboardInterrupt as e:
+        # Setting up (data preparation, model build) holds nothing worth saving, and
+        # preparation keeps its finished chunks, so the same command continues from there.
+        return TrainResult(
+            run_dir,
+            0,
+            f"interrupted ({interrupts.signal_name(e)}) while setting up, before the first "
+            "step (nothing to save); run the same command again",
+            math.inf,
+            None,
+            None,
+            checkpoint.find_latest(run_dir / "checkpoints", verify_hashes=False),
+        )
+    return trainer.fit()

@@ -61,6 +61,11 @@ def select_device() -> tuple[torch.device, str]:
     return device, f"xla ({hardware}, torch_xla {torch_xla.__version__})"
 
 
+def device_count() -> int:
+    """How many XLA devices this process addresses (a replica each: train/xla_replicas.py)."""
+    return len(_torch_xla().core.xla_model.get_xla_supported_devices())
+
+
 def hardware(device: torch.device) -> str:
     """'TPU', 'CPU', 'CUDA', ... for an XLA device."""
     return _torch_xla().core.xla_model.xla_device_hw(device)
@@ -96,9 +101,39 @@ def to_device(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def sync() -> None:
-    """Cut the lazy graph here and run it (`mark_step`); values are readable afterwards."""
-    _torch_xla().sync()
+def sync(dist: Any = None) -> None:
+    """Cut the lazy graph here and run it (`mark_step`); values are readable afterwards.
+
+    `dist` (a `distributed.DistInfo`): XLA replicas of one process take turns
+    (train/xla_replicas.py: replicas compiling one graph at once never meet in its all-reduce).
+    """
+    group = getattr(dist, "group", None)
+    if group is None:
+        _torch_xla().sync()
+    else:
+        group.sync_turn(dist.rank, _torch_xla().sync)
+
+
+def reduce_gradients(params: list[nn.Parameter], dist: Any) -> None:
+    """Average the gradients over the XLA replicas, inside the step's graph (what
+    `xm.optimizer_step` does before stepping; here before clipping, so that the clip and the
+    logged norm see the global gradient). A no-op for one replica."""
+    if dist.world_size <= 1:
+        return
+    xm = _torch_xla().core.xla_model
+    grads = [p.grad for p in params if p.grad is not None]
+    xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / dist.world_size)
+
+
+def rng_state(device: torch.device) -> int:
+    """The XLA device's RNG state (dropout masks on the device come from it, not from torch's
+    host generator); saved with a checkpoint's other RNG states."""
+    return int(_torch_xla().core.xla_model.get_rng_state(device))
+
+
+def set_rng_state(device: torch.device, state: int) -> None:
+    """Seed the device's RNG (a new run: `train.seed + rank`; a resume: the saved state)."""
+    _torch_xla().core.xla_model.set_rng_state(int(state), device)
 
 
 def build_adamw(groups: list[dict], **kwargs: Any) -> torch.optim.Optimizer:
