@@ -1,15 +1,15 @@
 """`train.device=xla` on XLA's CPU device: the same losses as a CPU run, checkpoints that move
-between XLA and CPU both ways, Ctrl+C, and one compiled graph per step kind (no recompilation
-as the learning rate changes). See tests/xla/conftest.py for how these run."""
+between XLA and CPU both ways, and one compiled graph per step kind (no recompilation as the
+learning rate changes). Ctrl+C: test_xla_replicas.py (two replicas, the harder case). See
+tests/xla/conftest.py for how these run."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import signal
 
 import pytest
-from helpers import SMALL, CliProcess, read_metrics, run_cli, trained_to
+from helpers import SMALL, read_metrics, run_cli
 
 pytest.importorskip("torch_xla", reason="torch_xla is not installed: run in .venv-xla (.ci/run)")
 
@@ -68,19 +68,3 @@ def test_xla_matches_cpu_and_checkpoints_cross_over(tmp_path, corpus, capsys):
         assert _close(_losses(tmp_path / run), _losses(cpu)), run
     with open(tmp_path / "xla" / "checkpoints" / "step_00000020" / "meta.json") as f:
         assert json.load(f)["loop"]["step"] == STEPS
-
-
-def test_ctrl_c_stops_cleanly(tmp_path, corpus):
-    """SIGINT during XLA training: the current step finishes, a checkpoint is written, exit 0,
-    and the run says how to resume."""
-    args = ["train", "tiny", "run_name=r", "train.device=xla", *_common(tmp_path, corpus)]
-    args[args.index(f"train.max_steps={STEPS}")] = "train.max_steps=100000"
-    proc = CliProcess(tmp_path, *args, new_session=True)
-    run = tmp_path / "r"
-    proc.wait_until(trained_to(run, 3), "step 3", timeout=600)
-    proc.send(signal.SIGINT)
-    assert proc.wait(timeout=300) == 0, proc.output
-    stopped = [r for r in read_metrics(run, "event") if r["event"] == "stopped"]
-    assert stopped and "--resume" in proc.output
-    step = stopped[0]["step"]
-    assert (run / "checkpoints" / f"step_{step:08d}" / "model.safetensors").is_file()

@@ -122,9 +122,10 @@ class Trainer:
         self.finite_step = -1  # the last step whose weights were checked and found finite
         # Under torchrun one Ctrl+C arrives twice (terminal + launcher): see signals.py.
         self.stop = signals.GracefulStop(repeat_grace_s=2.0 if self.dist.enabled else 0.0)
+        self.messages = [f"device: {device_reason}"]
         if self.dist.group is not None:  # XLA replica threads: the main thread's handlers set it
             self.stop = self.dist.group.stop
-        self.messages = [f"device: {device_reason}"]
+            self.messages.append(self.dist.group.describe())
         self.messages.append(f"threads: {self.threads.reason}")
 
         # Multi-node: rank 0 holds the run's lock (resume.run_lock); a rank on another node must

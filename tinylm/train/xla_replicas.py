@@ -77,6 +77,14 @@ class ReplicaGroup:
         self._next = 0  # the replica whose sync is next: syncs go round 0, 1, ..., size-1, 0, ...
         self.aborted = False
 
+    def describe(self) -> str:
+        """The run's start line about its replicas."""
+        how = "syncs in turns, " if self.ordered_syncs else ""
+        return (
+            f"xla replicas: {self.size} (one thread per XLA device of this process; gradients "
+            f"averaged in the step's graph; {how}ordinal 0 writes files)"
+        )
+
     def exchange(self, rank: int, obj: Any) -> list[Any]:
         """Every replica's `obj`, in rank order, on every replica."""
         try:
