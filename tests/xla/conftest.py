@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 
 # Before torch_xla is imported anywhere (here, in the tests, in their subprocesses): XLA's CPU
-# device, and one compilation cache for every process of the session (a resumed or interrupted
-# run then reuses the graphs the first run compiled).
+# device. No XLA_PERSISTENT_CACHE_PATH: XLA's CPU client cannot reload what it wrote there
+# ("Deserializing serialized executable not supported", torch_xla 2.9), so each process compiles.
 os.environ.setdefault("PJRT_DEVICE", "CPU")
-os.environ.setdefault("XLA_PERSISTENT_CACHE_PATH", tempfile.mkdtemp(prefix="tinylm-xla-cache-"))
 
 # The XLA device must exist before the first backward pass of this process: autograd sizes its
 # per-device queues then, and an XLA backward after a CPU one fails an internal assert.
