@@ -125,6 +125,7 @@ CASES: list[tuple[list[str], str]] = [
     (T("train.device=xla"), "optim.name=muon is not supported on train.device=xla"),
     (T("train.device=xla", "optim.name=adamw", "train.compile=true"), "XLA compiles each step's graph"),
     (T("train.device=xla", "optim.name=adamw", "train.precision=fp16"), "fp16 is not supported on train.device=xla"),
+    (T("train.device=xla", "optim.name=adamw", "train.distributed=fsdp"), "fsdp is not supported on train.device=xla"),
     (T("train.device=xla", "optim.name=adamw"), "train.device=xla needs PyTorch/XLA"),
     (["estimate", "tiny", "--device", "tpu-v9-8"], "argument --device"),
     (["estimate", "tiny", "--device", "tpu-v3-7"], "argument --device"),

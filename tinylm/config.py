@@ -684,6 +684,11 @@ def _check_strings(cfg: Config) -> None:
             t.precision in ("auto", "fp32", "bf16"),
             f"train.precision={t.precision} is not supported on train.device=xla; use bf16 or fp32",
         )
+        _require(
+            t.distributed != "fsdp",
+            "train.distributed=fsdp is not supported on train.device=xla (XLA replicas keep whole "
+            "copies of the weights); use train.distributed=auto or ddp",
+        )
     _require(
         re.fullmatch(r"all|no-embeddings|last:[1-9][0-9]*", t.trainable) is not None,
         f"train.trainable={t.trainable!r}: expected all, no-embeddings or last:N (N >= 1)",

@@ -719,7 +719,7 @@ def train(
             from tinylm.train import xla_replicas
 
             return xla_replicas.run(
-                cfg, lambda: _set_up_and_fit(cfg, run_dir, resume, force, init, resume_reason)
+                lambda: _set_up_and_fit(cfg, run_dir, resume, force, init, resume_reason)
             )
         return _set_up_and_fit(cfg, run_dir, resume, force, init, resume_reason)
 

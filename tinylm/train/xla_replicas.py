@@ -49,7 +49,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from tinylm.config import Config, ConfigError
 from tinylm.train import distributed, signals
 
 T = TypeVar("T")
@@ -135,16 +134,7 @@ class ReplicaGroup:
             self._turn.notify_all()
 
 
-def check_config(cfg: Config) -> None:
-    """Refuse what replica threads cannot do, before anything starts."""
-    if cfg.train.distributed == "fsdp":
-        raise ConfigError(
-            "train.distributed=fsdp is not built for XLA replicas (they keep whole copies of the "
-            "weights, like ddp): use train.distributed=auto or ddp"
-        )
-
-
-def run(cfg: Config, replica: Callable[[], T]) -> T:
+def run(replica: Callable[[], T]) -> T:
     """Run `replica()` once per XLA device of this process, each in its own thread as one
     replica of the group; return the master's (ordinal 0) result.
 
@@ -154,7 +144,6 @@ def run(cfg: Config, replica: Callable[[], T]) -> T:
     """
     import torch_xla.core.xla_model as xm
 
-    check_config(cfg)
     devices = xm.get_xla_supported_devices()
     ordered = xm.xla_device_hw(devices[0]) == "CPU"
     if ordered:  # read at the first sync, which is a replica's (see the module docstring)
