@@ -17,6 +17,9 @@ checkpoint's loop state, else its last train record: a pruned trial counts what 
 its model's training FLOPs per token (tinylm/estimate.py: 6 x params + attention). Evaluation
 FLOPs are not counted (the same `eval.*` settings on both sides). "Best" is the best bits/byte
 of a finished trial (a pruned trial's early value is not a config trained at the budget).
+Two compute figures per repetition: what all K trials of the study cost, and what it had spent
+when it first *reached* a config within 1% of the grid's best (trials in order; a user watching
+the study, or a `--trials` chosen smaller, would stop there).
 
 Every sweep resumes when the script is re-run with the same arguments (the study is the
 record); results go to OUT/results.json and a table on stdout.
@@ -137,6 +140,19 @@ def sweep_figures(out: Path) -> dict[str, Any]:
     }
 
 
+def reach_fraction(trials: list[dict[str, Any]], target: float, grid_flops: float) -> float | None:
+    """The share of the grid's FLOPs a study had spent, in trial order (`tNNN-` run names; trials
+    run one at a time), when its first finished trial within `target` bits/byte ended; None if
+    none did. A study of K trials stops at K whatever it found: this is what it took to *reach*
+    a config that good, the total is what the K trials cost."""
+    spent = 0.0
+    for t in sorted(trials, key=lambda t: t["run"]):
+        spent += t["flops"]
+        if t["status"] == "finished" and t["best_bpb"] is not None and t["best_bpb"] <= target:
+            return spent / grid_flops
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="/tmp/sweep-vs-grid")
@@ -196,22 +212,26 @@ def main() -> None:
                 "ratio": ratio, "flops_fraction": tpe["flops"] / grid["flops"],
                 "tokens_fraction": tpe["tokens"] / grid["tokens"],
                 "within_1pct": ratio <= 1.01, "within_40pct_compute": tpe["flops"] / grid["flops"] <= 0.40,
+                "reach_fraction": reach_fraction(tpe["trials"], 1.01 * grid["best_bpb"], grid["flops"]),
             })  # fmt: skip
     print(f"\ngrid: best {grid['best_bpb']:.4f} bits/byte ({grid['best_run']}), "
           f"{grid['flops']:.3g} FLOPs, {grid['tokens']:,} tokens, {len(grid['trials'])} trials")  # fmt: skip
     print(f"{'pruner':<10} {'seed':>4} {'best':>8} {'ratio':>7} {'FLOPs':>7} {'tokens':>7} "
-          f"{'pruned':>6}  target (<=1.01 at <=0.40)")  # fmt: skip
+          f"{'pruned':>6}  target (<=1.01 at <=0.40)  FLOPs to reach 1%")  # fmt: skip
     for x in reps:
         t = x["tpe"]
         best = f"{t['best_bpb']:.4f}" if t["best_bpb"] is not None else "-"
         ok = "met" if x["within_1pct"] and x["within_40pct_compute"] else "not met"
+        reach = "-" if x["reach_fraction"] is None else f"{x['reach_fraction']:.1%}"
         print(f"{x['pruner']:<10} {x['seed']:>4} {best:>8} {x['ratio']:>7.4f} {x['flops_fraction']:>7.1%} "
-              f"{x['tokens_fraction']:>7.1%} {t['pruned']:>3}/{len(t['trials']):<2}  {ok}")  # fmt: skip
+              f"{x['tokens_fraction']:>7.1%} {t['pruned']:>3}/{len(t['trials']):<2}  {ok:<26} {reach}")  # fmt: skip
     for pruner in pruners:
         mine = [x for x in reps if x["pruner"] == pruner]
         met = sum(x["within_1pct"] and x["within_40pct_compute"] for x in mine)
+        reached = sum(x["reach_fraction"] is not None and x["reach_fraction"] <= 0.40 for x in mine)
         print(
             f"{pruner}: {met}/{len(mine)} repetitions within 1% of the grid's best at <= 40% of its FLOPs"
+            f" in all; {reached}/{len(mine)} had reached such a config by 40% of its FLOPs"
         )
     result = {"args": vars(args), "fixed": fixed, "grid": grid, "reps": reps, "wall_seconds": wall}
     (out / "results.json").write_text(json.dumps(result, indent=1))
