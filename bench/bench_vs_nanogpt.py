@@ -89,7 +89,7 @@ def tinylm_config(
         "log.tensorboard=false",
         "log.progress=false",
     ]
-    if s["gpt2_form"] and own_form:
+    if s["gpt2_form"]:  # the nanoGPT shape's size
         overrides += [
             f"model.n_layer={s['n_layer']}",
             f"model.n_head={s['n_head']}",
@@ -98,15 +98,9 @@ def tinylm_config(
             f"train.batch_size={s['batch']}",
             "model.d_ff=null",
         ]
-    elif s["gpt2_form"]:
+    if s["gpt2_form"] and not own_form:  # and nanoGPT's network and optimizer
         overrides += [
             *GPT2_FORM,
-            f"model.n_layer={s['n_layer']}",
-            f"model.n_head={s['n_head']}",
-            f"model.d_model={s['d_model']}",
-            f"model.context_length={s['context']}",
-            f"train.batch_size={s['batch']}",
-            "model.d_ff=null",
             "model.n_kv_head=null",
             "model.qk_norm=false",
             # nanoGPT's optimizer: AdamW alone (the preset's Muon default would time a
