@@ -111,6 +111,27 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+def test_a_holder_refused_before_it_wrote_its_record_is_still_named(tmp_path):
+    # The race of two trains started together: the winner holds the flock but has not yet
+    # written its PID when the loser is refused; the loser waits briefly for the record.
+    import fcntl
+    import threading
+
+    fd = os.open(tmp_path / LOCK_FILE, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another open file description: conflicts in-process too
+    record = json.dumps({"pid": 424242, "purpose": "train a run"}).encode()
+    writer = threading.Timer(0.2, os.pwrite, (fd, record, 0))
+    writer.start()
+    try:
+        DirectoryLock(tmp_path, "train a run", wait=False, error=ValueError).acquire()
+        raise AssertionError("a held lock was acquired")
+    except ValueError as e:
+        assert "PID 424242" in str(e), str(e)
+    finally:
+        writer.join()
+        os.close(fd)
+
+
 def test_two_prepares_into_one_output_wait_and_give_the_single_run_result(tmp_path):
     src = _corpus(tmp_path)
     tok = fit_char_tokenizer([str(src)])

@@ -40,6 +40,21 @@ def read_holder(path: Path) -> dict[str, object]:
     return info if isinstance(info, dict) else {}
 
 
+# A holder writes its record right after it takes the flock; a process refused in between reads
+# an empty file. Waiting this long for the record names the holder (a CI run refused two trains
+# started together with "another process" once, in a full-suite run from a fresh clone).
+RECORD_WAIT_S = 1.0
+
+
+def holder_record(path: Path, wait_s: float = RECORD_WAIT_S) -> dict[str, object]:
+    """The holder's record, waiting up to `wait_s` for a holder that has just taken the lock to
+    write it ({} if it never appears)."""
+    deadline = time.monotonic() + wait_s
+    while not (info := read_holder(path)).get("pid") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return info
+
+
 def describe_holder(info: dict[str, object]) -> str:
     """`PID 123 on host, started 2026-01-01 10:00:00 (tinylm train)` for an error message."""
     if not info.get("pid"):
@@ -90,7 +105,7 @@ class DirectoryLock:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    holder = describe_holder(read_holder(self.path))
+                    holder = describe_holder(holder_record(self.path))
                     if not self.wait:
                         raise self.error(
                             f"'{self.directory}' is in use by {holder}; only one process may "
