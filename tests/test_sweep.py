@@ -264,8 +264,11 @@ def test_killed_study_resumes_prunes_a_loser_and_best_yaml_trains(tmp_path, corp
     the second trial (lr 1e-6) is pruned by the median pruner, stops with a checkpoint and is
     `pruned` in `tinylm runs`; best.yaml trains."""
     sw = tmp_path / "sw"
-    axes = ["optim.lr=3e-3,1e-6", "--budget-steps", "40", "--prune-startup", "1",
-            "--prune-after", "0.25", "--seed", "1"]  # fmt: skip
+    # 200 steps, judged from step 10: the loser runs ~190 more steps after the evaluation that
+    # condemns it, so the sweep (polling every 0.5 s) stops it before it finishes even on a
+    # loaded machine (with 40 steps and --prune-after 0.25 it once finished first in a .ci/run).
+    axes = ["optim.lr=3e-3,1e-6", "--budget-steps", "200", "--prune-startup", "1",
+            "--prune-after", "0.05", "--seed", "1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(sweep_cmd(sw, corpus, *axes), cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
@@ -291,7 +294,7 @@ def test_killed_study_resumes_prunes_a_loser_and_best_yaml_trains(tmp_path, corp
     assert sorted(p.name[:4] for p in sw.glob("t*")) == ["t000", "t001"]
     summary = json.loads((sw / "summary.json").read_text())["trials"]
     assert [(t["trial"], t["status"]) for t in summary] == [(0, "finished"), (1, "pruned")]
-    assert summary[0]["steps"] == 40 and 10 <= summary[1]["steps"] < 40
+    assert summary[0]["steps"] == 200 and 10 <= summary[1]["steps"] < 200
     loser = next(sw.glob("t001-*"))
     assert summarize(loser).status == "pruned" and list(loser.glob("checkpoints/step_*"))
     for png in ("curves", "history", "intermediate"):
