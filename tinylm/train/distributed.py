@@ -225,14 +225,19 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The elementwise sum of `value` over all ranks (a copy; `value` itself is unchanged)."""
+def _all_reduce(value: torch.Tensor, info: DistInfo, kind: str) -> torch.Tensor:
+    """`value` reduced elementwise over all ranks by `kind` ("sum" or "max"): a copy."""
     if info.group is not None:
-        return info.group.reduce(info.rank, value, "sum")
+        return info.group.reduce(info.rank, value, kind)
     if info.enabled:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        dist.all_reduce(value, op=dist.ReduceOp.SUM if kind == "sum" else dist.ReduceOp.MAX)
     return value
+
+
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The elementwise sum of `value` over all ranks (a copy; `value` itself is unchanged)."""
+    return _all_reduce(value, info, "sum")
 
 
 def gather_objects(obj: object, info: DistInfo) -> list:
@@ -259,12 +264,7 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
 
 def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The elementwise maximum of `value` over all ranks (a copy; `value` itself is unchanged)."""
-    if info.group is not None:
-        return info.group.reduce(info.rank, value, "max")
-    if info.enabled:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value
+    return _all_reduce(value, info, "max")
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
