@@ -60,14 +60,19 @@ def env() -> dict[str, str]:
 
 
 def torchrun(tmp_path: Path, *args: object) -> str:
-    """Run torchrun to completion; returns its output, failing the test on a non-zero exit.
+    """`tinylm train *args` under torchrun, to completion (`launch`)."""
+    return launch(torchrun_cmd(*args))
+
+
+def launch(cmd: list[str]) -> str:
+    """Run a torchrun command to completion; returns its output, failing the test on a non-zero
+    exit or after TIMEOUT seconds.
 
     On a timeout the ranks are sent SIGUSR1 first (tinylm's train prints every thread's stack
     on it), so the failure shows where each rank was waiting."""
     proc = subprocess.Popen(
-        torchrun_cmd(*args), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
+        cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         output, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -123,6 +128,16 @@ def one_process(
     )
     assert run_cli("train", "tiny", *args) == 0
     return losses(tmp_path / name)
+
+
+def test_leaving_the_group_does_not_deadlock_gloo_workers():
+    """`teardown` then freeing the DDP model, 10 times over: before `settle_gloo_workers` a rank
+    hung in the first rounds (its main thread joining a Gloo worker that waited for the GIL)."""
+    out = launch([
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(REPO / "tests" / "teardown_worker.py"), "10",
+    ])  # fmt: skip
+    assert "rank 0: 10 rounds" in out and "rank 1: 10 rounds" in out
 
 
 def test_ddp_trains_checkpoints_resumes_and_matches_one_process(tmp_path, corpus, capsys):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,9 +122,45 @@ def _elastic_store(world_size: int, timeout: timedelta) -> dist.Store | None:
 
 
 def teardown(info: DistInfo) -> None:
+    """Leave the process group: a barrier, `destroy_process_group`, then `settle_gloo_workers`."""
     if info.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        settle_gloo_workers()
+
+
+def settle_gloo_workers(timeout: float = 2.0) -> None:
+    """Let Gloo's worker threads finish with their last collectives before the group is freed.
+
+    `destroy_process_group` does not stop Gloo's workers: the C++ group is freed later, when its
+    last holder (DDP's reducer, FSDP's modules) goes, and its destructor joins the workers while
+    this thread holds the GIL. A worker that is still dropping its last collective (a barrier
+    keeps the collectives before it alive; `all_gather_object`'s tensors are Python tensors)
+    needs the GIL for that, so the two wait for each other forever: rank 1 of a CI run hung
+    that way after "done" (gdb: main in ~ProcessGroupGloo via ~Reducer joining a thread; the
+    thread in take_gil from ~AsyncAllgatherWork via ~AsyncBarrierWork). So: sleep (releasing
+    the GIL) until no other thread of this process is runnable twice in a row, at most
+    `timeout` seconds. Without /proc (not Linux) it sleeps 50 ms.
+    """
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        time.sleep(0.05)
+        return
+    me = str(threading.get_native_id())
+    deadline = time.monotonic() + timeout
+    calm = 0
+    while calm < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+        busy = any(_runnable(task) for task in tasks.iterdir() if task.name != me)
+        calm = 0 if busy else calm + 1
+
+
+def _runnable(task: Path) -> bool:
+    """Whether the thread `/proc/self/task/<tid>` is running or waiting for a CPU."""
+    try:
+        return (task / "stat").read_text().rpartition(")")[2].split()[0] == "R"
+    except (OSError, IndexError):
+        return False  # the thread ended meanwhile
 
 
 def barrier(info: DistInfo) -> None:
