@@ -77,6 +77,19 @@ def test_the_probe_is_cached_per_host_and_shape(probing):
     assert len(calls) == 3
 
 
+def test_an_instruction_set_cap_is_another_host_to_the_cache(probing, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 takes AMX away without changing /proc/cpuinfo: the AMX host's
+    cached bf16 must not be reused for it."""
+    for name in precision.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    calls = probing(fp32_s=0.02, bf16_s=0.01)
+    assert choose_cpu_precision(cfg_for()).name == "bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert precision.cpu_signature().endswith("(ONEDNN_MAX_CPU_ISA=AVX2)")
+    probing(fp32_s=0.01, bf16_s=0.15)
+    assert choose_cpu_precision(cfg_for()).name == "fp32" and len(calls) == 2  # measured anew
+
+
 def test_the_env_pin_skips_the_probe_and_a_bad_pin_is_refused(probing, monkeypatch):
     calls = probing(fp32_s=0.02, bf16_s=0.01)
     monkeypatch.setenv(precision.AUTO_ENV, "fp32")

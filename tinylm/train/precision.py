@@ -18,7 +18,7 @@ measured, not assumed. The same probe times Muon's Newton-Schulz on the model's 
 in float32 and bfloat16 (`optim.muon_ns_dtype=auto`).
 
 Results are cached in `<cache dir>/precision-probe.json`, keyed by the host's CPU model and
-bf16 flags, torch version, thread count, the model config, micro-batch and the compile setting,
+bf16 flags (and any `ISA_CAPS` variable that limits them), torch version, thread count, the model config, micro-batch and the compile setting,
 so a resumed or repeated run makes the same choice without probing again.
 `TINYLM_PRECISION_AUTO=fp32|bf16` makes `auto` that precision without a probe (the test suite
 pins fp32 this way so exact-numerics tests never depend on a timing).
@@ -147,6 +147,10 @@ class ProbeResult:
         return "bfloat16" if self.ns_fp32_s >= BF16_MARGIN * self.ns_bf16_s else "float32"
 
 
+# Environment variables that limit which instruction sets oneDNN, MKL, ATen and inductor use.
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
 def cpu_signature() -> str:
     """The host's CPU model and its bf16-relevant flags (the cache key's host part)."""
     model, flags = platform.processor() or platform.machine(), set()
@@ -159,7 +163,10 @@ def cpu_signature() -> str:
                 flags = set(value.split())
                 break
     native = sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2"})
-    return f"{model} [{' '.join(native)}]"
+    # These cap the instruction sets torch's kernels use without changing the CPU's flags: a
+    # host run under ONEDNN_MAX_CPU_ISA=AVX2 has no AMX for bf16, whatever /proc/cpuinfo says.
+    caps = [f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name)]
+    return f"{model} [{' '.join(native)}]" + (f" ({' '.join(caps)})" if caps else "")
 
 
 def _probe_key(model_cfg: Any, rows: int, compile_setting: Any, muon: bool) -> str:
