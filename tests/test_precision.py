@@ -103,12 +103,40 @@ def test_the_env_pin_skips_the_probe_and_a_bad_pin_is_refused(probing, monkeypat
     assert calls == []
 
 
-def test_the_real_probe_times_both_precisions_within_its_budget():
+def test_the_real_probe_times_both_precisions_within_its_budget(monkeypatch):
+    monkeypatch.setattr(precision, "matmul_speedup", lambda: 2.0)  # the gate open on any host
     cfg = cfg_for("optim.name=muon")
     r = precision.measure(cfg.model, 4, 16, muon=True, budget_s=0.3)
-    assert r.fp32_s > 0 and r.bf16_s > 0 and 1 <= r.rows <= 4
+    assert r.fp32_s > 0 and r.bf16_s > 0 and 1 <= r.rows <= 4 and r.matmul_speedup == 2.0
     assert r.ns_fp32_s > 0 and r.ns_bf16_s > 0
     assert torch.get_num_threads() == 1  # it ran at the run's thread count (conftest's 1)
+
+
+def test_a_slow_bf16_matmul_keeps_the_model_out_of_bf16(monkeypatch):
+    """The gate shut (an AVX2 host's emulated bf16): fp32 for the model and Muon, and not one
+    step of the model under bf16 autocast."""
+    monkeypatch.setattr(precision, "matmul_speedup", lambda: 0.07)
+    autocasts = []
+    real_autocast = torch.autocast
+
+    def counting_autocast(*args, enabled=True, **kwargs):
+        autocasts.append(enabled)
+        return real_autocast(*args, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", counting_autocast)
+    cfg = cfg_for("optim.name=muon")
+    r = precision.measure(cfg.model, 4, 16, muon=True, budget_s=0.3)
+    assert r.gated and r.bf16_s is None and r.choice == "fp32" and r.ns_choice == "float32"
+    assert autocasts and not any(autocasts)  # fp32 steps only
+    r.extra["rows_of"] = 4
+    assert precision.describe(r, from_cache=False) == (
+        "auto -> fp32 (probe: a bf16 matmul is 0.07x fp32 on this CPU, no bf16 matrix units, "
+        "so the model was not timed in bf16; Muon Newton-Schulz in float32)"
+    )
+
+
+def test_the_matmul_gate_measures_this_host():
+    assert precision.matmul_speedup(budget_s=0.02) > 0
 
 
 def test_the_run_header_and_dry_run_show_the_probe(probing, tmp_path, corpus, capsys):

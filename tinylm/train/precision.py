@@ -17,9 +17,15 @@ about 2x fp32 at nanoGPT's 6L/384 shape and slower than fp32 at the `tiny` shape
 measured, not assumed. The same probe times Muon's Newton-Schulz on the model's hidden matrices
 in float32 and bfloat16 (`optim.muon_ns_dtype=auto`).
 
+bf16 autocast can only win through its matrix multiplies, so the probe first times one
+`GATE_SIZE`-cubed matmul in both dtypes (milliseconds): where bf16 is not faster there (no bf16
+matrix units: emulated bf16 is ~15x slower on an AVX2 host), the model is never run in bf16, so
+the probe does not spend seconds of emulated bf16 to learn that fp32 wins.
+
 Results are cached in `<cache dir>/precision-probe.json`, keyed by the host's CPU model and
-bf16 flags (and any `ISA_CAPS` variable that limits them), torch version, thread count, the model config, micro-batch and the compile setting,
-so a resumed or repeated run makes the same choice without probing again.
+bf16 flags (and any `ISA_CAPS` variable that limits them), torch version, thread count, the
+model config, micro-batch and the compile setting, so a resumed or repeated run makes the same
+choice without probing again.
 `TINYLM_PRECISION_AUTO=fp32|bf16` makes `auto` that precision without a probe (the test suite
 pins fp32 this way so exact-numerics tests never depend on a timing).
 
@@ -116,6 +122,10 @@ BF16_MARGIN = 1.10
 # Above this per-step time the probe takes fewer rows of the micro-batch (per-row cost is what
 # the precisions differ in; the rows only multiply it).
 PROBE_STEP_S = 0.35
+# The gate's matmul: 256^3 is 34 MFLOP, ~0.3 ms in fp32 and ~0.05 ms on AMX (notes/issue-18),
+# ~30 ms when bf16 is emulated, within GATE_BUDGET_S either way.
+GATE_SIZE = 256
+GATE_BUDGET_S = 0.1
 AUTO_ENV = "TINYLM_PRECISION_AUTO"
 CACHE_FILE = "precision-probe.json"
 
@@ -125,25 +135,35 @@ class ProbeResult:
     """What the probe measured: seconds per fwd+bwd step in each precision, and the choice."""
 
     fp32_s: float
-    bf16_s: float
+    bf16_s: float | None  # None: not timed, the matmul gate ruled bf16 out
     rows: int  # micro-batch rows the probe ran (the run's, or fewer for a large step)
     ns_fp32_s: float | None = None  # Newton-Schulz over the hidden matrices, per dtype
     ns_bf16_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    matmul_speedup: float | None = None  # the gate: fp32 / bf16 seconds of one matmul
+
+    @property
+    def gated(self) -> bool:
+        """bf16 was ruled out by the matmul alone (the model ran in fp32 only)."""
+        return self.bf16_s is None
 
     @property
     def speedup(self) -> float:
-        """bf16 tokens/s over fp32 tokens/s."""
+        """bf16 tokens/s over fp32 tokens/s (the matmul's ratio when the model was not timed)."""
+        if self.bf16_s is None:
+            return self.matmul_speedup or 0.0
         return self.fp32_s / self.bf16_s if self.bf16_s > 0 else 0.0
 
     @property
     def choice(self) -> str:
-        return "bf16" if self.speedup >= BF16_MARGIN else "fp32"
+        return "fp32" if self.gated or self.speedup < BF16_MARGIN else "bf16"
 
     @property
     def ns_choice(self) -> str | None:
-        if self.ns_fp32_s is None or self.ns_bf16_s is None:
-            return None
+        if self.ns_fp32_s is None:
+            return None  # not a Muon run
+        if self.ns_bf16_s is None or self.gated:
+            return "float32"
         return "bfloat16" if self.ns_fp32_s >= BF16_MARGIN * self.ns_bf16_s else "float32"
 
 
@@ -210,6 +230,7 @@ def measure(
     from tinylm.model import GPT
 
     deadline = time.perf_counter() + budget_s
+    gate = matmul_speedup()
     with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay untouched
         torch.manual_seed(0)
         model = GPT(model_cfg)
@@ -233,6 +254,11 @@ def measure(
     step_fn(None, 1)()
     one_row = time.perf_counter() - t0
     n = max(1, min(rows, int(PROBE_STEP_S / max(one_row, 1e-6))))
+    if gate < 1.0:  # bf16 matmuls no faster than fp32: the model cannot gain in bf16
+        result = ProbeResult(fp32_s=one_row, bf16_s=None, rows=1, matmul_speedup=gate)
+        if muon:
+            result.ns_fp32_s, _ = _measure_newton_schulz(model, 0.0, dtypes=(torch.float32,))
+        return result
     step_fn(None, n)()
     step_fn(torch.bfloat16, n)()
     ns_share = 0.25 if muon else 0.0
@@ -241,7 +267,7 @@ def measure(
         {"fp32": step_fn(None, n), "bf16": step_fn(torch.bfloat16, n)},
         left * (1 - ns_share),
     )
-    result = ProbeResult(fp32_s=timed["fp32"], bf16_s=timed["bf16"], rows=n)
+    result = ProbeResult(fp32_s=timed["fp32"], bf16_s=timed["bf16"], rows=n, matmul_speedup=gate)
     if muon:
         result.ns_fp32_s, result.ns_bf16_s = _measure_newton_schulz(
             model, max(0.0, deadline - time.perf_counter())
@@ -249,8 +275,13 @@ def measure(
     return result
 
 
-def _measure_newton_schulz(model: torch.nn.Module, budget_s: float) -> tuple[float, float]:
-    """Seconds to orthogonalize every hidden matrix once, in float32 and in bfloat16."""
+def _measure_newton_schulz(
+    model: torch.nn.Module,
+    budget_s: float,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
+) -> tuple[float | None, float | None]:
+    """Seconds to orthogonalize every hidden matrix once, in float32 and in bfloat16 (None for
+    a dtype not in `dtypes`)."""
     from tinylm.train.muon import muon_parameters, newton_schulz
 
     shapes = [tuple(p.shape) for _, p in muon_parameters(model)]
@@ -261,11 +292,19 @@ def _measure_newton_schulz(model: torch.nn.Module, budget_s: float) -> tuple[flo
     def run(dtype: torch.dtype) -> Callable[[], None]:
         return lambda: [newton_schulz(g, coefficients, 5, 1e-7, dtype) for g in grads]
 
-    run(torch.bfloat16)()  # warm-up
-    timed = _time_alternating(
-        {"float32": run(torch.float32), "bfloat16": run(torch.bfloat16)}, budget_s
-    )
-    return timed["float32"], timed["bfloat16"]
+    run(dtypes[-1])()  # warm-up
+    timed = _time_alternating({str(dtype): run(dtype) for dtype in dtypes}, budget_s)
+    return timed.get(str(torch.float32)), timed.get(str(torch.bfloat16))
+
+
+def matmul_speedup(budget_s: float = GATE_BUDGET_S) -> float:
+    """fp32 seconds over bf16 seconds of one `GATE_SIZE`-cubed matmul (below 1: bf16 is slower)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(GATE_SIZE, GATE_SIZE, generator=gen) for _ in range(2))
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    a16 @ b16  # warm-up: oneDNN picks its kernel on the first call
+    timed = _time_alternating({"fp32": lambda: a @ b, "bf16": lambda: a16 @ b16}, budget_s)
+    return timed["fp32"] / max(timed["bf16"], 1e-9)
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
@@ -312,9 +351,15 @@ def describe(result: ProbeResult, from_cache: bool) -> str:
     Newton-Schulz choice when the probe made one."""
     source = "cached probe" if from_cache else "probe"
     of = result.extra.get("rows_of")
-    notes = f", timed at {result.rows} of {of} rows" if of and result.rows < of else ""
+    timed_rows = of and result.rows < of and not result.gated
+    notes = f", timed at {result.rows} of {of} rows" if timed_rows else ""
     if result.ns_choice:
         notes += f"; Muon Newton-Schulz in {result.ns_choice}"
+    if result.gated:
+        return (
+            f"auto -> fp32 ({source}: a bf16 matmul is {result.speedup:.2f}x fp32 on this CPU, "
+            f"no bf16 matrix units, so the model was not timed in bf16{notes})"
+        )
     if result.choice == "bf16":
         return f"auto -> bf16 ({source}: {result.speedup:.1f}x fp32 on this CPU{notes})"
     return (
