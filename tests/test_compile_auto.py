@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -66,3 +68,27 @@ def test_auto_is_off_without_a_compiler_or_on_mps(monkeypatch):
     monkeypatch.setattr(runtime, "_have_cpp_compiler", lambda: True)
     off, reason = runtime.decide_compile("auto", torch.device("mps"), FP32, run_flops=1e18)
     assert off is False and "mps" in reason
+
+
+def test_a_capped_cpu_capability_compiles_into_a_cache_of_its_own(monkeypatch, tmp_path):
+    """inductor's cache ignores ATEN_CPU_CAPABILITY (kernels of another width, loaded back,
+    computed wrong values): with it set, the default cache directory gets a suffix; a directory
+    the user chose is left alone."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setattr(torch, "compile", lambda model: ("compiled", model))
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert runtime.compile_model(model, CPU) == ("compiled", model)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.abspath(default_cache_dir()) + "-avx2"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what inductor writes
+    runtime.compile_model(model, CPU)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("-avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    runtime.compile_model(model, CPU)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    runtime.compile_model(model, CPU)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ

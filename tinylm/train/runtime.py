@@ -187,6 +187,27 @@ def _have_cpp_compiler() -> bool:
     return any(name and shutil.which(name) for name in names)
 
 
+def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`torch.compile(model)`, with inductor's cache kept apart per ATEN_CPU_CAPABILITY on CPU.
+
+    torch 2.13's inductor cache does not key its CPU kernels on ATEN_CPU_CAPABILITY: a graph
+    compiled with AVX-512 kernels and loaded again under ATEN_CPU_CAPABILITY=avx2 (or the other
+    way) computed wrong values, half of a GELU's outputs zero or NaN, once a crash in free()
+    (notes/issue-18-precision.md, session 9). With the variable set and no cache directory of
+    the user's own, the cache goes to a directory of that capability's own (inductor itself
+    writes its default directory into the variable once it has compiled anything).
+    """
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if device.type == "cpu" and capability:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        default = os.path.abspath(default_cache_dir())
+        chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if chosen is None or os.path.abspath(chosen) == default:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default}-{capability}"
+    return torch.compile(model)
+
+
 def decide_compile(
     setting: bool | str,
     device: torch.device,

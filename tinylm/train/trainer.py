@@ -262,7 +262,7 @@ class Trainer:
             max_seconds=60 * t.max_time_minutes,
         )
         self.messages.append(f"compile: {reason}")
-        model = torch.compile(self.raw_model) if compiled else self.raw_model
+        model = runtime.compile_model(self.raw_model, self.device) if compiled else self.raw_model
         self.model = distributed.wrap_model(
             model, self.cfg.train.distributed, self.dist, self.device
         )
