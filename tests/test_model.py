@@ -290,3 +290,34 @@ def test_meta_device_build_then_materialise_matches_init():
     torch.testing.assert_close(model.rope_cos, ref.rope_cos)
     assert model.tok_emb.weight[50:].abs().sum() == 0
     assert "rope_cos" not in model.state_dict()
+
+
+def test_gelu_tanh_compiled_form_is_the_same_function(monkeypatch):
+    """The sigmoid form `gelu_tanh` uses under torch.compile is GPT-2's tanh GELU: equal to
+    float64 rounding eagerly, and compiled (fwd and bwd) within fp32 rounding of the eager one."""
+    from tinylm import model as model_mod
+
+    x = torch.linspace(-12, 12, 2001, dtype=torch.float64)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        sigmoid_form = model_mod.gelu_tanh(x)
+    assert torch.allclose(sigmoid_form, F.gelu(x, approximate="tanh"), rtol=0, atol=1e-12)
+
+    def grad_of(fn, x):
+        x = x.detach().float().requires_grad_()
+        y = fn(x)
+        y.sum().backward()
+        return y.detach(), x.grad
+
+    traced: list[str] = []
+
+    def record(gm, example_inputs):  # a dynamo backend: what the compiler is given
+        traced.append(gm.code)
+        return gm.forward
+
+    torch.compile(model_mod.gelu_tanh, backend=record)(x.float())
+    assert "sigmoid" in traced[0] and "gelu" not in traced[0]
+    compiled = torch.compile(model_mod.gelu_tanh, fullgraph=True)
+    y, g = grad_of(compiled, x)
+    y_ref, g_ref = grad_of(lambda t: F.gelu(t, approximate="tanh"), x)
+    assert torch.allclose(y, y_ref, rtol=0, atol=2e-6) and torch.allclose(g, g_ref, atol=1e-5)
