@@ -92,3 +92,25 @@ def test_a_capped_cpu_capability_compiles_into_a_cache_of_its_own(monkeypatch, t
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     runtime.compile_model(model, CPU)
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_a_compiled_run_trains_like_the_eager_one(tmp_path, corpus):
+    """train.compile=true end to end on CPU, in the GPT-2 form (LayerNorm, GELU-tanh: its
+    sigmoid form under compile, model.gelu_tanh): the same losses as eager to fp32 rounding."""
+    from helpers import SMALL, read_metrics, run_cli
+
+    common = [
+        f"data.train={corpus}", f"out_dir={tmp_path}", *SMALL, "train.max_steps=4",
+        "log.interval=1", "eval.interval=0", "model.mlp=gelu", "model.norm=layernorm",
+        "model.pos_emb=learned", "data.prefetch=0",
+    ]  # fmt: skip
+    for name, setting in (("eager", "false"), ("compiled", "true")):
+        assert (
+            run_cli("train", "tiny", *common, f"run_name={name}", f"train.compile={setting}") == 0
+        )
+    eager, compiled = (
+        [r["loss"] for r in read_metrics(tmp_path / name, "train")]
+        for name in ("eager", "compiled")
+    )
+    assert len(eager) == len(compiled) == 4
+    assert compiled == pytest.approx(eager, rel=1e-4)
