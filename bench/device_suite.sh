@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # One command for a lent GPU (issue 18): about 6-8 minutes on one H100.
 #
-#   bash bench/device_suite.sh            # from the repository root, with .venv set up
+#   bash bench/device_suite.sh            # from the repository root
+#
+# Python: $PYTHON, else .venv/bin/python, else python3 (a lent GPU machine has no .venv and no
+# internet: its image's python3 holds a CUDA PyTorch, and tinylm runs from this checkout through
+# PYTHONPATH, uninstalled). Parts needing a package the image lacks (torchao for FP8) record
+# "not available" and the suite goes on.
 #
 # Runs, each with its own time limit (a part that fails or times out is recorded as such and
 # the suite goes on):
@@ -17,11 +22,16 @@
 # Not run by the test suite; `bash -n bench/device_suite.sh` checks that it parses.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-TINYLM=${TINYLM:-.venv/bin/tinylm}
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+elif [ -x .venv/bin/python ]; then
+  PY=.venv/bin/python
+else
+  PY=python3
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # tinylm from this checkout, installed or not
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=bench/results
-mkdir -p "$OUT"
 BASE="$OUT/device-$(hostname -s)-$STAMP"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -52,7 +62,7 @@ run_json() {  # run_json NAME TIMEOUT CMD...
 dry_run_tokens() {  # dry_run_tokens NAME PRECISION
   local name=$1 prec=$2
   echo "== $name: tinylm train --dry-run train.precision=$prec" >&2
-  if timeout 240 "$TINYLM" train gpt2-124m data.train=shakespeare \
+  if timeout 240 "$PY" -m tinylm.cli train gpt2-124m data.train=shakespeare \
       data.tokenizer=char model.vocab_size=0 train.batch_size=16 train.compile=true \
       "train.precision=$prec" --dry-run > "$WORK/$name.out" 2> "$WORK/$name.err"; then
     local line tps
@@ -73,6 +83,7 @@ if [ "$GPUS" = 0 ]; then
   echo "device_suite.sh: no CUDA device visible; nothing to measure" >&2
   exit 1
 fi
+mkdir -p "$OUT"
 
 # 1. CUDA-only tests
 echo "== cuda tests" >&2
@@ -92,7 +103,7 @@ run_json muon_step 120 "$PY" bench/device_bench.py muon --preset gpt2-124m --ste
 # 5. DDP on NCCL
 if [ "$GPUS" -ge 2 ]; then
   echo "== ddp on $GPUS GPUs" >&2
-  if timeout 240 .venv/bin/torchrun --nproc_per_node="$GPUS" -m tinylm.cli train gpt2-124m \
+  if timeout 240 "$PY" -m torch.distributed.run --nproc_per_node="$GPUS" -m tinylm.cli train gpt2-124m \
       data.train=shakespeare data.tokenizer=char model.vocab_size=0 \
       train.batch_size=16 train.max_steps=20 log.interval=10 eval.interval=0 eval.samples=0 \
       "out_dir=$WORK/runs" run_name=ddp > "$WORK/ddp.out" 2>&1; then
