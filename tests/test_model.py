@@ -321,3 +321,45 @@ def test_gelu_tanh_compiled_form_is_the_same_function(monkeypatch):
     y, g = grad_of(compiled, x)
     y_ref, g_ref = grad_of(lambda t: F.gelu(t, approximate="tanh"), x)
     assert torch.allclose(y, y_ref, rtol=0, atol=2e-6) and torch.allclose(g, g_ref, atol=1e-5)
+
+
+def test_cpu_attention_has_sdpas_values_and_gradients():
+    """tinylm/cpu_attention.py: SDPA's flash forward (the same values, bit for bit) and its own
+    chunked backward, whose bf16 gradients are within bf16's rounding of fp32 (relative RMS
+    error 0.35-0.5%, SDPA's bf16 kernel 0.25-0.35%). 25 (batch, head) pairs: one full chunk of
+    24 and a remainder of 1."""
+    from tinylm import cpu_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(5, 5, 64, 32, generator=gen).bfloat16() for _ in range(4))
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad.to(dtype))
+        return out.detach(), [t.grad for t in leaves]
+
+    def sdpa(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+
+    out, grads = run(cpu_attention.causal_attention, torch.bfloat16)
+    sdpa_out, sdpa_grads = run(sdpa, torch.bfloat16)
+    _, exact = run(sdpa, torch.float32)
+    assert torch.equal(out, sdpa_out)
+    for mine, theirs, truth in zip(grads, sdpa_grads, exact, strict=True):
+        error, sdpa_error = ((g.float() - truth).norm() / truth.norm() for g in (mine, theirs))
+        assert error < 0.01 and error < 2.5 * sdpa_error, (error, sdpa_error)
+
+
+def test_cpu_attention_is_used_only_where_it_pays(monkeypatch):
+    from tinylm import cpu_attention
+
+    q = torch.zeros(1, 2, 4, 8, dtype=torch.bfloat16)
+    ok = {"causal": True, "dropout_p": 0.0, "grouped": False}
+    assert not cpu_attention.use_for(q, **ok)  # eager: SDPA's backward is the faster one there
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert cpu_attention.use_for(q, **ok)
+    assert not cpu_attention.use_for(q.float(), **ok)
+    assert not cpu_attention.use_for(q, **{**ok, "causal": False})  # a mask: SDPA
+    assert not cpu_attention.use_for(q, **{**ok, "dropout_p": 0.1})
+    assert not cpu_attention.use_for(q, **{**ok, "grouped": True})
