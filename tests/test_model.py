@@ -326,12 +326,12 @@ def test_gelu_tanh_compiled_form_is_the_same_function(monkeypatch):
 def test_cpu_attention_has_sdpas_values_and_gradients():
     """tinylm/cpu_attention.py: SDPA's flash forward (the same values, bit for bit) and its own
     chunked backward, whose bf16 gradients are within bf16's rounding of fp32 (relative RMS
-    error 0.35-0.5%, SDPA's bf16 kernel 0.25-0.35%). 25 (batch, head) pairs: one full chunk of
-    24 and a remainder of 1."""
+    error 0.35-0.5%, SDPA's bf16 kernel 0.25-0.35%). 25 (batch, head) pairs at context 256: one
+    full chunk of 24 and a remainder of 1."""
     from tinylm import cpu_attention
 
     gen = torch.Generator().manual_seed(0)
-    q, k, v, grad = (torch.randn(5, 5, 64, 32, generator=gen).bfloat16() for _ in range(4))
+    q, k, v, grad = (torch.randn(5, 5, 256, 32, generator=gen).bfloat16() for _ in range(4))
 
     def run(fn, dtype):
         leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
@@ -346,6 +346,8 @@ def test_cpu_attention_has_sdpas_values_and_gradients():
     sdpa_out, sdpa_grads = run(sdpa, torch.bfloat16)
     _, exact = run(sdpa, torch.float32)
     assert torch.equal(out, sdpa_out)
+    # the same T x T working set at every context: fewer pairs a chunk for a longer one
+    assert [cpu_attention.pairs_per_chunk(t) for t in (64, 256, 512, 4096)] == [384, 24, 6, 1]
     for mine, theirs, truth in zip(grads, sdpa_grads, exact, strict=True):
         error, sdpa_error = ((g.float() - truth).norm() / truth.norm() for g in (mine, theirs))
         assert error < 0.01 and error < 2.5 * sdpa_error, (error, sdpa_error)

@@ -6,7 +6,7 @@ host) 4.4 ms forward but ~26 ms backward per layer. This module keeps the kernel
 also returns each row's log-sum-exp, and computes the backward itself on batched matrix
 multiplies: P = exp(S * scale - lse) rebuilt from the saved log-sum-exp, then dV = P^T dO,
 dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K * scale, dK = dS^T Q * scale, over chunks of
-`PAIRS_PER_CHUNK` (batch, head) pairs so that the T x T tensors of one chunk stay in cache.
+(batch, head) pairs (`pairs_per_chunk`) so that the T x T tensors of one chunk stay in cache.
 Compiled by inductor inside the model's graph, a layer's forward + backward took 17.5 ms against
 SDPA's 26.6 ms, and the whole nano6 fwd+bwd 400-414 against 515 ms a step
 (`bench/bench_cpu_kernels.py --parts attention`, notes/issue-18-precision.md). Its gradients
@@ -25,9 +25,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# (batch, head) pairs per chunk of the backward: 24 of nano6's 96 ran 21.4 ms a layer, 8 ran
-# 23.1 ms, all 96 at once 74.7 ms (their T x T tensors no longer fit in cache).
+# (batch, head) pairs per chunk of the backward at context 256: 24 of nano6's 96 ran 21.4 ms a
+# layer, 8 ran 23.1 ms, all 96 at once 74.7 ms (their T x T tensors no longer fit in cache).
+# Other contexts keep the same T x T working set (6 MiB per fp32 tensor): fewer pairs for a
+# longer context, so a chunk never holds gigabytes.
 PAIRS_PER_CHUNK = 24
+CHUNK_CONTEXT = 256
+
+
+def pairs_per_chunk(context: int) -> int:
+    """How many (batch, head) pairs one chunk of the backward holds at this context length."""
+    return max(1, PAIRS_PER_CHUNK * CHUNK_CONTEXT * CHUNK_CONTEXT // (context * context))
 
 
 def use_for(q: Tensor, *, causal: bool, dropout_p: float, grouped: bool) -> bool:
@@ -77,10 +85,9 @@ class _FlashForwardChunkedBackward(torch.autograd.Function):
         B, H, T, D = q.shape
         flat = [t.reshape(B * H, T, D) for t in (q, k, v, out, grad_out.contiguous())]
         lse = lse.reshape(B * H, T)
+        n = pairs_per_chunk(T)
         parts = [
-            _chunk_backward(
-                *(t[i : i + PAIRS_PER_CHUNK] for t in flat), lse[i : i + PAIRS_PER_CHUNK], D**-0.5
-            )
-            for i in range(0, B * H, PAIRS_PER_CHUNK)
+            _chunk_backward(*(t[i : i + n] for t in flat), lse[i : i + n], D**-0.5)
+            for i in range(0, B * H, n)
         ]
         return tuple(torch.cat([p[j] for p in parts]).reshape(B, H, T, D) for j in range(3))
