@@ -10,8 +10,7 @@
   (what `model.gelu_tanh` compiles), fp32 and bf16, with their largest difference from float64.
 - `attention`: causal attention fwd+bwd per layer at nano6 (B16 H6 T256 D64, bf16): SDPA's
   flash kernel, SDPA in fp32, SDPA's math backend, a hand-written attention eager and compiled,
-  and SDPA's forward with a chunked backward on batched bf16 matmuls (compiled; the variant
-  that gained, not taken into the model: see the notes).
+  and tinylm/cpu_attention.py (SDPA's forward, a chunked backward), compiled as in the model.
 
 Variants are called in turn, the order reversed every round; the median is reported. Compiled
 variants compile during the warm-up. Write the CPU's flags (`lscpu`) and the load beside any
@@ -21,7 +20,6 @@ figure: on a host without bf16 matrix units bf16 is many times slower than fp32.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from collections.abc import Callable
@@ -29,7 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-GELU_SIGMOID_SCALE = 2 * math.sqrt(2 / math.pi)
+from tinylm import cpu_attention
+from tinylm.model import GELU_SIGMOID_SCALE, gelu_tanh
 
 
 def timed(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -71,7 +70,7 @@ def gelu(rounds: int) -> None:
         "tanh eager": tanh_form,
         "sigmoid eager": sigmoid_form,
         "tanh compiled": torch.compile(tanh_form),
-        "sigmoid compiled": torch.compile(sigmoid_form),
+        "sigmoid compiled": torch.compile(gelu_tanh),  # the model's: its sigmoid form compiled
     }
     for dtype in (torch.float32, torch.bfloat16):
         x0 = torch.randn(16 * 256, 1536, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -109,41 +108,14 @@ def attention(rounds: int) -> None:
         att = ((q @ k.transpose(-2, -1)) * scale).masked_fill(masked, float("-inf"))
         return torch.softmax(att.float(), dim=-1).to(q.dtype) @ v
 
-    def chunk_backward(q, k, v, o, do, lse):  # (n, T, D) each; lse (n, T)
-        p = torch.exp(torch.bmm(q, k.transpose(1, 2)).float() * scale - lse.unsqueeze(-1))
-        p = p.masked_fill(masked, 0.0)
-        dp = torch.bmm(do, v.transpose(1, 2)).float()
-        ds = (p * (dp - (do.float() * o.float()).sum(-1, keepdim=True))).to(q.dtype)
-        dv = torch.bmm(p.to(q.dtype).transpose(1, 2), do)
-        return torch.bmm(ds, k) * scale, torch.bmm(ds.transpose(1, 2), q) * scale, dv
-
-    compiled_chunk = torch.compile(chunk_backward)
-
-    class ChunkedAttention(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v):
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
-            ctx.save_for_backward(q, k, v, o, lse)
-            return o
-
-        @staticmethod
-        def backward(ctx, do):
-            q, k, v, o, lse = ctx.saved_tensors
-            flat = [t.reshape(B * H, T, -1) for t in (q, k, v, o, do.contiguous())]
-            lse = lse.reshape(B * H, T)
-            parts = [
-                compiled_chunk(*(t[i : i + 24] for t in flat), lse[i : i + 24])
-                for i in range(0, B * H, 24)
-            ]
-            return tuple(torch.cat([p[j] for p in parts]).reshape(B, H, T, D) for j in range(3))
-
     variants = {
         "sdpa flash bf16": (sdpa, torch.bfloat16),
         "sdpa flash fp32": (sdpa, torch.float32),
         "sdpa math bf16": (math_backend, torch.bfloat16),
         "by hand bf16": (by_hand, torch.bfloat16),
         "by hand compiled bf16": (torch.compile(by_hand), torch.bfloat16),
-        "chunked backward bf16": (ChunkedAttention.apply, torch.bfloat16),
+        # tinylm/cpu_attention.py, compiled as inside the model
+        "chunked backward bf16": (torch.compile(cpu_attention.causal_attention), torch.bfloat16),
     }
     bf16 = [torch.randn(B, H, T, D, generator=gen).bfloat16() for _ in range(4)]  # q, k, v, grad
     inputs = {torch.bfloat16: bf16, torch.float32: [t.float() for t in bf16]}  # the same values

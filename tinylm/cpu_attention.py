@@ -56,11 +56,17 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def _chunk_backward(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Tensor, lse: Tensor, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    grad_out: Tensor,
+    lse: Tensor,
+    scale: float,
+    hidden: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of q, k, v for one chunk of [n, T, D] tensors (lse: [n, T], fp32)."""
-    T = q.shape[1]
-    hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    """Gradients of q, k, v for one chunk of [n, T, D] tensors (lse: [n, T], fp32; `hidden`:
+    [T, T], True where a query may not see a key)."""
     scores = torch.bmm(q, k.transpose(1, 2)).float() * scale
     probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(hidden, 0.0)
     grad_probs = torch.bmm(grad_out, v.transpose(1, 2)).float()
@@ -86,8 +92,9 @@ class _FlashForwardChunkedBackward(torch.autograd.Function):
         flat = [t.reshape(B * H, T, D) for t in (q, k, v, out, grad_out.contiguous())]
         lse = lse.reshape(B * H, T)
         n = pairs_per_chunk(T)
+        hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         parts = [
-            _chunk_backward(*(t[i : i + n] for t in flat), lse[i : i + n], D**-0.5)
+            _chunk_backward(*(t[i : i + n] for t in flat), lse[i : i + n], D**-0.5, hidden)
             for i in range(0, B * H, n)
         ]
         return tuple(torch.cat([p[j] for p in parts]).reshape(B, H, T, D) for j in range(3))
