@@ -145,12 +145,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
+    parts = {"gate": gate, "gelu": gelu, "attention": attention}
+    if unknown := [p for p in args.parts.split(",") if p not in parts]:
+        parser.error(f"--parts: unknown {', '.join(unknown)} (choose from {', '.join(parts)})")
+    if args.rounds < 1 or args.threads < 1:
+        parser.error("--rounds and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}"
     )
     for part in args.parts.split(","):
-        {"gate": gate, "gelu": gelu, "attention": attention}[part](args.rounds)
+        parts[part](args.rounds)
     print(f"load at end {os.getloadavg()[0]:.2f}")
 
 
