@@ -332,3 +332,27 @@ def test_forwarded_signal_within_grace_is_the_same_stop(monkeypatch):
     single._handle(signal.SIGINT, None)
     single._handle(signal.SIGINT, None)
     assert exits == [130, 130]
+
+
+def test_a_native_crash_prints_every_threads_python_stack():
+    """`tinylm train` enables faulthandler: a segfault in native code (CI once lost an XLA
+    replica run that way, its output ending mid-run with no clue) names each thread's line."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, threading, time\n"
+        "from tinylm.train.signals import enable_stack_dumps\n"
+        "assert enable_stack_dumps()\n"
+        "def waiting_replica():\n"
+        "    time.sleep(60)\n"
+        "threading.Thread(target=waiting_replica, daemon=True).start()\n"
+        "time.sleep(0.2)\n"
+        "ctypes.string_at(0)\n"  # reads address 0: SIGSEGV in native code
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == -signal.SIGSEGV, (done.returncode, done.stderr)
+    assert "Fatal Python error: Segmentation fault" in done.stderr, done.stderr
+    assert "waiting_replica" in done.stderr and "line 8" in done.stderr, done.stderr

@@ -161,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     from tinylm.train.signals import enable_stack_dumps
 
-    enable_stack_dumps()  # `kill -USR1 PID` shows where a run that seems stuck is waiting
+    enable_stack_dumps()  # `kill -USR1 PID`, or a native crash, shows where each thread is
     if args.list:
         from tinylm.train.preview import preset_table
 

@@ -89,11 +89,14 @@ class GracefulStop:
 
 
 def enable_stack_dumps() -> bool:
-    """SIGUSR1 prints every thread's Python stack to stderr and the run goes on.
+    """SIGUSR1 prints every thread's Python stack to stderr and the run goes on; a crash in
+    native code (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL) prints them before the process dies.
 
     For a run that seems stuck (a rank waiting in a collective the others never reach, a data
-    source that blocks): `kill -USR1 PID` shows where each process is. Returns False where the
-    platform has no SIGUSR1 (Windows). Installed in the main thread only, like the handlers above.
+    source that blocks): `kill -USR1 PID` shows where each process is. For a crash inside torch,
+    torch_xla or a BLAS library: which Python line of which thread was running, where otherwise
+    the run's output just ends. Returns False where the platform has no SIGUSR1 (Windows).
+    Installed in the main thread only, like the handlers above.
     """
     import faulthandler
 
@@ -101,6 +104,8 @@ def enable_stack_dumps() -> bool:
         return False
     try:  # file descriptor 2: sys.stderr may be a wrapper without one (pytest's capture)
         faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
+        if not faulthandler.is_enabled():  # a caller's own (python -X faulthandler) stays
+            faulthandler.enable(file=2, all_threads=True)
     except (OSError, ValueError):
         return False
     return True
