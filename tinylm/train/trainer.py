@@ -160,6 +160,8 @@ class Trainer:
         if self.threads.source != "checkpoint":  # a new choice, or one the user made
             self.state.threads_settled = self.threads.source != "auto"
         self.state.threads = self.threads.count
+        if self.xla:  # XLA replicas of one process begin their loops together
+            xla.set_up_done(self.dist)
 
     # ---------------------------------------------------------------- building
 

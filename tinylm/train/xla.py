@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from tinylm.config import ConfigError
+from tinylm.train import distributed
 
 INSTALL_HINT = (
     "torch_xla needs its own torch: run `bash scripts/setup.sh --xla` and train with "
@@ -112,6 +113,19 @@ def sync(dist: Any = None) -> None:
         _torch_xla().sync()
     else:
         group.sync_turn(dist.rank, _torch_xla().sync)
+
+
+def set_up_done(dist: Any) -> None:
+    """Wait until every XLA replica of this process has finished setting up (a no-op for one).
+
+    Why: a replica that starts its loop launches graphs (the first step's compile and run)
+    while a slower replica may still be moving its weights and, on a resume, its optimizer state
+    to its device. CI saw one native crash (SIGSEGV) of a resumed two-replica run on XLA:CPU at
+    exactly that point, which ~240 runs here did not reproduce; that overlap is the only
+    concurrency a resume adds to a fresh start, and one host barrier removes it at no
+    measurable cost (a step is milliseconds; set-up is seconds)."""
+    if getattr(dist, "group", None) is not None:
+        distributed.barrier(dist)
 
 
 def reduce_gradients(params: list[nn.Parameter], dist: Any) -> None:
