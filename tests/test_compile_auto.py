@@ -94,19 +94,21 @@ def test_a_capped_cpu_capability_compiles_into_a_cache_of_its_own(monkeypatch, t
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
 
-@pytest.mark.parametrize("prec, rel", [("fp32", 1e-4), ("bf16", 2e-2)])
+@pytest.mark.parametrize("prec, rel", [("fp32", 1e-4), ("bf16", 2e-2), ("bf32", 1e-4)])
 def test_a_compiled_run_trains_like_the_eager_one(tmp_path, corpus, monkeypatch, prec, rel):
     """train.compile=true end to end on CPU, in the GPT-2 form (LayerNorm, GELU-tanh: its
     sigmoid form under compile, model.gelu_tanh; in bf16 also the attention backward of
-    tinylm/cpu_attention.py): the losses of the eager run, to fp32 rounding (observed: the 7th
-    digit) or bf16's (observed: the 3rd)."""
+    tinylm/cpu_attention.py; in bf32 its fp32 attention operator): the losses of the eager run,
+    to fp32 rounding (observed: the 7th digit) or bf16's (observed: the 3rd)."""
     from helpers import SMALL, read_metrics, run_cli
 
     from tinylm import cpu_attention
 
     traced = []  # calls while dynamo traces the model: the path its graph takes
-    real = cpu_attention.causal_attention
-    monkeypatch.setattr(cpu_attention, "causal_attention", lambda *a: traced.append(1) or real(*a))
+    path = {"bf16": "causal_attention", "bf32": "fp32_causal_attention"}.get(prec)
+    if path:
+        real = getattr(cpu_attention, path)
+        monkeypatch.setattr(cpu_attention, path, lambda *a: traced.append(1) or real(*a))
     common = [
         f"data.train={corpus}", f"out_dir={tmp_path}", *SMALL, "train.max_steps=4",
         "log.interval=1", "eval.interval=0", "model.mlp=gelu", "model.norm=layernorm",
@@ -123,4 +125,4 @@ def test_a_compiled_run_trains_like_the_eager_one(tmp_path, corpus, monkeypatch,
     )
     assert len(eager) == len(compiled) == 4
     assert compiled == pytest.approx(eager, rel=rel)
-    assert bool(traced) == (prec == "bf16")
+    assert bool(traced) == (path is not None)

@@ -365,3 +365,41 @@ def test_cpu_attention_is_used_only_where_it_pays(monkeypatch):
     assert not cpu_attention.use_for(q, **{**ok, "causal": False})  # a mask: SDPA
     assert not cpu_attention.use_for(q, **{**ok, "dropout_p": 0.1})
     assert not cpu_attention.use_for(q, **{**ok, "grouped": True})
+
+
+def test_under_bf32_attention_keeps_full_fp32_matmuls():
+    """train.precision=bf32 sets oneDNN's fp32 matmuls to bf16 inputs, which SDPA's fp32 flash
+    kernel obeys (~10x slower at nanoGPT's CPU shape); `fp32_causal_attention` runs the kernel
+    with full fp32 matmuls: SDPA's fp32 values and gradients bit for bit, eager and compiled
+    (one graph: an opaque operator), and the bf32 mode around it is left as it was."""
+    from tinylm import cpu_attention
+
+    gen = torch.Generator().manual_seed(0)
+    # q, k, v as the model makes them: views of one [B, T, 3, H, D] projection
+    qkv = torch.randn(2, 16, 3, 3, 8, generator=gen)
+    grad = torch.randn(2, 3, 16, 8, generator=gen)
+
+    def run(fn):
+        leaf = qkv.clone().requires_grad_()
+        q, k, v = (leaf[:, :, i].transpose(1, 2) for i in range(3))
+        out = fn(q, k, v)
+        out.backward(grad)
+        return out.detach(), leaf.grad
+
+    ok = {"causal": True, "dropout_p": 0.0, "grouped": False}
+    q = qkv[:, :, 0].transpose(1, 2)
+    with cpu_attention.full_fp32_matmuls():
+        want = run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True))
+        assert not cpu_attention.use_fp32_kernel_for(q, **ok)
+    with cpu_attention.Fp32MatmulMode("bf16"):
+        assert cpu_attention.use_fp32_kernel_for(q, **ok)
+        assert not cpu_attention.use_fp32_kernel_for(q.bfloat16(), **ok)
+        assert not cpu_attention.use_fp32_kernel_for(q, **{**ok, "causal": False})
+        assert not cpu_attention.use_fp32_kernel_for(q, **{**ok, "grouped": True})
+        eager = run(cpu_attention.fp32_causal_attention)
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        torch._dynamo.reset()
+        compiled = run(torch.compile(cpu_attention.fp32_causal_attention, fullgraph=True))
+    for got in (eager, compiled):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.library.opcheck(torch.ops.tinylm.fp32_causal_attention.default, (q, q, q))

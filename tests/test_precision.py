@@ -20,10 +20,10 @@ def probing(monkeypatch):
     monkeypatch.delenv(precision.AUTO_ENV, raising=False)
     calls = []
 
-    def inject(fp32_s, bf16_s, ns=(None, None)):
+    def inject(fp32_s, bf16_s, ns=(None, None), bf32_s=None):
         def fake(model_cfg, rows, seq_len, *, muon):
             calls.append((rows, seq_len, muon))
-            return ProbeResult(fp32_s, bf16_s, rows, ns[0], ns[1])
+            return ProbeResult(fp32_s, bf16_s, rows, ns[0], ns[1], bf32_s=bf32_s)
 
         monkeypatch.setattr(precision, "measure", fake)
         return calls
@@ -98,7 +98,7 @@ def test_the_env_pin_skips_the_probe_and_a_bad_pin_is_refused(probing, monkeypat
         == "auto -> fp32 (TINYLM_PRECISION_AUTO=fp32, no probe)"
     )
     monkeypatch.setenv(precision.AUTO_ENV, "fp64")
-    with pytest.raises(ConfigError, match="TINYLM_PRECISION_AUTO='fp64': use fp32 or bf16"):
+    with pytest.raises(ConfigError, match="TINYLM_PRECISION_AUTO='fp64': use fp32, bf16 or bf32"):
         choose_cpu_precision(cfg_for())
     assert calls == []
 
@@ -191,3 +191,63 @@ def test_resume_is_bit_identical_in_half_precision(tmp_path, corpus, prec):
     if prec == "fp16":
         scales = [read_metrics(tmp_path / r, "train")[-1]["grad_scale"] for r in ("full", "split")]
         assert scales[0] == scales[1] == 65536.0
+
+
+def test_bf32_is_chosen_where_it_is_the_fastest(probing):
+    """nanoGPT's CPU-recipe shape on an AMX host (d_model 128): bf16 autocast 0.77x fp32, bf32
+    (fp32 tensors, bf16-input matmuls) faster; where bf16 is the faster one, bf16; where neither
+    clears the margin, fp32."""
+    probing(fp32_s=0.020, bf16_s=0.026, bf32_s=0.012)
+    p = choose_cpu_precision(cfg_for())
+    assert p.name == "bf32" and "auto -> bf32" in p.reason and "1.7x fp32" in p.reason, p.reason
+    assert "bf16 0.77x" in p.reason, p.reason
+    probing(fp32_s=0.020, bf16_s=0.010, bf32_s=0.014)
+    assert choose_cpu_precision(cfg_for("train.batch_size=3")).name == "bf16"
+    probing(fp32_s=0.020, bf16_s=0.030, bf32_s=0.020 / (BF16_MARGIN - 0.02))
+    p = choose_cpu_precision(cfg_for("train.batch_size=5"))
+    assert p.name == "fp32" and "bf32 1.08x" in p.reason, p.reason
+
+
+def test_bf32_runs_matmuls_on_bf16_inputs_in_forward_and_backward_only(tmp_path, corpus):
+    """train.precision=bf32: oneDNN's fp32 matmul mode is bf16 inside the step's forward and
+    backward passes (and evaluation's forward), torch's own setting everywhere else (the
+    optimizer; the process after the run); the losses stay within bf16-input rounding of fp32's."""
+    from tinylm.train.trainer import Trainer
+
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    seen: dict[str, set[str]] = {"forward": set(), "backward": set(), "optimizer": set()}
+
+    def note(when: str):
+        return lambda *_: seen[when].add(torch.backends.mkldnn.matmul.fp32_precision)
+
+    common = [
+        f"data.train={corpus}",
+        *SMALL,
+        "train.max_steps=6",
+        "eval.interval=0",
+        "log.interval=1",
+    ]
+    losses = {}
+    for prec in ("fp32", "bf32"):
+        cfg = load_config("tiny", [*common, f"train.precision={prec}", "train.compile=false"])
+        trainer = Trainer(cfg, tmp_path / prec)
+        if prec == "bf32":
+            mlp = trainer.raw_model.blocks[0].mlp
+            mlp.register_forward_hook(note("forward"))
+            mlp.register_full_backward_hook(note("backward"))
+            for part in trainer.optimizer.optimizers:  # Muon (its Newton-Schulz matmuls), AdamW
+                part.register_step_pre_hook(note("optimizer"))
+        trainer.fit()
+        losses[prec] = [r["loss"] for r in read_metrics(tmp_path / prec, "train")]
+    assert seen == {"forward": {"bf16"}, "backward": {"bf16"}, "optimizer": {before}}, seen
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert len(losses["bf32"]) == 6 and losses["bf32"] == pytest.approx(losses["fp32"], rel=2e-2)
+
+
+def test_bf32_is_a_cpu_mode():
+    from tinylm.train import runtime
+
+    with pytest.raises(ConfigError, match="bf32 is a CPU mode"):
+        runtime.select_precision("bf32", torch.device("cuda"))
+    with pytest.raises(ConfigError, match=r"not supported on train\.device=xla"):
+        load_config("tiny", ["train.device=xla", "train.precision=bf32"])

@@ -199,8 +199,9 @@ class TrainConfig:
     # with max_time_minutes: time the first steps and set max_steps to what fits the time, so
     # the LR schedule ends when the time does (train/time_budget.py)
     fit_steps_to_time: bool = False
-    # fp8: torchao float8 matmuls in the blocks (train/fp8.py; GPUs of compute capability 8.9+)
-    precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"
+    # fp8: torchao float8 matmuls in the blocks (train/fp8.py; GPUs of compute capability 8.9+);
+    # bf32: fp32 with bf16-input matmuls on a CPU's bf16 units (train/precision.py)
+    precision: Literal["auto", "fp32", "bf16", "bf32", "fp16", "fp8"] = "auto"
     compile: bool | Literal["auto"] = "auto"  # auto: on when the run repays compile time
     # Recompute each block in the backward pass instead of keeping its activations (per block,
     # non-reentrant torch.utils.checkpoint); auto: on only when the run would not fit without it

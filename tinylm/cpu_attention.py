@@ -1,4 +1,6 @@
-"""Causal self-attention for compiled bf16 training on a CPU: SDPA's forward, a faster backward.
+"""Causal self-attention paths for training on a CPU, where SDPA's own kernel is slow.
+
+1. Compiled bf16: SDPA's forward, a faster backward (`causal_attention`).
 
 torch 2.13's CPU flash-attention kernel runs its forward fast and its backward slowly: at
 nanoGPT's Shakespeare shape (batch 16, 6 heads, context 256, head 64, bf16, 2 threads on an AMX
@@ -18,6 +20,15 @@ in torch 2.13; bf16's own rounding step is 0.4%).
 causal with no mask, no attention dropout, and as many key/value heads as query heads. Eager,
 the same backward is slower than SDPA's (five separate kernels per chunk), so eager runs, and
 every other case, stay on `F.scaled_dot_product_attention`.
+
+2. `train.precision=bf32` (fp32 tensors, matrix multiplies with bf16 inputs on oneDNN:
+`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, the CPU's counterpart of TF32): SDPA's
+fp32 flash kernel obeys that setting too and becomes ~10x slower (nanoGPT's CPU-recipe shape,
+batch 12, 4 heads, context 64, head 32, 2 threads on an AMX host: 8.0 ms against 0.85 ms a layer
+forward + backward), while the linear layers' matmuls become 2-3x faster. `fp32_causal_attention`
+runs the same kernel, forward and backward, with full fp32 matmuls: one opaque operator to
+torch.compile (`torch.library.custom_op`), so it sets the process-wide flag inside its own body
+without breaking the compiled graph. `use_fp32_kernel_for(...)` says when the model takes it.
 """
 
 from __future__ import annotations
@@ -98,3 +109,113 @@ class _FlashForwardChunkedBackward(torch.autograd.Function):
             for i in range(0, B * H, n)
         ]
         return tuple(torch.cat([p[j] for p in parts]).reshape(B, H, T, D) for j in range(3))
+
+
+# ------------------------------------------------------------------ 2. fp32 kernels under bf32
+
+
+# The mode `Fp32MatmulMode` last set, as a plain Python value: torch.compile reads (and guards
+# on) a module global, while reading torch.backends' flag inside the model breaks the graph at
+# every attention call (measured: 17 graphs a step at nano4 instead of 1-2).
+_current_mode = ["none"]
+
+
+def bf32_matmuls() -> bool:
+    """Whether fp32 matrix multiplies run on bf16 inputs now (`train.precision=bf32`)."""
+    return _current_mode[-1] == "bf16"
+
+
+class Fp32MatmulMode:
+    """A block in which oneDNN's fp32 matrix multiplies take `mode`: "bf16" (bf16 inputs, fp32
+    accumulation: `train.precision=bf32`) or "ieee" (full fp32). The flag is process-wide;
+    leaving the block restores it. Reusable and reentrant (the trainer keeps one per run)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self._before: list[str] = []
+
+    def __enter__(self) -> None:
+        self._before.append(torch.backends.mkldnn.matmul.fp32_precision)
+        torch.backends.mkldnn.matmul.fp32_precision = self.mode
+        _current_mode.append(self.mode)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.mkldnn.matmul.fp32_precision = self._before.pop()
+        _current_mode.pop()
+
+
+def full_fp32_matmuls() -> Fp32MatmulMode:
+    """fp32 matrix multiplies in full fp32 inside the block."""
+    return Fp32MatmulMode("ieee")
+
+
+def use_fp32_kernel_for(q: Tensor, *, causal: bool, dropout_p: float, grouped: bool) -> bool:
+    """Whether the model's attention takes `fp32_causal_attention` (see the module docstring)."""
+    return (
+        causal
+        and dropout_p == 0.0
+        and not grouped
+        and q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and bf32_matmuls()
+    )
+
+
+def fp32_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA's causal flash attention over [B, H, T, D] fp32 tensors, with full fp32 matmuls."""
+    return _fp32_attention(q, k, v)[0]
+
+
+def _bthd(t: Tensor) -> Tensor:
+    """`t` [B, H, T, D] laid out as [B, T, H, D] in memory (the kernel's own output layout, and
+    the one the model's `transpose(1, 2).view(B, T, C)` reads without a copy)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _bthd_like(q: Tensor) -> Tensor:
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+
+
+@torch.library.custom_op("tinylm::fp32_causal_attention", mutates_args=(), device_types="cpu")
+def _fp32_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    with full_fp32_matmuls():
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    return _bthd(out), lse.contiguous()
+
+
+@_fp32_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    return _bthd_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "tinylm::fp32_causal_attention_backward", mutates_args=(), device_types="cpu"
+)
+def _fp32_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    with full_fp32_matmuls():
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, True
+        )
+    dq, dk, dv = (_bthd(g) for g in grads)
+    return dq, dk, dv
+
+
+@_fp32_attention_backward.register_fake
+def _(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _bthd_like(q), _bthd_like(k), _bthd_like(v)
+
+
+def _save_for_backward(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _attention_backward(ctx, grad_out: Tensor, _grad_lse: Tensor) -> tuple[Tensor, ...]:
+    q, k, v, out, lse = ctx.saved_tensors
+    return _fp32_attention_backward(grad_out.contiguous(), q, k, v, out, lse)
+
+
+_fp32_attention.register_autograd(_attention_backward, setup_context=_save_for_backward)

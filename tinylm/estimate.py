@@ -33,8 +33,9 @@ from tinylm.cli_args import float_in, int_in
 from tinylm.config import Config, ModelConfig
 from tinylm.tpu import slice_arg
 
-# fp8: counted as bf16 (torchao keeps some saved inputs in float8: an upper bound)
-ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
+# fp8: counted as bf16 (torchao keeps some saved inputs in float8: an upper bound); bf32 keeps
+# fp32 activations (only its matmuls read bf16 inputs, converted inside oneDNN)
+ACT_BYTES = {"fp32": 4, "bf32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 GPT2_VOCAB = 50257
 CHAR_VOCAB_GUESS = 256  # a char tokenizer's size is known only once fitted on the corpus
 
@@ -68,7 +69,7 @@ def activation_bytes_per_token(
     if m.pos_emb == "rope":
         block += a * (d + kv)
     if m.qk_norm:
-        block += 4 * (d + kv) * (1 if precision == "fp32" else 2)
+        block += 4 * (d + kv) * (1 if a == 4 else 2)
     if m.dropout > 0:  # masks after the attention and MLP projections
         block += 2 * a * d
     if m.attn_dropout > 0:  # the unfused path, in fp32 on CPU: probabilities, mask, q k v copies
@@ -221,7 +222,7 @@ def estimate(
         optimizer=8 * params,
         activations=batch_tokens
         * activation_bytes_per_token(m, vocab, precision, activation_checkpointing),
-        weight_copies=0 if precision == "fp32" else ACT_BYTES[precision] * matmul_weights,
+        weight_copies=0 if ACT_BYTES[precision] == 4 else ACT_BYTES[precision] * matmul_weights,
         tokens=tokens,
         seconds_at_throughput=tokens / (tokens_per_second * devices) if tokens_per_second else None,
         seconds_at_peak=(

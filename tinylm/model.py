@@ -21,7 +21,8 @@ Every architecture choice, and the `ModelConfig` field that selects it:
   `F.scaled_dot_product_attention`. Training without a sliding window uses `is_causal=True` and
   no mask, which keeps SDPA on its fused (flash) kernel. (Compiled bf16 training on a CPU keeps
   that kernel's forward and takes its backward from `tinylm/cpu_attention.py`: same values,
-  ~1.5x faster there.) A sliding window (`sliding_window` = W:
+  ~1.5x faster there; under `train.precision=bf32` it runs that kernel with full fp32 matmuls,
+  ~10x faster than SDPA rounding them to bf16.) A sliding window (`sliding_window` = W:
   a query sees itself and the W-1 positions before it) or decoding with a KV cache builds the
   boolean mask that says exactly which keys each query may see.
 - MLP (`mlp`): GELU (tanh approximation, as GPT-2) with hidden width `ff_dim`, SwiGLU
@@ -230,6 +231,10 @@ class Attention(nn.Module):
         grouped = self.n_kv_head != self.n_head
         if cpu_attention.use_for(q, causal=is_causal, dropout_p=dropout_p, grouped=grouped):
             y = cpu_attention.causal_attention(q, k, v)  # compiled bf16 on a CPU: a faster backward
+        elif cpu_attention.use_fp32_kernel_for(
+            q, causal=is_causal, dropout_p=dropout_p, grouped=grouped
+        ):
+            y = cpu_attention.fp32_causal_attention(q, k, v)  # bf32: SDPA would round to bf16
         else:
             if _SDPA_HAS_GQA:
                 gqa = {"enable_gqa": grouped}

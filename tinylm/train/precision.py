@@ -8,10 +8,10 @@ alone does not express it.
 
 `train.precision=auto` on a CPU is decided by `probe` (`choose_cpu_precision`): forward +
 backward of the run's own model at its micro-batch (fewer rows when one step would blow the
-budget), alternating fp32 and bf16 autocast, within `PROBE_BUDGET_S` seconds at the thread count
-the run will use. bf16 is chosen only when it is at least `BF16_MARGIN` faster: the choice is
-never slower than fp32 (beyond noise), and bf16 costs some precision for nothing when it merely
-ties. Whether bf16 pays depends on the host (native bf16 matrix units: Intel AMX / AVX512-BF16)
+budget), alternating fp32, bf16 autocast and bf32 (fp32 tensors, bf16-input matmuls), within
+`PROBE_BUDGET_S` seconds at the thread count the run will use. bf16 or bf32, whichever is
+faster, is chosen only when it is at least `BF16_MARGIN` faster than fp32: the choice is never
+slower than fp32 (beyond noise), and neither costs precision for nothing when it merely ties. Whether bf16 pays depends on the host (native bf16 matrix units: Intel AMX / AVX512-BF16)
 and on the shape (measured on an AMX host, 2 threads, notes/issue-18-precision.md: bf16 is
 about 2x fp32 at nanoGPT's 6L/384 shape and slower than fp32 at the `tiny` shape), so it is
 measured, not assumed. The same probe times Muon's Newton-Schulz on the model's hidden matrices
@@ -26,7 +26,7 @@ Results are cached in `<cache dir>/precision-probe.json`, keyed by the host's CP
 bf16 flags (and any `ISA_CAPS` variable that limits them), torch version, thread count, the
 model config, micro-batch and the compile setting, so a resumed or repeated run makes the same
 choice without probing again.
-`TINYLM_PRECISION_AUTO=fp32|bf16` makes `auto` that precision without a probe (the test suite
+`TINYLM_PRECISION_AUTO=fp32|bf16|bf32` makes `auto` that precision without a probe (the test suite
 pins fp32 this way so exact-numerics tests never depend on a timing).
 
 Compiled runs: compiling the model twice (fp32 and bf16) costs 20-60 s on a 2-core CPU, far over
@@ -61,12 +61,19 @@ class PrecisionKind:
     autocast_dtype: torch.dtype | None
     grad_scaler: bool = False
     context: Callable[[torch.device], contextlib.AbstractContextManager[Any]] | None = None
+    # oneDNN's mode for the fp32 matmuls of the forward and backward passes (None: torch's own)
+    fp32_matmul: str | None = None
 
 
 KINDS: dict[str, PrecisionKind] = {
     "fp32": PrecisionKind(None),
     "bf16": PrecisionKind(torch.bfloat16),
     "fp16": PrecisionKind(torch.float16, grad_scaler=True),
+    # fp32 tensors whose matmuls take bf16 inputs (fp32 accumulation) on a CPU: oneDNN's
+    # counterpart of TF32. Elementwise work, norms, softmax and the loss stay fp32, and there
+    # are no casts to pay for: at d_model 128 it is where bf16 autocast loses (its casts cost
+    # more than the matmuls gain) and fp32 leaves AMX unused (notes/issue-18-precision.md).
+    "bf32": PrecisionKind(None, fp32_matmul="bf16"),
 }
 
 
@@ -104,8 +111,17 @@ def autocast_context(
     if kind.context is not None:
         return kind.context(device)
     if kind.autocast_dtype is None:
-        return contextlib.nullcontext()
+        return matmul_context(precision)
     return torch.autocast(device_type=device.type, dtype=kind.autocast_dtype)
+
+
+def matmul_context(precision: Precision) -> contextlib.AbstractContextManager[Any]:
+    """The fp32 matmul mode of `precision` for a block (bf32: a training step's forward and
+    backward; the optimizer's own matmuls, Muon's, keep theirs), else a no-op. Reusable."""
+    from tinylm.cpu_attention import Fp32MatmulMode
+
+    mode = precision.kind.fp32_matmul
+    return Fp32MatmulMode(mode) if mode else contextlib.nullcontext()
 
 
 def make_grad_scaler(device: torch.device, precision: Precision) -> torch.amp.GradScaler | None:
@@ -128,6 +144,8 @@ GATE_SIZE = 256
 GATE_BUDGET_S = 0.1
 AUTO_ENV = "TINYLM_PRECISION_AUTO"
 CACHE_FILE = "precision-probe.json"
+# In the cache key: results of an earlier probe (before bf32 was a candidate) are not reused.
+PROBE_VERSION = "probe 2"
 
 
 @dataclass
@@ -141,22 +159,32 @@ class ProbeResult:
     ns_bf16_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     matmul_speedup: float | None = None  # the gate: fp32 / bf16 seconds of one matmul
+    bf32_s: float | None = None  # fp32 with bf16-input matmuls (None: not timed)
 
     @property
     def gated(self) -> bool:
         """bf16 was ruled out by the matmul alone (the model ran in fp32 only)."""
         return self.bf16_s is None
 
+    def speedup_of(self, name: str) -> float:
+        """`name`'s tokens/s over fp32's (0 when it was not timed)."""
+        seconds = {"bf16": self.bf16_s, "bf32": self.bf32_s}.get(name)
+        return self.fp32_s / seconds if seconds else 0.0
+
     @property
     def speedup(self) -> float:
         """bf16 tokens/s over fp32 tokens/s (the matmul's ratio when the model was not timed)."""
         if self.bf16_s is None:
             return self.matmul_speedup or 0.0
-        return self.fp32_s / self.bf16_s if self.bf16_s > 0 else 0.0
+        return self.speedup_of("bf16")
 
     @property
     def choice(self) -> str:
-        return "fp32" if self.gated or self.speedup < BF16_MARGIN else "bf16"
+        """The fastest of bf16 and bf32 where it beats fp32 by `BF16_MARGIN`, else fp32."""
+        if self.gated:
+            return "fp32"
+        best = max(("bf32", "bf16"), key=self.speedup_of)  # a tie keeps bf32's precision
+        return best if self.speedup_of(best) >= BF16_MARGIN else "fp32"
 
     @property
     def ns_choice(self) -> str | None:
@@ -197,6 +225,7 @@ def cpu_signature() -> str:
 def _probe_key(model_cfg: Any, rows: int, compile_setting: Any, muon: bool) -> str:
     shape = json.dumps(asdict(model_cfg), sort_keys=True, default=str)
     parts = [
+        PROBE_VERSION,
         cpu_signature(),
         f"torch {torch.__version__}",
         f"threads {torch.get_num_threads()}",
@@ -237,11 +266,16 @@ def measure(
         vocab = max(1, model_cfg.vocab_size)
         x = torch.randint(0, vocab, (rows, seq_len))
 
-    def step_fn(dtype: torch.dtype | None, n: int) -> Callable[[], None]:
+    def step_fn(name: str, n: int) -> Callable[[], None]:
+        kind = KINDS[name]
+        dtype = kind.autocast_dtype
+        matmuls = matmul_context(Precision(name, "probe"))
+
         def step() -> None:
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                _, loss = model(x[:n], x[:n])
-            loss.backward()
+            with matmuls:
+                with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=bool(dtype)):
+                    _, loss = model(x[:n], x[:n])
+                loss.backward()
             model.zero_grad(set_to_none=True)
 
         return step
@@ -249,9 +283,9 @@ def measure(
     # One row first (warm-up: first-call allocations, oneDNN kernel choice), then as many rows
     # of the micro-batch as keep a step under PROBE_STEP_S: a full-batch warm-up of a large
     # model alone would spend the whole budget.
-    step_fn(None, 1)()
+    step_fn("fp32", 1)()
     t0 = time.perf_counter()
-    step_fn(None, 1)()
+    step_fn("fp32", 1)()
     one_row = time.perf_counter() - t0
     n = max(1, min(rows, int(PROBE_STEP_S / max(one_row, 1e-6))))
     if gate < 1.0:  # bf16 matmuls no faster than fp32: the model cannot gain in bf16
@@ -259,15 +293,21 @@ def measure(
         if muon:
             result.ns_fp32_s, _ = _measure_newton_schulz(model, 0.0, dtypes=(torch.float32,))
         return result
-    step_fn(None, n)()
-    step_fn(torch.bfloat16, n)()
+    candidates = ("fp32", "bf16", "bf32")
+    for name in candidates:
+        step_fn(name, n)()  # warm-up
     ns_share = 0.25 if muon else 0.0
     left = max(0.0, deadline - time.perf_counter())
     timed = _time_alternating(
-        {"fp32": step_fn(None, n), "bf16": step_fn(torch.bfloat16, n)},
-        left * (1 - ns_share),
+        {name: step_fn(name, n) for name in candidates}, left * (1 - ns_share)
     )
-    result = ProbeResult(fp32_s=timed["fp32"], bf16_s=timed["bf16"], rows=n, matmul_speedup=gate)
+    result = ProbeResult(
+        fp32_s=timed["fp32"],
+        bf16_s=timed["bf16"],
+        bf32_s=timed["bf32"],
+        rows=n,
+        matmul_speedup=gate,
+    )
     if muon:
         result.ns_fp32_s, result.ns_bf16_s = _measure_newton_schulz(
             model, max(0.0, deadline - time.perf_counter())
@@ -360,11 +400,18 @@ def describe(result: ProbeResult, from_cache: bool) -> str:
             f"auto -> fp32 ({source}: a bf16 matmul is {result.speedup:.2f}x fp32 on this CPU, "
             f"no bf16 matrix units, so the model was not timed in bf16{notes})"
         )
-    if result.choice == "bf16":
-        return f"auto -> bf16 ({source}: {result.speedup:.1f}x fp32 on this CPU{notes})"
+    other = {"bf16": "bf32", "bf32": "bf16"}
+    if result.choice in other:
+        also = other[result.choice]
+        also_note = f", {also} {result.speedup_of(also):.2f}x" if result.speedup_of(also) else ""
+        return (
+            f"auto -> {result.choice} ({source}: {result.speedup_of(result.choice):.1f}x fp32 "
+            f"on this CPU{also_note}{notes})"
+        )
+    bf32_note = f", bf32 {result.speedup_of('bf32'):.2f}x" if result.bf32_s else ""
     return (
-        f"auto -> fp32 ({source}: bf16 autocast {result.speedup:.2f}x fp32 on this CPU, "
-        f"under the {BF16_MARGIN:.2f}x needed{notes})"
+        f"auto -> fp32 ({source}: bf16 autocast {result.speedup:.2f}x fp32{bf32_note} on this "
+        f"CPU, under the {BF16_MARGIN:.2f}x needed{notes})"
     )
 
 
@@ -376,10 +423,12 @@ def choose_cpu_precision(
 
     pinned = os.environ.get(AUTO_ENV, "").strip()
     if pinned:
-        if pinned not in ("fp32", "bf16"):
+        if pinned not in ("fp32", "bf16", "bf32"):
             from tinylm.config import ConfigError
 
-            raise ConfigError(f"{AUTO_ENV}={pinned!r}: use fp32 or bf16 (or unset it to probe)")
+            raise ConfigError(
+                f"{AUTO_ENV}={pinned!r}: use fp32, bf16 or bf32 (or unset it to probe)"
+            )
         return Precision(pinned, f"auto -> {pinned} ({AUTO_ENV}={pinned}, no probe)")
     muon = cfg.optim.name == "muon"
     result, from_cache = cached_probe(

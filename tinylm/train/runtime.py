@@ -72,6 +72,11 @@ def select_precision(spec: str, device: torch.device, cfg: Config | None = None)
         from tinylm.train import fp8
 
         return Precision("fp8", fp8.check_supported(device))
+    if spec == "bf32" and device.type != "cpu":
+        raise ConfigError(
+            f"train.precision=bf32 is a CPU mode (oneDNN's bf16-input matmuls), not for "
+            f"{device.type}; use bf16 there (or fp32)"
+        )
     if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             "train.precision=bf16 is not supported by this GPU; use fp16 (with a grad scaler)"

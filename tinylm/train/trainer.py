@@ -147,6 +147,7 @@ class Trainer:
         # After the data: a CPU probe times the run's own model, whose vocabulary comes from it.
         self.precision = runtime.select_precision(cfg.train.precision, self.device, cfg)
         self.autocast = runtime.autocast(self.device, self.precision)
+        self.matmul_mode = precision.matmul_context(self.precision)  # bf32: backward passes too
         self.messages.append(f"precision: {self.precision.reason}")
         # A sharded checkpoint is read into the wrapped model in `_restore` (its own shards per rank).
         in_shards = resumed is not None and not resumed.consolidated
@@ -338,10 +339,11 @@ class Trainer:
         losses = []
         for micro in range(accum):
             x, y = next(batches)
-            with distributed.grad_sync(self.model, sync=micro == accum - 1), self.autocast:
-                _, loss = self.model(x, y)
-            scaled = loss / accum if accum > 1 else loss  # no extra op (and its backward) at 1
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            with self.matmul_mode:
+                with distributed.grad_sync(self.model, sync=micro == accum - 1), self.autocast:
+                    _, loss = self.model(x, y)
+                scaled = loss / accum if accum > 1 else loss  # no extra op (its backward) at 1
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(loss.detach())
         loss = losses[0] if accum == 1 else torch.stack(losses).mean()
         if self.xla:  # averaged over the XLA replicas of this process (none: a no-op)
