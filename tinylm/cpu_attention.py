@@ -49,13 +49,15 @@ def pairs_per_chunk(context: int) -> int:
     return max(1, PAIRS_PER_CHUNK * CHUNK_CONTEXT * CHUNK_CONTEXT // (context * context))
 
 
+def _plain_causal_on_cpu(q: Tensor, causal: bool, dropout_p: float, grouped: bool) -> bool:
+    """What both paths need: causal with no mask, no attention dropout, no GQA, on a CPU."""
+    return causal and dropout_p == 0.0 and not grouped and q.device.type == "cpu"
+
+
 def use_for(q: Tensor, *, causal: bool, dropout_p: float, grouped: bool) -> bool:
     """Whether the model's attention takes this path (see the module docstring)."""
     return (
-        causal
-        and dropout_p == 0.0
-        and not grouped
-        and q.device.type == "cpu"
+        _plain_causal_on_cpu(q, causal, dropout_p, grouped)
         and q.dtype == torch.bfloat16
         and torch.compiler.is_compiling()
     )
@@ -152,10 +154,7 @@ def full_fp32_matmuls() -> Fp32MatmulMode:
 def use_fp32_kernel_for(q: Tensor, *, causal: bool, dropout_p: float, grouped: bool) -> bool:
     """Whether the model's attention takes `fp32_causal_attention` (see the module docstring)."""
     return (
-        causal
-        and dropout_p == 0.0
-        and not grouped
-        and q.device.type == "cpu"
+        _plain_causal_on_cpu(q, causal, dropout_p, grouped)
         and q.dtype == torch.float32
         and bf32_matmuls()
     )
