@@ -214,7 +214,9 @@ def _save_for_backward(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, Te
 
 def _attention_backward(ctx, grad_out: Tensor, _grad_lse: Tensor) -> tuple[Tensor, ...]:
     q, k, v, out, lse = ctx.saved_tensors
-    return _fp32_attention_backward(grad_out.contiguous(), q, k, v, out, lse)
+    if grad_out.stride(-1) != 1:  # the kernel reads rows of D; any other layout it takes as is
+        grad_out = grad_out.contiguous()  # (the model's own, [B, T, H, D] in memory, is no copy)
+    return _fp32_attention_backward(grad_out, q, k, v, out, lse)
 
 
 _fp32_attention.register_autograd(_attention_backward, setup_context=_save_for_backward)
