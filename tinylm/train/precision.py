@@ -11,10 +11,11 @@ backward of the run's own model at its micro-batch (fewer rows when one step wou
 budget), alternating fp32, bf16 autocast and bf32 (fp32 tensors, bf16-input matmuls), within
 `PROBE_BUDGET_S` seconds at the thread count the run will use. bf16 or bf32, whichever is
 faster, is chosen only when it is at least `BF16_MARGIN` faster than fp32: the choice is never
-slower than fp32 (beyond noise), and neither costs precision for nothing when it merely ties. Whether bf16 pays depends on the host (native bf16 matrix units: Intel AMX / AVX512-BF16)
-and on the shape (measured on an AMX host, 2 threads, notes/issue-18-precision.md: bf16 is
-about 2x fp32 at nanoGPT's 6L/384 shape and slower than fp32 at the `tiny` shape), so it is
-measured, not assumed. The same probe times Muon's Newton-Schulz on the model's hidden matrices
+slower than fp32 (beyond noise), and neither costs precision for nothing when it merely ties.
+Which pays depends on the host (native bf16 matrix units: Intel AMX / AVX512-BF16) and on the
+shape (measured on an AMX host, 2 threads, notes/issue-18-precision.md: bf16 is about 2x fp32
+at nanoGPT's 6L/384 shape and slower than fp32 at the `tiny` shape, where bf32 is ~1.15x), so
+it is measured, not assumed. The same probe times Muon's Newton-Schulz on the model's hidden matrices
 in float32 and bfloat16 (`optim.muon_ns_dtype=auto`).
 
 bf16 autocast can only win through its matrix multiplies, so the probe first times one
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from tinylm.cpu_attention import Fp32MatmulMode
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,6 @@ def autocast_context(
 def matmul_context(precision: Precision) -> contextlib.AbstractContextManager[Any]:
     """The fp32 matmul mode of `precision` for a block (bf32: a training step's forward and
     backward; the optimizer's own matmuls, Muon's, keep theirs), else a no-op. Reusable."""
-    from tinylm.cpu_attention import Fp32MatmulMode
-
     mode = precision.kind.fp32_matmul
     return Fp32MatmulMode(mode) if mode else contextlib.nullcontext()
 
