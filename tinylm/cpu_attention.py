@@ -197,8 +197,7 @@ def _fp32_attention_backward(
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, True
         )
-    dq, dk, dv = (_bthd(g) for g in grads)
-    return dq, dk, dv
+    return tuple(_bthd(g) for g in grads)
 
 
 @_fp32_attention_backward.register_fake
