@@ -1,6 +1,6 @@
 """The CPU kernels behind issue 18's choices, timed side by side (notes/issue-18-precision.md).
 
-    .venv/bin/python bench/bench_cpu_kernels.py [--parts gate,gelu,attention] [--rounds 7]
+    .venv/bin/python bench/bench_cpu_kernels.py [--parts gate,gelu,attention,bf32] [--rounds 7]
         [--threads 2]
 
 - `gate`: the precision probe's gate, a 256^3 matmul in fp32 and bf16 (and 4096x1024 @
@@ -11,6 +11,10 @@
 - `attention`: causal attention fwd+bwd per layer at nano6 (B16 H6 T256 D64, bf16): SDPA's
   flash kernel, SDPA in fp32, SDPA's math backend, a hand-written attention eager and compiled,
   and tinylm/cpu_attention.py (SDPA's forward, a chunked backward), compiled as in the model.
+- `bf32`: at nano4 (nanoGPT's CPU recipe: 768 tokens, d_model 128), the linear layers' three
+  matmuls (forward, input grad, weight grad) in fp32 and in bf32 (oneDNN's bf16-input mode), and
+  causal attention fwd+bwd (B12 H4 T64 D32): SDPA in fp32, SDPA under bf32, and
+  `cpu_attention.fp32_causal_attention` under bf32 (what `train.precision=bf32` runs).
 
 Variants are called in turn, the order reversed every round; the median is reported. Compiled
 variants compile during the warm-up. Write the CPU's flags (`lscpu`) and the load beside any
@@ -139,13 +143,60 @@ def attention(rounds: int) -> None:
         )
 
 
+def bf32(rounds: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, w, grad = (
+        torch.randn(*shape, generator=gen) for shape in ((768, 128), (384, 128), (768, 384))
+    )
+    gemms = {
+        "forward x @ W^T": lambda: F.linear(x, w),
+        "input grad g @ W": lambda: grad @ w,
+        "weight grad g^T @ x": lambda: grad.t() @ x,
+    }
+
+    def in_mode(fn: Callable, mode: str) -> Callable[[], None]:
+        def call() -> None:
+            with cpu_attention.Fp32MatmulMode(mode):  # ~2.5 us a switch, against 70-250 us
+                fn()
+
+        return call
+
+    # fp32 and bf32 alternate call by call (`timed`), so load hits both alike
+    variants = {
+        f"{name} {mode}": in_mode(fn, mode)
+        for name, fn in gemms.items()
+        for mode in ("ieee", "bf16")
+    }
+    for name, seconds in timed(variants, rounds * 20).items():
+        print(f"bf32 gemm {name:25s} {seconds * 1e6:7.1f} us")
+    B, T, H, D = 12, 64, 4, 32
+    qkv = torch.randn(B, T, 3, H, D, generator=gen)  # q, k, v as the model slices them
+    out_grad = torch.randn(B, H, T, D, generator=gen)
+
+    def attention_step(fn: Callable) -> None:
+        leaf = qkv.clone().requires_grad_()
+        fn(*(leaf[:, :, i].transpose(1, 2) for i in range(3))).backward(out_grad)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    ours = cpu_attention.fp32_causal_attention
+    variants = {
+        "sdpa fp32": in_mode(lambda: attention_step(sdpa), "ieee"),
+        "sdpa under bf32": in_mode(lambda: attention_step(sdpa), "bf16"),
+        "fp32_causal_attention under bf32": in_mode(lambda: attention_step(ours), "bf16"),
+    }
+    for name, seconds in timed(variants, rounds * 5).items():
+        print(f"bf32 attention {name:33s} fwd+bwd {seconds * 1e6:7.0f} us per layer")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="gate,gelu,attention")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    parts = {"gate": gate, "gelu": gelu, "attention": attention}
+    parts = {"gate": gate, "gelu": gelu, "attention": attention, "bf32": bf32}
     if unknown := [p for p in args.parts.split(",") if p not in parts]:
         parser.error(f"--parts: unknown {', '.join(unknown)} (choose from {', '.join(parts)})")
     if args.rounds < 1 or args.threads < 1:
