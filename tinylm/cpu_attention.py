@@ -27,7 +27,7 @@ fp32 flash kernel obeys that setting too and becomes ~10x slower (nanoGPT's CPU-
 batch 12, 4 heads, context 64, head 32, 2 threads on an AMX host: 8.0 ms against 0.85 ms a layer
 forward + backward), while the linear layers' matmuls become 2-3x faster. `fp32_causal_attention`
 runs the same kernel, forward and backward, with full fp32 matmuls: one opaque operator to
-torch.compile (`torch.library.custom_op`), so it sets the process-wide flag inside its own body
+torch.compile (registered with `torch.library`), so it sets the process-wide flag inside its own body
 without breaking the compiled graph. `use_fp32_kernel_for(...)` says when the model takes it.
 """
 
@@ -162,7 +162,7 @@ def use_fp32_kernel_for(q: Tensor, *, causal: bool, dropout_p: float, grouped: b
 
 def fp32_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """SDPA's causal flash attention over [B, H, T, D] fp32 tensors, with full fp32 matmuls."""
-    return _fp32_attention(q, k, v)[0]
+    return torch.ops.tinylm.fp32_causal_attention.default(q, k, v)[0]
 
 
 def _bthd(t: Tensor) -> Tensor:
@@ -175,21 +175,28 @@ def _bthd_like(q: Tensor) -> Tensor:
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
 
 
-@torch.library.custom_op("tinylm::fp32_causal_attention", mutates_args=(), device_types="cpu")
+# Two operators, defined and implemented through `torch.library.Library` itself rather than the
+# `torch.library.custom_op` decorator, whose Python wrapper around each call (a dynamo-disabled
+# frame, checks of the outputs) cost ~30 us a call: 8 calls a step, ~2% of nano4's compiled
+# bf32 step (notes/issue-18-precision.md, session 11). Kept alive for the process's lifetime.
+_LIB = torch.library.Library("tinylm", "FRAGMENT")
+_LIB.define("fp32_causal_attention(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)")
+_LIB.define(
+    "fp32_causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+    "Tensor lse) -> (Tensor, Tensor, Tensor)"
+)
+
+
 def _fp32_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     with full_fp32_matmuls():
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
     return _bthd(out), lse.contiguous()
 
 
-@_fp32_attention.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _fp32_attention_fake(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return _bthd_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op(
-    "tinylm::fp32_causal_attention_backward", mutates_args=(), device_types="cpu"
-)
 def _fp32_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -197,11 +204,11 @@ def _fp32_attention_backward(
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, True
         )
-    return tuple(_bthd(g) for g in grads)
+    grad_q, grad_k, grad_v = (_bthd(g) for g in grads)
+    return grad_q, grad_k, grad_v
 
 
-@_fp32_attention_backward.register_fake
-def _(
+def _fp32_attention_backward_fake(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _bthd_like(q), _bthd_like(k), _bthd_like(v)
@@ -215,7 +222,18 @@ def _attention_backward(ctx, grad_out: Tensor, _grad_lse: Tensor) -> tuple[Tenso
     q, k, v, out, lse = ctx.saved_tensors
     if grad_out.stride(-1) != 1:  # the kernel reads rows of D; any other layout it takes as is
         grad_out = grad_out.contiguous()  # (the model's own, [B, T, H, D] in memory, is no copy)
-    return _fp32_attention_backward(grad_out, q, k, v, out, lse)
+    return torch.ops.tinylm.fp32_causal_attention_backward.default(grad_out, q, k, v, out, lse)
 
 
-_fp32_attention.register_autograd(_attention_backward, setup_context=_save_for_backward)
+_LIB.impl("fp32_causal_attention", _fp32_attention, "CPU")
+_LIB.impl("fp32_causal_attention_backward", _fp32_attention_backward, "CPU")
+torch.library.register_fake("tinylm::fp32_causal_attention", _fp32_attention_fake, lib=_LIB)
+torch.library.register_fake(
+    "tinylm::fp32_causal_attention_backward", _fp32_attention_backward_fake, lib=_LIB
+)
+torch.library.register_autograd(
+    "tinylm::fp32_causal_attention",
+    _attention_backward,
+    setup_context=_save_for_backward,
+    lib=_LIB,
+)
