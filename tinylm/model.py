@@ -270,7 +270,7 @@ def gelu_tanh(x: Tensor) -> Tensor:
     partitioner saved the input and the output and recomputed the sigmoid (an exp and a division,
     most of the kernel's time) in the backward; now it saves the input and the sigmoid, as many
     tensors, and rebuilds the output with one multiply. nano4's compiled bf32 step 3.5-4.5% faster,
-    nano6's bf16 one unchanged (in-process A/B, notes/issue-18-precision.md, session 11).
+    nano6's bf16 one 6-9% (notes/issue-18-precision.md, session 11).
     """
     if torch.compiler.is_compiling():
         return checkpoint(_gelu_sigmoid_form, x, use_reentrant=False, context_fn=_keep_sigmoid)
