@@ -27,8 +27,8 @@ fp32 flash kernel obeys that setting too and becomes ~10x slower (nanoGPT's CPU-
 batch 12, 4 heads, context 64, head 32, 2 threads on an AMX host: 8.0 ms against 0.85 ms a layer
 forward + backward), while the linear layers' matmuls become 2-3x faster. `fp32_causal_attention`
 runs the same kernel, forward and backward, with full fp32 matmuls: one opaque operator to
-torch.compile (registered with `torch.library`), so it sets the process-wide flag inside its own body
-without breaking the compiled graph. `use_fp32_kernel_for(...)` says when the model takes it.
+torch.compile (registered with `torch.library`), so it sets the process-wide flag inside its own
+body without breaking the compiled graph. `use_fp32_kernel_for(...)` says when the model takes it.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _bthd_like(q: Tensor) -> Tensor:
 
 # Two operators, defined and implemented through `torch.library.Library` itself rather than the
 # `torch.library.custom_op` decorator, whose Python wrapper around each call (a dynamo-disabled
-# frame, checks of the outputs) cost ~30 us a call: 8 calls a step, ~2% of nano4's compiled
+# frame, checks of the outputs) cost 20-70 us a call: 8 calls a step, ~2% of nano4's compiled
 # bf32 step (notes/issue-18-precision.md, session 11). Kept alive for the process's lifetime.
 _LIB = torch.library.Library("tinylm", "FRAGMENT")
 _LIB.define("fp32_causal_attention(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)")
