@@ -30,6 +30,7 @@ from tinylm.locks import LOCK_FILE
 from tinylm.train import (
     checkpoint,
     distributed,
+    heap,
     optim,
     precision,
     runtime,
@@ -103,6 +104,8 @@ class Trainer:
         self.dist = distributed.setup()
         self.is_main = self.dist.is_main
         self.device, device_reason = runtime.select_device(cfg.train.device, self.dist.local_rank)
+        # Before the probes below, which then time the run's steps as the run will take them.
+        heap_note = heap.keep_freed_memory(self.device.type)
         # Before anything is timed or computed (a precision probe runs at the chosen count).
         self.threads = threads.decide(
             cfg.train.threads,
@@ -127,6 +130,8 @@ class Trainer:
             self.stop = self.dist.group.stop
             self.messages.append(self.dist.group.describe())
         self.messages.append(f"threads: {self.threads.reason}")
+        if heap_note is not None:
+            self.messages.append(f"heap: {heap_note}")
 
         # Multi-node: rank 0 holds the run's lock (resume.run_lock); a rank on another node must
         # see that file, or it could not read the checkpoints it resumes from (shared_files.py).
