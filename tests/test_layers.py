@@ -24,8 +24,8 @@ LAYERS: list[set[str]] = [
     | {"finite", "crash", "cli_args", "config", "errors", "tpu"},
     {"tokenizer"},  # 1
     {"data"},  # 2 sources, prepared shards, loaders, the tokenizer command (trains on sources)
-    {"model", "cpu_attention", "generate", "stops", "hf"},  # 3 the model, its CPU attention,
-    # sampling, Hugging Face formats
+    {"model", "cpu_attention", "cpu_embedding", "generate", "stops", "hf"},  # 3 the model, its
+    # CPU attention and embedding backward, sampling, Hugging Face formats
     {"eval"},  # 4 evaluation of a model in memory (the harness command is handed the model)
     {"train", "preflight", "estimate"},  # 5 training, its checkpoints, planning a run
     {"export", "runs", "scaling", "sweep", "serve", "cli"},  # 6 applications over runs

@@ -448,3 +448,30 @@ def test_under_bf32_attention_keeps_full_fp32_matmuls():
     for got in (eager, compiled):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     torch.library.opcheck(torch.ops.tinylm.fp32_causal_attention.default, (q, q, q))
+
+
+def test_compiled_embedding_backward_sums_rows_in_order():
+    """cpu_embedding: under compile on a CPU the table's gradient is eager's, bit for bit, every
+    time (inductor's own atomic scatter-add varies in the last bits from run to run)."""
+    from tinylm import cpu_embedding
+
+    gen = torch.Generator().manual_seed(0)
+    table = torch.nn.Embedding(128, 48)
+    idx = torch.randint(0, 65, (8, 64), generator=gen)  # few rows, many tokens: contention
+    upstream = torch.randn(8, 64, 48, generator=gen)
+
+    def grad_of(fn):
+        table.weight.grad = None
+        (fn(table, idx) * upstream).sum().backward()
+        return table.weight.grad.clone()
+
+    want = grad_of(lambda emb, i: emb(i))
+    torch._dynamo.reset()
+    compiled = torch.compile(cpu_embedding.lookup, fullgraph=True)
+    for _ in range(5):
+        assert torch.equal(grad_of(compiled), want)
+    assert torch.equal(compiled(table, idx), table(idx))
+    with torch.no_grad():
+        assert torch.equal(cpu_embedding.lookup(table, idx), table(idx))
+    flat = upstream.reshape(-1, 48)
+    torch.library.opcheck(torch.ops.tinylm.embedding_grad.default, (flat, idx.reshape(-1), 128))

@@ -57,6 +57,49 @@ def test_an_amx_host_picks_bf16_and_says_by_how_much(probing):
     assert calls == [(6, 16, True)]  # the run's own micro-batch and context
 
 
+def test_a_compiled_run_past_the_gate_takes_bf16_whatever_the_eager_ratio(probing):
+    """Eager timings of the `tiny` shape on the AMX host (bf16 0.86x, bf32 1.18x fp32), where
+    compiled bf16 ran 1.42x and compiled bf32 1.21x: compiled, the run takes bf16; eager, bf32."""
+    probing(fp32_s=0.0100, bf16_s=0.0100 / 0.86, bf32_s=0.0100 / 1.18)
+    eager = choose_cpu_precision(cfg_for(), compiled=False)
+    assert eager.name == "bf32"
+    compiled = choose_cpu_precision(cfg_for(), compiled=True)  # the same cached measurement
+    assert compiled.name == "bf16"
+    assert compiled.reason.startswith("auto -> bf16 (cached probe: a compiled run, ")
+    assert "eager, bf16 0.86x and bf32 1.18x fp32" in compiled.reason
+
+
+def test_a_compiled_run_without_native_bf16_stays_fp32(probing, monkeypatch):
+    monkeypatch.delenv(precision.AUTO_ENV, raising=False)
+
+    def emulated(model_cfg, rows, seq_len, *, muon):
+        return ProbeResult(0.01, None, rows=1, matmul_speedup=0.07)
+
+    monkeypatch.setattr(precision, "measure", emulated)
+    assert choose_cpu_precision(cfg_for(), compiled=True).name == "fp32"
+
+
+def test_the_run_tells_the_probe_whether_it_will_compile(probing, monkeypatch):
+    """select_precision passes the run's own compile decision (train.compile, and for `auto`
+    the run's length) to the choice."""
+    from tinylm.train import runtime
+
+    seen = []
+    real = runtime.choose_cpu_precision
+    monkeypatch.setattr(
+        runtime,
+        "choose_cpu_precision",
+        lambda cfg, compiled: seen.append(compiled) or real(cfg, compiled=compiled),
+    )
+    probing(fp32_s=0.02, bf16_s=0.01)
+    cpu = torch.device("cpu")
+    for setting, steps, want in [("true", 10, True), ("false", 10**9, False),
+                                 ("auto", 10, False), ("auto", 10**9, True)]:  # fmt: skip
+        cfg = cfg_for(f"train.compile={setting}", f"train.max_steps={steps}")
+        runtime.select_precision("auto", cpu, cfg)
+        assert seen[-1] is want, (setting, steps)
+
+
 def test_a_probe_on_fewer_rows_says_so(probing, monkeypatch):
     def fewer(model_cfg, rows, seq_len, *, muon):
         return ProbeResult(0.02, 0.01, rows=2)

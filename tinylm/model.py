@@ -6,7 +6,9 @@ Every architecture choice, and the `ModelConfig` field that selects it:
   so the embedding and output matmuls have tensor-core-friendly shapes. The padded rows are
   inert: no token id ever looks them up, `forward` slices the logits back to `vocab_size` (so the
   loss never targets them, their softmax mass is zero, and they get no gradient from the loss),
-  generation never samples them, and `init_weights` sets them to zero.
+  generation never samples them, and `init_weights` sets them to zero. (Compiled training on a
+  CPU sums the table's gradient rows with ATen's `index_add_` rather than inductor's contended
+  atomics: `tinylm/cpu_embedding.py`.)
 - Positions (`pos_emb`): a learned table added to the token embedding (GPT-2), or rotary
   embeddings (RoPE, `rope_theta`) applied to queries and keys in every layer, in the "split
   halves" layout of GPT-NeoX/LLaMA-HF. The cos/sin tables are precomputed non-persistent buffers
@@ -54,7 +56,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from tinylm import cpu_attention
+from tinylm import cpu_attention, cpu_embedding
 from tinylm.config import ModelConfig
 
 Tensor = torch.Tensor
@@ -458,7 +460,7 @@ class GPT(nn.Module):
                 f"positions {start_pos}..{start_pos + T - 1} exceed the context length "
                 f"{self.cfg.context_length}"
             )
-        x = self.tok_emb(idx)
+        x = cpu_embedding.lookup(self.tok_emb, idx)  # compiled on a CPU: a faster backward
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
         x = self.dropout(x)

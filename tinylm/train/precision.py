@@ -30,9 +30,18 @@ choice without probing again.
 `TINYLM_PRECISION_AUTO=fp32|bf16|bf32` makes `auto` that precision without a probe (the test suite
 pins fp32 this way so exact-numerics tests never depend on a timing).
 
-Compiled runs: compiling the model twice (fp32 and bf16) costs 20-60 s on a 2-core CPU, far over
-the probe's budget, so the probe times eager steps. On the AMX host the eager ratio agreed in
-direction with the compiled one at every shape measured (notes/issue-18-precision.md).
+Compiled runs (`train.compile=true`, or `auto` where the run is long enough to compile): the
+eager probe points the wrong way. Compiling the model once per precision costs 15-40 s even at
+one layer on a 2-core CPU, far over the probe's budget, so the probe times eager steps, and
+eager bf16 pays casts and unfused elementwise kernels that a compiled graph fuses away (and
+compiled bf16 takes the model's CPU kernels: `cpu_attention`, the GELU's kept sigmoid). Measured
+on the AMX host, 2 threads, 5-step rounds (notes/issue-18-precision.md, session 12), compiled
+bf16 / bf32 against compiled fp32: `tiny` 1.42x / 1.21x, nanoGPT's 4L/128 1.49x / 1.18x, its
+6L/384 2.82x / 1.84x; the eager probe at the same shapes: 0.86-0.90x / 1.15-1.18x (choosing
+bf32), 0.81-0.83x / 1.20-1.23x (bf32), 1.67-1.82x / 1.52-1.64x (bf16, by a margin within the
+run-to-run noise: one bench run picked bf32 and ran at 0.6x the speed). So a compiled run on a
+CPU whose bf16 matmuls beat fp32 (the gate) takes bf16; the eager figures are still measured and
+shown, and still decide eager runs and Muon's Newton-Schulz dtype.
 """
 
 from __future__ import annotations
@@ -161,6 +170,7 @@ class ProbeResult:
     extra: dict[str, Any] = field(default_factory=dict)
     matmul_speedup: float | None = None  # the gate: fp32 / bf16 seconds of one matmul
     bf32_s: float | None = None  # fp32 with bf16-input matmuls (None: not timed)
+    compiled: bool = False  # the run compiles its model (set by the caller, not measured)
 
     @property
     def gated(self) -> bool:
@@ -181,9 +191,12 @@ class ProbeResult:
 
     @property
     def choice(self) -> str:
-        """The fastest of bf16 and bf32 where it beats fp32 by `BF16_MARGIN`, else fp32."""
+        """bf16 for a compiled run past the gate (module docstring); otherwise the fastest of
+        bf16 and bf32 where it beats fp32 by `BF16_MARGIN`, else fp32."""
         if self.gated:
             return "fp32"
+        if self.compiled:
+            return "bf16"
         best = max(("bf32", "bf16"), key=self.speedup_of)  # a tie keeps bf32's precision
         return best if self.speedup_of(best) >= BF16_MARGIN else "fp32"
 
@@ -401,6 +414,13 @@ def describe(result: ProbeResult, from_cache: bool) -> str:
             f"auto -> fp32 ({source}: a bf16 matmul is {result.speedup:.2f}x fp32 on this CPU, "
             f"no bf16 matrix units, so the model was not timed in bf16{notes})"
         )
+    if result.compiled and result.choice == "bf16":
+        return (
+            f"auto -> bf16 ({source}: a compiled run, and a bf16 matmul is "
+            f"{result.matmul_speedup or 0:.1f}x fp32 on this CPU; eager, bf16 "
+            f"{result.speedup_of('bf16'):.2f}x and bf32 {result.speedup_of('bf32'):.2f}x fp32, "
+            f"which compiling turns in bf16's favour{notes})"
+        )
     other = {"bf16": "bf32", "bf32": "bf16"}
     if result.choice in other:
         also = other[result.choice]
@@ -417,9 +437,10 @@ def describe(result: ProbeResult, from_cache: bool) -> str:
 
 
 def choose_cpu_precision(
-    cfg: Any, *, measure_fn: Callable[..., ProbeResult] | None = None
+    cfg: Any, *, compiled: bool = False, measure_fn: Callable[..., ProbeResult] | None = None
 ) -> Precision:
-    """`train.precision=auto` on a CPU: the env pin, else the (cached) probe's choice."""
+    """`train.precision=auto` on a CPU: the env pin, else the (cached) probe's choice for a run
+    that is (`compiled`) or is not compiled."""
     from tinylm.paths import cache_dir
 
     pinned = os.environ.get(AUTO_ENV, "").strip()
@@ -442,6 +463,7 @@ def choose_cpu_precision(
         measure_fn=measure_fn,
     )
     result.extra["rows_of"] = cfg.train.batch_size
+    result.compiled = compiled  # the run's, whatever run stored the cached entry
     return Precision(result.choice, describe(result, from_cache), result.ns_choice)
 
 

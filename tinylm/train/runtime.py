@@ -62,7 +62,13 @@ def select_precision(spec: str, device: torch.device, cfg: Config | None = None)
                 )
             return Precision("fp16", "auto -> fp16 with a grad scaler (this GPU has no bf16)")
         if device.type == "cpu" and cfg is not None:
-            return choose_cpu_precision(cfg)
+            from tinylm.estimate import model_counts
+
+            # On a CPU the compile decision does not depend on the precision (only fp8's does).
+            compiled, _ = decide_run_compile(
+                cfg, device, Precision("fp32", "placeholder"), model_counts(cfg.model)[2]
+            )
+            return choose_cpu_precision(cfg, compiled=compiled)
         if device.type == "xla":
             from tinylm.train import xla
 
@@ -211,6 +217,21 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
         if chosen is None or os.path.abspath(chosen) == default:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default}-{capability}"
     return torch.compile(model)
+
+
+def decide_run_compile(
+    cfg: Config, device: torch.device, precision: Precision, flops_per_token: int
+) -> tuple[bool, str]:
+    """`decide_compile` for the run `cfg` describes, from its model's training FLOPs per token."""
+    t = cfg.train
+    tokens_per_step = t.batch_size * cfg.model.context_length * t.grad_accum
+    return decide_compile(
+        t.compile,
+        device,
+        precision,
+        run_flops=flops_per_token * tokens_per_step * t.max_steps,
+        max_seconds=60 * t.max_time_minutes,
+    )
 
 
 def decide_compile(

@@ -260,14 +260,8 @@ class Trainer:
             f"model: {n_all / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without embeddings), "
             f"{self.flops_per_token / 1e6:.1f} MFLOPs/token"
         )
-        t = self.cfg.train
-        tokens_per_step = t.batch_size * self.cfg.model.context_length * t.grad_accum
-        compiled, reason = runtime.decide_compile(
-            t.compile,
-            self.device,
-            self.precision,
-            run_flops=self.flops_per_token * tokens_per_step * t.max_steps,
-            max_seconds=60 * t.max_time_minutes,
+        compiled, reason = runtime.decide_run_compile(
+            self.cfg, self.device, self.precision, self.flops_per_token
         )
         self.messages.append(f"compile: {reason}")
         model = runtime.compile_model(self.raw_model, self.device) if compiled else self.raw_model
@@ -278,7 +272,7 @@ class Trainer:
         # forward at the eval batch size is one more graph to compile, which costs about as much
         # as the training graph, while a run's evaluations are a few percent of its time.
         # FSDP needs its sharded forward.
-        fsdp = self.dist.enabled and t.distributed == "fsdp"
+        fsdp = self.dist.enabled and self.cfg.train.distributed == "fsdp"
         self.eval_model = self.model if fsdp else self.raw_model
 
     def _build_optimizer(self) -> None:
