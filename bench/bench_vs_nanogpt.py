@@ -1,4 +1,4 @@
-"""tinylm's training step side by side with nanoGPT's, in one process, on the same machine.
+"""tinylm's training step side by side with nanoGPT's, on the same machine, alternating.
 
     .venv/bin/python bench/bench_vs_nanogpt.py --nanogpt PATH [--shapes nano4,nano6,tiny]
         [--rounds 5] [--steps 5] [--profile] [--compile] [--auto] [--own]
@@ -8,6 +8,12 @@ kept in this repository). For each shape the variants are timed in turn, `--step
 for `--rounds` rounds (the order rotates every round), so load from other processes on a shared
 machine hits every variant alike; the report gives the median tokens/s per variant and the
 median over rounds of the per-round ratio tinylm / nanoGPT.
+
+Each variant runs in a process of its own, built once and stepped on command, as each program
+runs for its users: what one sets for its whole process does not reach the other. (Until
+session 12 they shared one process; tinylm's CPU runs now raise glibc's malloc thresholds,
+`tinylm/train/heap.py`, which nanoGPT's own `train.py` process would not have: in the shared
+process nanoGPT's step went from 1,280-1,321 to 1,170-1,210 ms at nano6 with them.)
 
 - tinylm runs its real training path: a `Trainer` built from the preset (Tiny Shakespeare as
   data, char tokenizer), then `Trainer.train_step` (loader with prefetch, LR, forward, backward,
@@ -40,6 +46,7 @@ import argparse
 import contextlib
 import importlib.util
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -232,6 +239,59 @@ def profile(name: str, step, steps: int = 3, rows: int = 15) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+class Worker:
+    """One variant in a process of its own, stepped on the parent's command (`_serve`)."""
+
+    def __init__(self, ctx, spec: dict) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, spec), daemon=True)
+        self.process.start()
+        child.close()
+        self.tokens, self.params, self.messages = self.conn.recv()
+
+    def call(self, command: str, n: int = 0):
+        self.conn.send((command, n))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.call("close")
+        self.process.join(timeout=60)
+
+
+def _serve(conn, spec: dict) -> None:
+    """The worker's side: build the variant, then run commands until "close"."""
+    torch.set_num_threads(spec["threads"])
+    text = shared_data_dir() / "tinyshakespeare.txt"
+    workdir = Path(spec["workdir"])
+    cfg = tinylm_config(
+        spec["shape"], text, workdir, compile_=spec["compile"], own_form=spec["own"]
+    )
+    # Both programs at the same count: tinylm's own choice (`auto`) would read the other
+    # worker's threads, still spinning after its last command, as a busy core.
+    cfg.train.threads = spec["threads"]
+    if spec["kind"] == "nanoGPT":
+        step = NanoGPTStep(load_nanogpt(Path(spec["nanogpt"])), cfg, workdir / "train.bin")
+        messages: list[str] = []
+    else:
+        step = TinylmStep(cfg, workdir, f"{spec['shape']}-{spec['label']}")
+        messages = step.trainer.messages
+    conn.send((step.tokens, step.params, messages))
+    while True:
+        command, n = conn.recv()
+        if command == "steps":  # wall and CPU seconds of n steps (CPU: compiling included)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(n):
+                step()
+            conn.send((time.perf_counter() - t0, time.process_time() - c0))
+        elif command == "profile":
+            profile(f"{spec['shape']} {spec['label']}", step)
+            conn.send(None)
+        else:
+            step.close()
+            conn.send(None)
+            return
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt", type=Path, required=True, help="a karpathy/nanoGPT checkout")
@@ -250,44 +310,47 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    nano = load_nanogpt(args.nanogpt.resolve())
+    load_nanogpt(args.nanogpt.resolve())  # a wrong path fails here, before any worker starts
     text = shared_data_dir() / "tinyshakespeare.txt"
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {args.threads} threads, each variant in its own process, "
         f"load average at start {os.getloadavg()[0]:.2f}"
     )
+    ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench-vs-nanogpt-") as tmp:
         workdir = Path(tmp)
-        train_bin = write_nanogpt_data(text, workdir)
+        write_nanogpt_data(text, workdir)
         for shape in args.shapes.split(","):
-            cfg = tinylm_config(shape, text, workdir, compile_=False)
-            variants: dict[str, object] = {
-                "nanoGPT": NanoGPTStep(nano, cfg, train_bin),
-            }
+            base = dict(
+                shape=shape,
+                workdir=str(workdir),
+                threads=args.threads,
+                nanogpt=str(args.nanogpt.resolve()),
+                own=False,
+            )
+            specs = {"nanoGPT": dict(base, kind="nanoGPT", label="nanoGPT", compile=False)}
             if not args.no_eager:
-                variants["tinylm"] = TinylmStep(cfg, workdir, f"{shape}-eager")
-            warm: dict[str, float] = {}
+                specs["tinylm"] = dict(base, kind="tinylm", label="eager", compile=False)
             if args.compile:
-                ccfg = tinylm_config(shape, text, workdir, compile_=True)
-                variants["tinylm compiled"] = TinylmStep(ccfg, workdir, f"{shape}-compiled")
+                specs["tinylm compiled"] = dict(base, kind="tinylm", label="compiled", compile=True)
             if args.auto:
-                acfg = tinylm_config(shape, text, workdir, compile_="auto")
-                variants["tinylm auto"] = TinylmStep(acfg, workdir, f"{shape}-auto")
+                specs["tinylm auto"] = dict(base, kind="tinylm", label="auto", compile="auto")
+            if args.own and SHAPES[shape]["gpt2_form"]:
+                specs["tinylm own"] = dict(
+                    base, kind="tinylm", label="own", compile="auto", own=True
+                )
+            variants: dict[str, Worker] = {}
+            for name, spec in specs.items():  # one at a time: a build may probe the machine
+                variants[name] = Worker(ctx, spec)
+            if "tinylm auto" in variants:
                 chosen = [
                     m
-                    for m in variants["tinylm auto"].trainer.messages
-                    if m.startswith(("precision:", "compile:"))
+                    for m in variants["tinylm auto"].messages
+                    if m.startswith(("precision:", "compile:", "heap:"))
                 ]
                 print(f"{shape}: tinylm auto: " + "; ".join(chosen))
-            if args.own and SHAPES[shape]["gpt2_form"]:
-                ocfg = tinylm_config(shape, text, workdir, compile_="auto", own_form=True)
-                variants["tinylm own"] = TinylmStep(ocfg, workdir, f"{shape}-own")
-            for name, step in variants.items():
-                t0 = time.process_time()  # CPU seconds: includes compiling, if any
-                for _ in range(args.warmup):
-                    step()
-                warm[name] = time.process_time() - t0
+            warm = {name: w.call("steps", args.warmup)[1] for name, w in variants.items()}
+            cfg = tinylm_config(shape, text, workdir, compile_=False)
             m = cfg.model
             print(
                 f"\n== {shape}: {m.n_layer}L/{m.n_head}H/{m.d_model}, context {m.context_length}, "
@@ -296,24 +359,21 @@ def main() -> None:
                 f"{variants['nanoGPT'].params / 1e6:.3f}M"
             )
             if args.profile:
-                for name, step in variants.items():
-                    profile(f"{shape} {name}", step)
+                for worker in variants.values():
+                    worker.call("profile")
             names = list(variants)
-            # Wall-clock rates, and rates per CPU-second of this process: on a machine shared
-            # with other work the CPU time is what the step itself cost (with one thread it
-            # leaves out the time spent waiting for a core), so its ratios are far less noisy.
+            # Wall-clock rates, and rates per CPU-second of the variant's process: on a machine
+            # shared with other work the CPU time is what the step itself cost (with one thread
+            # it leaves out the time spent waiting for a core), so its ratios are far less noisy.
             rates: dict[str, list[float]] = {n: [] for n in names}
             cpu_rates: dict[str, list[float]] = {n: [] for n in names}
             for r in range(args.rounds):
                 order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
-                    step = variants[name]
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    for _ in range(args.steps):
-                        step()
-                    tokens = step.tokens * args.steps
-                    rates[name].append(tokens / (time.perf_counter() - t0))
-                    cpu_rates[name].append(tokens / (time.process_time() - c0))
+                    wall, cpu = variants[name].call("steps", args.steps)
+                    tokens = variants[name].tokens * args.steps
+                    rates[name].append(tokens / wall)
+                    cpu_rates[name].append(tokens / cpu)
             print(
                 f"{'variant':<16} {'warm-up CPU s':>13} {'tokens/s':>9} {'ms/step':>8} "
                 f"{'tokens/CPU-s':>13} {'CPU ms/step':>12}"
@@ -333,8 +393,8 @@ def main() -> None:
                         f"{statistics.median(ratios):.2f} "
                         f"(per round: {', '.join(f'{x:.2f}' for x in ratios)})"
                     )
-            for step in variants.values():
-                step.close()
+            for worker in variants.values():
+                worker.close()
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 

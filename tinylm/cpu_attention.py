@@ -8,7 +8,8 @@ host) 4.4 ms forward but ~26 ms backward per layer. This module keeps the kernel
 also returns each row's log-sum-exp, and computes the backward itself on batched matrix
 multiplies: P = exp(S * scale - lse) rebuilt from the saved log-sum-exp, then dV = P^T dO,
 dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K * scale, dK = dS^T Q * scale, over chunks of
-(batch, head) pairs (`pairs_per_chunk`) so that the T x T tensors of one chunk stay in cache.
+(batch, head) pairs (`pairs_per_chunk`) so that the T x T tensors of one chunk stay in cache,
+and built transposed (`_chunk_backward`: 2.5x faster a chunk, the same sums).
 Compiled by inductor inside the model's graph, a layer's forward + backward took 17.5 ms against
 SDPA's 26.6 ms, and the whole nano6 fwd+bwd 400-414 against 515 ms a step
 (`bench/bench_cpu_kernels.py --parts attention`, notes/issue-18-precision.md). Its gradients
@@ -76,18 +77,26 @@ def _chunk_backward(
     grad_out: Tensor,
     lse: Tensor,
     scale: float,
-    hidden: Tensor,
+    hidden_t: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of q, k, v for one chunk of [n, T, D] tensors (lse: [n, T], fp32; `hidden`:
-    [T, T], True where a query may not see a key)."""
-    scores = torch.bmm(q, k.transpose(1, 2)).float() * scale
-    probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(hidden, 0.0)
-    grad_probs = torch.bmm(grad_out, v.transpose(1, 2)).float()
-    row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-    grad_scores = (probs * (grad_probs - row_dot)).to(q.dtype)
-    grad_v = torch.bmm(probs.to(q.dtype).transpose(1, 2), grad_out)
-    grad_q = torch.bmm(grad_scores, k) * scale
-    grad_k = torch.bmm(grad_scores.transpose(1, 2), q) * scale
+    """Gradients of q, k, v for one chunk of [n, T, D] tensors (lse: [n, T], fp32; `hidden_t`:
+    [T, T], True where a key may not be seen by a query: the causal mask transposed).
+
+    Everything T x T is built transposed, keys along the rows: S^T = K Q^T, P^T, dP^T = V dO^T,
+    dS^T. Two of the three products that read it, dV = P^T dO and dK = dS^T Q, then take it as
+    it lies in memory; oneDNN copies a transposed left operand before multiplying (a [24, 256,
+    256] @ [24, 256, 64] bf16 bmm: 0.35 ms transposed against 0.21 ms as laid out). Compiled, a
+    chunk of nano6's backward took 3.0 ms against 7.6 ms for the same sums in the query-major
+    layout, with bit-identical gradients (notes/issue-18-precision.md, session 12).
+    """
+    scores_t = torch.bmm(k, q.transpose(1, 2)).float() * scale
+    probs_t = torch.exp(scores_t - lse.unsqueeze(1)).masked_fill(hidden_t, 0.0)
+    grad_probs_t = torch.bmm(v, grad_out.transpose(1, 2)).float()
+    row_dot = (grad_out.float() * out.float()).sum(-1).unsqueeze(1)
+    grad_scores_t = (probs_t * (grad_probs_t - row_dot)).to(q.dtype)
+    grad_v = torch.bmm(probs_t.to(q.dtype), grad_out)
+    grad_k = torch.bmm(grad_scores_t, q) * scale
+    grad_q = torch.bmm(grad_scores_t.transpose(1, 2), k) * scale
     return grad_q, grad_k, grad_v
 
 
@@ -105,9 +114,9 @@ class _FlashForwardChunkedBackward(torch.autograd.Function):
         flat = [t.reshape(B * H, T, D) for t in (q, k, v, out, grad_out.contiguous())]
         lse = lse.reshape(B * H, T)
         n = pairs_per_chunk(T)
-        hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        hidden_t = torch.ones(T, T, dtype=torch.bool, device=q.device).tril(-1)
         parts = [
-            _chunk_backward(*(t[i : i + n] for t in flat), lse[i : i + n], D**-0.5, hidden)
+            _chunk_backward(*(t[i : i + n] for t in flat), lse[i : i + n], D**-0.5, hidden_t)
             for i in range(0, B * H, n)
         ]
         return tuple(torch.cat([p[j] for p in parts]).reshape(B, H, T, D) for j in range(3))
