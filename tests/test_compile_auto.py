@@ -76,7 +76,10 @@ def test_a_capped_cpu_capability_compiles_into_a_cache_of_its_own(monkeypatch, t
     the user chose is left alone."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    monkeypatch.setattr(torch, "compile", lambda model: ("compiled", model))
+    options = []
+    monkeypatch.setattr(
+        torch, "compile", lambda model, **kw: options.append(kw) or ("compiled", model)
+    )
     model = torch.nn.Linear(2, 2)
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
@@ -92,6 +95,8 @@ def test_a_capped_cpu_capability_compiles_into_a_cache_of_its_own(monkeypatch, t
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     runtime.compile_model(model, CPU)
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    # a CPU graph's host code in C++ (inductor's cpp_wrapper): ~3% of a nano6 step
+    assert options == [{"options": {"cpp_wrapper": True}}] * 4
 
 
 @pytest.mark.parametrize("prec, rel", [("fp32", 1e-4), ("bf16", 2e-2), ("bf32", 1e-4)])

@@ -179,14 +179,15 @@ def peak_flops(device: torch.device, precision: Precision) -> tuple[float | None
 # at nanoGPT's 4L/4H/128 shape, compiled steps cost 104.7 CPU-ms against 118.8 eager (12% less;
 # 1.13x in wall-clock tokens/s), and the first two compiled steps took 19.4 CPU-s more than
 # eager ones in the training process alone (earlier quiet-machine runs, notes/model.md: 24 s of
-# warm-up for tiny, 48 s at 10M parameters). COMPILE_COST_S is the upper end of those, COMPILE_GAIN
-# the measured saving. EAGER_FLOPS_CPU is the eager step's throughput on this CPU (notes/model.md:
+# warm-up for tiny, 48 s at 10M parameters; with the C++ wrapper, `compile_model`, 53 s at
+# nanoGPT's 6L/384 in bf16, session 12). COMPILE_COST_S is the upper end of those, COMPILE_GAIN
+# the measured saving (the eager-vs-compiled gain in fp32, far larger in bf16 now). EAGER_FLOPS_CPU is the eager step's throughput on this CPU (notes/model.md:
 # 71 GFLOP/s for tiny, 109 at 10M, on a quiet machine; taken lower because machines are shared).
 # On CUDA the figures are the commonly reported ones (about a minute to compile a GPT, steps
 # ~1.3x faster) and the eager throughput a conservative 25% of the device's peak: not measured
 # here (no GPU). Compile is chosen when the time it saves exceeds twice its cost, so a misjudged
 # estimate still does not make a run slower.
-COMPILE_COST_S = {"cpu": 45.0, "cuda": 60.0}
+COMPILE_COST_S = {"cpu": 60.0, "cuda": 60.0}
 COMPILE_GAIN = {"cpu": 0.12, "cuda": 0.25}
 EAGER_FLOPS_CPU = 5e10
 CUDA_EAGER_MFU = 0.25
@@ -216,6 +217,13 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
         chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         if chosen is None or os.path.abspath(chosen) == default:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default}-{capability}"
+    if device.type == "cpu":
+        # The graph's host code in C++ rather than Python: a step calls a few hundred kernels,
+        # and their Python calls were ~3% of nanoGPT's 6L/384 step (bf16, 2 threads, AMX host:
+        # 386 / 388 / 398 against 414 / 388 / 409 ms a step, 3 alternated pairs of processes;
+        # notes/issue-18-precision.md, session 12). The C++ costs ~14 s more compile time there
+        # (53 against 39 s for the first two steps), which `decide_compile` weighs for `auto`.
+        return torch.compile(model, options={"cpp_wrapper": True})
     return torch.compile(model)
 
 
