@@ -312,9 +312,11 @@ def main() -> None:
     args = parser.parse_args()
     load_nanogpt(args.nanogpt.resolve())  # a wrong path fails here, before any worker starts
     text = shared_data_dir() / "tinyshakespeare.txt"
+    from tinylm.train.precision import cpu_signature
+
     print(
-        f"torch {torch.__version__}, {args.threads} threads, each variant in its own process, "
-        f"load average at start {os.getloadavg()[0]:.2f}"
+        f"torch {torch.__version__}, {cpu_signature()}, {args.threads} threads, each variant in "
+        f"its own process, load average at start {os.getloadavg()[0]:.2f}"
     )
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench-vs-nanogpt-") as tmp:

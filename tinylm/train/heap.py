@@ -14,9 +14,9 @@ system time): 3 alternated pairs of processes, notes/issue-18-precision.md, sess
 `keep_freed_memory()` raises both thresholds (`mallopt`), once per process, on Linux with glibc:
 blocks up to `MMAP_THRESHOLD` come from the heap, and freed memory is kept for reuse rather than
 handed back. The cost is the one a training run pays anyway: the process holds on to its peak
-memory. `TINYLM_KEEP_FREED_MEMORY=0` in the environment leaves glibc's defaults. A user who set
-glibc's own variables (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_`, or
-`glibc.malloc.*` tunables in `GLIBC_TUNABLES`) keeps what they chose. (Any one of those fixes
+memory. `TINYLM_KEEP_FREED_MEMORY=0` (or false/no/off) in the environment leaves glibc's
+defaults. A user who set glibc's own variables (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`,
+`MALLOC_TOP_PAD_`, or `glibc.malloc.*` tunables in `GLIBC_TUNABLES`) keeps what they chose. (Any one of those fixes
 glibc's mmap threshold at its value, 128 KiB unless set: `MALLOC_TRIM_THRESHOLD_` alone made the
 same step fault 225 thousand times and take 3x as long.) Another allocator (jemalloc, tcmalloc
 or mimalloc through `LD_PRELOAD`) is left to its own policy.
@@ -70,8 +70,8 @@ def keep_freed_memory(device_type: str = "cpu") -> str | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     environ = dict(os.environ)
-    if environ.get(OPT_OUT, "1") == "0":
-        note = f"glibc's defaults ({OPT_OUT}=0)"
+    if environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
+        note = f"glibc's defaults ({OPT_OUT}={environ[OPT_OUT]})"
     elif (name := _user_choice(environ)) is not None:
         note = f"glibc's malloc as {name} sets it"
     elif (name := _other_allocator(environ)) is not None:
