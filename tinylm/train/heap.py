@@ -25,8 +25,10 @@ Another allocator (jemalloc, tcmalloc or mimalloc through `LD_PRELOAD`) is left 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
+from collections.abc import Mapping
 
 # mallopt's parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -39,10 +41,9 @@ TRIM_THRESHOLD = 2**31 - 1
 
 OPT_OUT = "TINYLM_KEEP_FREED_MEMORY"
 _GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-_applied: list[str] = []  # the outcome, once per process
 
 
-def _user_choice(environ: dict[str, str]) -> str | None:
+def _user_choice(environ: Mapping[str, str]) -> str | None:
     """The glibc malloc setting the user made themselves, if any."""
     for name in _GLIBC_VARIABLES:
         if name in environ:
@@ -52,7 +53,7 @@ def _user_choice(environ: dict[str, str]) -> str | None:
     return None
 
 
-def _other_allocator(environ: dict[str, str]) -> str | None:
+def _other_allocator(environ: Mapping[str, str]) -> str | None:
     preload = environ.get("LD_PRELOAD", "")
     for name in ("jemalloc", "tcmalloc", "mimalloc"):
         if name in preload:
@@ -63,27 +64,22 @@ def _other_allocator(environ: dict[str, str]) -> str | None:
 def keep_freed_memory(device_type: str = "cpu") -> str | None:
     """Raise glibc's mmap and trim thresholds for a run on a CPU; say what was done (or why not)
     for the run's header. None where it does not apply (another device, another OS or libc)."""
-    if device_type != "cpu":
-        return None
-    if _applied:
-        return _applied[0]
+    return _raise_thresholds() if device_type == "cpu" else None
+
+
+@functools.cache  # once per process: the thresholds are process-wide
+def _raise_thresholds() -> str | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    environ = dict(os.environ)
-    if environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
-        note = f"glibc's defaults ({OPT_OUT}={environ[OPT_OUT]})"
-    elif (name := _user_choice(environ)) is not None:
-        note = f"glibc's malloc as {name} sets it"
-    elif (name := _other_allocator(environ)) is not None:
-        note = f"{name} (LD_PRELOAD)"
-    else:
-        libc = ctypes.CDLL(None)
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
-        note = (
-            "freed memory kept for the next step (glibc mmap/trim thresholds raised)"
-            if ok
-            else "glibc refused the raised thresholds; its defaults stay"
-        )
-    _applied.append(note)
-    return note
+    if os.environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
+        return f"glibc's defaults ({OPT_OUT}={os.environ[OPT_OUT]})"
+    if (name := _user_choice(os.environ)) is not None:
+        return f"glibc's malloc as {name} sets it"
+    if (name := _other_allocator(os.environ)) is not None:
+        return f"{name} (LD_PRELOAD)"
+    libc = ctypes.CDLL(None)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    if not ok:
+        return "glibc refused the raised thresholds; its defaults stay"
+    return "freed memory kept for the next step (glibc mmap/trim thresholds raised)"

@@ -414,7 +414,7 @@ def describe(result: ProbeResult, from_cache: bool) -> str:
             f"auto -> fp32 ({source}: a bf16 matmul is {result.speedup:.2f}x fp32 on this CPU, "
             f"no bf16 matrix units, so the model was not timed in bf16{notes})"
         )
-    if result.compiled and result.choice == "bf16":
+    if result.compiled:  # past the gate (above): bf16, whatever the eager figures
         return (
             f"auto -> bf16 ({source}: a compiled run, and a bf16 matmul is "
             f"{result.matmul_speedup or 0:.1f}x fp32 on this CPU; eager, bf16 "

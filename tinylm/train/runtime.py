@@ -181,8 +181,9 @@ def peak_flops(device: torch.device, precision: Precision) -> tuple[float | None
 # eager ones in the training process alone (earlier quiet-machine runs, notes/model.md: 24 s of
 # warm-up for tiny, 48 s at 10M parameters; with the C++ wrapper, `compile_model`, 53 s at
 # nanoGPT's 6L/384 in bf16, session 12). COMPILE_COST_S is the upper end of those, COMPILE_GAIN
-# the measured saving (the eager-vs-compiled gain in fp32, far larger in bf16 now). EAGER_FLOPS_CPU is the eager step's throughput on this CPU (notes/model.md:
-# 71 GFLOP/s for tiny, 109 at 10M, on a quiet machine; taken lower because machines are shared).
+# the measured saving (the eager-vs-compiled gain in fp32, far larger in bf16 now).
+# EAGER_FLOPS_CPU is the eager step's throughput on this CPU (notes/model.md: 71 GFLOP/s for
+# tiny, 109 at 10M, on a quiet machine; taken lower because machines are shared).
 # On CUDA the figures are the commonly reported ones (about a minute to compile a GPT, steps
 # ~1.3x faster) and the eager throughput a conservative 25% of the device's peak: not measured
 # here (no GPU). Compile is chosen when the time it saves exceeds twice its cost, so a misjudged
