@@ -90,3 +90,21 @@ def test_the_opt_out_and_the_users_own_glibc_settings_are_left_alone():
 def test_only_a_cpu_run_touches_the_heap():
     assert heap.keep_freed_memory("cuda") is None
     assert heap.keep_freed_memory("xla") is None
+
+
+def test_a_value_the_opt_out_does_not_know_is_refused_in_one_line(
+    monkeypatch, tmp_path, corpus, capsys
+):
+    """`TINYLM_KEEP_FREED_MEMORY=maybe`: exit 2 naming the variable, before the run writes."""
+    from helpers import SMALL, run_cli
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the variable is read only where glibc's thresholds apply")
+    # uncached: this process may have applied the thresholds already
+    monkeypatch.setattr(heap, "_raise_thresholds", heap._raise_thresholds.__wrapped__)
+    monkeypatch.setenv(heap.OPT_OUT, "maybe")
+    code = run_cli("train", "tiny", *SMALL, f"data.train={corpus}", f"out_dir={tmp_path}")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "TINYLM_KEEP_FREED_MEMORY='maybe': use 0" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())

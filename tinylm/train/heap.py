@@ -14,7 +14,7 @@ system time): 3 alternated pairs of processes, notes/issue-18-precision.md, sess
 `keep_freed_memory()` raises both thresholds (`mallopt`), once per process, on Linux with glibc:
 blocks up to `MMAP_THRESHOLD` come from the heap, and freed memory is kept for reuse rather than
 handed back. The cost is the one a training run pays anyway: the process holds on to its peak
-memory. `TINYLM_KEEP_FREED_MEMORY=0` (or false/no/off) in the environment leaves glibc's defaults.
+memory. `TINYLM_KEEP_FREED_MEMORY=0` (or false/no/off) leaves glibc's defaults; another value is refused.
 A user who set glibc's own variables (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`,
 `MALLOC_TOP_PAD_`, or `glibc.malloc.*` tunables in `GLIBC_TUNABLES`) keeps what they chose. (Any
 one of those fixes glibc's mmap threshold at its value, 128 KiB unless set:
@@ -29,6 +29,8 @@ import functools
 import os
 import platform
 from collections.abc import Mapping
+
+from tinylm.config import ConfigError
 
 # mallopt's parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -71,8 +73,14 @@ def keep_freed_memory(device_type: str = "cpu") -> str | None:
 def _raise_thresholds() -> str | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    if os.environ.get(OPT_OUT, "").strip().lower() in ("0", "false", "no", "off"):
+    setting = os.environ.get(OPT_OUT, "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
         return f"glibc's defaults ({OPT_OUT}={os.environ[OPT_OUT]})"
+    if setting not in ("", "1", "true", "yes", "on"):
+        raise ConfigError(
+            f"{OPT_OUT}={os.environ[OPT_OUT]!r}: use 0 to leave glibc's malloc defaults, 1 (or "
+            f"unset it) to keep the memory a step frees for the next"
+        )
     if (name := _user_choice(os.environ)) is not None:
         return f"glibc's malloc as {name} sets it"
     if (name := _other_allocator(os.environ)) is not None:
