@@ -14,8 +14,8 @@ system time): 3 alternated pairs of processes, notes/issue-18-precision.md, sess
 `keep_freed_memory()` raises both thresholds (`mallopt`), once per process, on Linux with glibc:
 blocks up to `MMAP_THRESHOLD` come from the heap, and freed memory is kept for reuse rather than
 handed back. The cost is the one a training run pays anyway: the process holds on to its peak
-memory. `TINYLM_KEEP_FREED_MEMORY=0` (or false/no/off) leaves glibc's defaults; another value is refused.
-A user who set glibc's own variables (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`,
+memory. `TINYLM_KEEP_FREED_MEMORY=0` (or false/no/off) leaves glibc's defaults; another value is
+refused. A user who set glibc's own variables (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`,
 `MALLOC_TOP_PAD_`, or `glibc.malloc.*` tunables in `GLIBC_TUNABLES`) keeps what they chose. (Any
 one of those fixes glibc's mmap threshold at its value, 128 KiB unless set:
 `MALLOC_TRIM_THRESHOLD_` alone made the same step fault 225 thousand times and take 3x as long.)
